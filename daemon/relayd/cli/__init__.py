@@ -1,0 +1,1 @@
+"""Command-line entry points: relayd (the daemon) and relayctl (its control tool)."""

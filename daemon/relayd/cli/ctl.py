@@ -1,0 +1,242 @@
+"""``relayctl``: drive a running relayd through its control socket.
+
+Exit status: 0 success, 1 refused or failed (e.g. a rejected reload), 2 relayd unreachable
+or bad usage. Command groups of components live in their own modules, listed in
+COMMAND_MODULES; each has ``register(subparsers)`` and sets ``func(args, client) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from relayd.cli.control_client import ControlClient, Unreachable
+
+DEFAULT_SOCKET = "/run/relayd/control.sock"
+COMMAND_MODULES: list[str] = []
+
+
+def die(message: str, code: int = 1) -> int:
+    print(f"relayctl: {message}", file=sys.stderr)
+    return code
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return args.socket
+    if os.environ.get("RELAYD_CONTROL__SOCKET"):
+        return os.environ["RELAYD_CONTROL__SOCKET"]
+    if args.config:
+        from relayd.config import load_config
+        from relayd.plugins import Registry
+
+        return load_config(args.config, registry=Registry.discover()).settings.control.socket
+    return DEFAULT_SOCKET
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
+    status, body = client.request("GET", "/v1/status")
+    if status != 200:
+        return die(f"status failed: HTTP {status}: {body}")
+    if args.json:
+        _print_json(body)
+        return 0
+    print(f"relayd {body['version']}  pid {body['pid']}  up {_duration(body['uptime'])}  "
+          f"generation {body['generation']}")
+    last = body.get("last_reload")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+        verdict = "ok" if last["ok"] else "REJECTED"
+        print(f"last reload: {verdict} at {when}: {last['message']}")
+        for error in last.get("errors", []):
+            print(f"  {error}")
+    print("listeners:")
+    for name, info in body["listeners"].items():
+        extra = " tls" if info["tls"] else ""
+        extra += " (socket-activated)" if info["activated"] else ""
+        print(f"  {name:16} {', '.join(info['addresses'])}{extra}")
+    print("components:")
+    for name, info in body["components"].items():
+        counts = ", ".join(f"{k}={v}" for k, v in info.items()
+                           if k not in ("kind", "state", "warnings") and not isinstance(v, (dict, list)))
+        print(f"  {name:16} {info['kind']:12} {info['state']:9} {counts}")
+        for warning in info.get("warnings", []):
+            print(f"  !! {warning}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace, client: ControlClient) -> int:
+    status, body = client.request("POST", "/v1/reload")
+    if not isinstance(body, dict):
+        return die(f"reload failed: HTTP {status}: {body}")
+    if args.json:
+        _print_json(body)
+    elif body["ok"]:
+        changed = ", ".join(body.get("changed") or []) or "no changes"
+        print(f"reloaded: generation {body['generation']} ({changed})")
+    else:
+        print(f"relayctl: reload rejected: {body['message']}", file=sys.stderr)
+        for error in body["errors"]:
+            print(f"  {error}", file=sys.stderr)
+    return 0 if body["ok"] else 1
+
+
+def cmd_check(args: argparse.Namespace, client: ControlClient) -> int:
+    status, body = client.request("POST", "/v1/check")
+    if not isinstance(body, dict):
+        return die(f"check failed: HTTP {status}: {body}")
+    if body["ok"]:
+        print("configuration on disk is valid")
+        return 0
+    for error in body["errors"]:
+        print(error, file=sys.stderr)
+    return 1
+
+
+def cmd_config(args: argparse.Namespace, client: ControlClient) -> int:
+    status, body = client.request("GET", "/v1/config" + ("?origins=1" if args.origins else ""))
+    if status != 200:
+        return die(f"config failed: HTTP {status}: {body}")
+    if args.json:
+        _print_json(body)
+    elif args.origins:
+        rows = body["origins"]
+        width = max((len(r[0]) for r in rows), default=0)
+        for key, value, origin in rows:
+            print(f"{key:{width}} = {json.dumps(value)}    # {origin}")
+    else:
+        print(_to_toml(body["config"]).strip())
+    return 0
+
+
+def _to_toml(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
+    """Render the effective config as TOML; nulls are omitted (TOML has none)."""
+    out: list[str] = []
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    if scalars and prefix:
+        out.append(f"[{'.'.join(_key(p) for p in prefix)}]")
+    out += [f"{_key(k)} = {json.dumps(v)}" for k, v in scalars]
+    if scalars:
+        out.append("")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.append(_to_toml(value, prefix + (key,)))
+    return "\n".join(line for line in out if line is not None)
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def cmd_plugins(args: argparse.Namespace, client: ControlClient | None) -> int:
+    if args.local or client is None:
+        from relayd.plugins import Registry
+
+        rows = Registry.discover().describe()
+    else:
+        status, body = client.request("GET", "/v1/plugins")
+        rows = body["plugins"]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        state = f"BROKEN: {row['error']}" if row["error"] else "ok"
+        print(f"{row['group']:18} {row['name']:14} {row['distribution']:22} {row['target']:45} {state}")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+def cmd_clients(args: argparse.Namespace, client: ControlClient) -> int:
+    status, body = client.request("GET", f"/v1/components/{args.component}/clients")
+    if status != 200:
+        return die(body.get("message", body) if isinstance(body, dict) else str(body))
+    if args.json:
+        _print_json(body)
+        return 0
+    rows = body["clients"]
+    if not rows:
+        print(f"{args.component}: no clients")
+        return 0
+    keys = list(rows[0])
+    print("  ".join(keys))
+    for row in rows:
+        print("  ".join(str(row.get(k, "")) for k in keys))
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace, client: ControlClient) -> int:
+    status, body = client.request("GET", "/v1/metrics")
+    print(body, end="")
+    return 0 if status == 200 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relayctl", description="control a running relayd")
+    p.add_argument("--socket", help=f"control socket (default: $RELAYD_CONTROL__SOCKET or {DEFAULT_SOCKET})")
+    p.add_argument("--config", type=Path, help="read the control socket path from this configuration")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for relayd")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("status", help="generation, uptime, last reload, components")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("reload", help="reload the configuration; exit 1 if it was rejected")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_reload)
+    s = sub.add_parser("check", help="ask relayd to validate the configuration on disk")
+    s.set_defaults(func=cmd_check)
+    s = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
+    s.add_argument("--origins", action="store_true", help="show the file or variable of each value")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_config)
+    s = sub.add_parser("plugins", help="list installed component kinds and auth methods")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--local", action="store_true", help="inspect this Python environment, not the daemon")
+    s.set_defaults(func=cmd_plugins, offline_ok=True)
+    s = sub.add_parser("clients", help="list the live clients of a component")
+    s.add_argument("component")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_clients)
+    s = sub.add_parser("metrics", help="print Prometheus metrics")
+    s.set_defaults(func=cmd_metrics)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "no_daemon", False):
+        return args.func(args, None)
+    try:
+        client = ControlClient(socket_path(args), args.timeout)
+        return args.func(args, client)
+    except Unreachable as exc:
+        if getattr(args, "offline_ok", False):
+            return args.func(args, None)
+        return die(str(exc), 2)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

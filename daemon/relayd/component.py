@@ -1,0 +1,94 @@
+"""The contract between the daemon core and component plugins.
+
+A component is built per configuration generation. The core constructs it (no I/O), awaits
+``start()`` (bind nothing: serve on ``listener.serving_sockets()``), routes nothing to it
+itself, and on removal or change awaits ``stop(drain_timeout)``. A reload that leaves a
+component's configuration (and that of the listeners, auth methods and scope maps it refers
+to) unchanged keeps the very same object, with its live connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from prometheus_client.core import Metric
+
+    from relayd.auth.base import AuthMethod
+    from relayd.config.model import ScopeMapConfig
+    from relayd.listeners import Listener
+
+
+class ComponentConfig(BaseModel):
+    """Base of every [components.NAME] table; plugins add ``kind: Literal["..."]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Context:
+    """What a component or auth method may use from the daemon."""
+
+    listeners: Mapping[str, Listener]
+    auth: Mapping[str, AuthMethod]
+    scope_maps: Mapping[str, ScopeMapConfig]
+    state_dir: Path
+    daemon: Any = None  # relayd.runtime.Daemon, for status pages; None in unit tests
+
+    def listener(self, name: str) -> Listener:
+        return self.listeners[name]
+
+    def auth_method(self, name: str) -> AuthMethod:
+        return self.auth[name]
+
+
+class Component:
+    """Base class of component plugins (entry point group ``relayd.components``)."""
+
+    Config: ClassVar[type[ComponentConfig]]
+
+    def __init__(self, name: str, config: ComponentConfig, context: Context) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+        self.state = "created"  # created, serving, draining, stopped, failed
+        self.log = logging.getLogger(f"relayd.{config.kind}.{name}")  # type: ignore[attr-defined]
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind  # type: ignore[attr-defined]
+
+    async def start(self) -> None:
+        """Start serving. Raising rejects the configuration generation being built."""
+        self.state = "serving"
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, let in-flight work finish for up to drain_timeout, then close."""
+        self.state = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        """Counts for `relayctl status` (clients, sessions, requests...)."""
+        return {}
+
+    def metrics(self) -> Iterable[Metric]:
+        """Prometheus metric families for this component."""
+        return ()
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Live clients, for `relayctl clients NAME`."""
+        return []
+
+    async def control(self, request: web.Request, path: str) -> web.StreamResponse | None:
+        """Handle control-API requests under /v1/components/NAME/<path>; None means 404."""
+        return None
+
+    def listener_names(self) -> set[str]:
+        """Names of the listeners this component serves on (for status)."""
+        return set()

@@ -1,0 +1,68 @@
+"""``kind = "status"``: health, Prometheus metrics and a status summary over HTTP.
+
+GET /healthz   200 "ok" while serving, 503 while stopping
+GET /metrics   Prometheus text exposition of relayd and every component
+GET /status    JSON: generation, uptime, components with their state and counts
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from aiohttp import web
+from pydantic import Field
+
+from relayd import metrics
+from relayd.component import Component, ComponentConfig
+from relayd.config.types import AuthRef, ListenerRef
+from relayd.httpserve import HttpService
+
+
+class StatusConfig(ComponentConfig):
+    kind: Literal["status"]
+    listener: ListenerRef = Field(description="listener to serve on")
+    auth: AuthRef | None = Field(None, description="auth method guarding /metrics and /status")
+
+
+class StatusComponent(Component):
+    Config = StatusConfig
+    config: StatusConfig
+
+    async def start(self) -> None:
+        self.requests = 0
+        self.http = HttpService(self.handle)
+        await self.http.serve(self.context.listener(self.config.listener))
+        self.state = "serving"
+
+    async def stop(self, drain_timeout: float) -> None:
+        await self.http.stop(drain_timeout)
+
+    def listener_names(self) -> set[str]:
+        return {self.config.listener}
+
+    def status(self) -> dict[str, object]:
+        return {"requests": self.requests, "connections": self.http.connections}
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.requests += 1
+        daemon = self.context.daemon
+        if request.path == "/healthz":
+            ok = daemon is not None and not daemon.stopping
+            return web.Response(text="ok\n" if ok else "stopping\n", status=200 if ok else 503)
+        if request.path not in ("/metrics", "/status"):
+            return web.json_response({"message": "not found"}, status=404)
+        if self.config.auth:
+            from relayd.auth.base import AuthError, AuthFailure
+
+            method = self.context.auth_method(self.config.auth)
+            try:
+                await method.authenticate(request.headers.get("Authorization"))
+            except AuthError as exc:
+                status = 503 if exc.reason is AuthFailure.UNAVAILABLE else (
+                    403 if exc.reason is AuthFailure.FORBIDDEN else 401)
+                headers = {"WWW-Authenticate": method.challenge()} if status == 401 and method.challenge() else {}
+                return web.json_response({"message": exc.message}, status=status, headers=headers)
+        if request.path == "/metrics":
+            return web.Response(body=metrics.render(daemon), headers={"Content-Type": metrics.CONTENT_TYPE})
+        status = daemon.status()
+        return web.json_response({k: status[k] for k in ("version", "generation", "uptime", "components")})

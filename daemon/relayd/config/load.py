@@ -1,0 +1,218 @@
+"""Load, merge and validate the layered configuration into one settings object."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from relayd.config.model import CoreSettings, build_settings_model, iter_refs
+from relayd.config.sources import ConfigError, Layers, Path_, Problem, env_layer, parse_set, read_layers
+from relayd.plugins import GROUPS, Registry
+
+DEFAULT_CONFIG = Path("/etc/relayd")
+SECRET_WORDS = ("secret", "password", "token", "key")
+
+
+@dataclass
+class LoadedConfig:
+    settings: CoreSettings
+    origins: dict[Path_, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def effective(self) -> dict[str, Any]:
+        """The merged configuration as JSON-able data; SecretStr values print as '**********'."""
+        return self.settings.model_dump(mode="json")
+
+    def with_origins(self) -> list[tuple[str, Any, str]]:
+        """(key.path, value, origin) for every leaf of the effective configuration."""
+        rows: list[tuple[str, Any, str]] = []
+        _leaves(self.effective(), (), rows, self.origins)
+        return rows
+
+
+def _leaves(value: Any, path: Path_, rows: list, origins: dict[Path_, str]) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _leaves(item, path + (key,), rows, origins)
+        return
+    origin = origins.get(path, "default")
+    rows.append((".".join(map(str, path)), value, origin))
+
+
+class _LayeredSource(PydanticBaseSettingsSource):
+    """The already merged files + env + --set layers, as one pydantic-settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def _settings_class(model: type[CoreSettings], data: dict[str, Any]) -> type[BaseSettings]:
+    class Settings(model, BaseSettings):  # type: ignore[misc, valid-type]
+        model_config = SettingsConfigDict(extra="forbid")
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, **_: Any):  # type: ignore[override]
+            return (_LayeredSource(settings_cls, data),)
+
+    return Settings
+
+
+def load_config(
+    config_path: Path = DEFAULT_CONFIG,
+    *,
+    registry: Registry,
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> LoadedConfig:
+    """Read every layer, validate, check references. Raises ConfigError listing all problems."""
+    environ = dict(os.environ if environ is None else environ)
+    layers: Layers = read_layers(Path(config_path))
+    env_data, env_origins = env_layer(environ)
+    layers.merge(env_data, lambda p: env_origins.get(p) or _nearest(env_origins, p))
+    for assignment in overrides:
+        layers.merge(parse_set(assignment), lambda p, a=assignment: f"--set {a}")
+
+    model = build_settings_model(registry)
+    try:
+        settings = _settings_class(model, layers.data)()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, layers, registry, model)) from None
+    problems = _check_references(settings, layers)
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(settings, layers.origins, layers.files)
+
+
+def _nearest(origins: dict[Path_, str], path: Path_) -> str:
+    for key, origin in origins.items():
+        if key[: len(path)] == path:
+            return origin
+    return "env"
+
+
+def _origin(layers: Layers, loc: Path_) -> str | None:
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in layers.origins:
+            return layers.origins[loc[:depth]]
+    return layers.files[-1].as_posix() if layers.files else None
+
+
+def _strip_tags(loc: Path_, registry: Registry) -> Path_:
+    """pydantic puts the union tag in error paths (components.x.relay.port); drop it."""
+    if len(loc) >= 3 and loc[0] in GROUPS and loc[2] in registry.plugins[loc[0]]:
+        return loc[:2] + loc[3:]
+    return loc
+
+
+def _explain(exc: ValidationError, layers: Layers, registry: Registry, model: type) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = _strip_tags(tuple(error["loc"]), registry)
+        key = ".".join(map(str, loc)) or None
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(model, layers.data, loc[:-1], registry)
+            message = "unknown key"
+            if allowed:
+                near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+                message += f" (did you mean {near[0]!r}?)" if near else f" (expected one of: {', '.join(allowed)})"
+        elif kind == "missing":
+            message = "missing required key"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            group = str(loc[0])
+            tag = GROUPS[group][1] if group in GROUPS else "kind"
+            value = error.get("ctx", {}).get("tag")
+            installed = ", ".join(sorted(registry.plugins[group])) if group in GROUPS else ""
+            if kind == "union_tag_not_found":
+                message = f"missing '{tag}' (one of: {installed})"
+            else:
+                message = registry.problem(group, value) if group in GROUPS else None
+                message = message or f"unknown {tag} {value!r} (installed: {installed})"
+            key = f"{key}.{tag}"
+        else:
+            message = error["msg"]
+            value = error.get("input")
+            if isinstance(value, (str, int, float, bool)) and not _looks_secret(loc):
+                message += f" (got {value!r})"
+        problems.append(Problem(message, _origin(layers, loc), key))
+    return problems
+
+
+def _looks_secret(loc: Path_) -> bool:
+    return any(word in str(part).lower() for part in loc for word in SECRET_WORDS)
+
+
+def _allowed_keys(model: type, data: Any, loc: Path_, registry: Registry) -> list[str]:
+    """Field names of the model found at `loc`, to suggest a fix for a misspelt key."""
+    current: Any = model
+    skip_key = False
+    for depth, part in enumerate(loc):
+        if skip_key:  # the key of a dict table: [listeners.NAME]
+            skip_key = False
+            if depth == 1 and loc[0] in GROUPS:
+                entry = _get(data, loc[:2])
+                tag = entry.get(GROUPS[str(loc[0])][1]) if isinstance(entry, dict) else None
+                cls = registry.usable(str(loc[0])).get(tag)
+                current = cls.Config if cls else None
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return []
+        skip_key = typing.get_origin(info.annotation) is dict
+        current = _model_of(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None if not typing.get_args(annotation) else annotation
+
+
+def _get(data: Any, path: Path_) -> Any:
+    for part in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _check_references(settings: CoreSettings, layers: Layers) -> list[Problem]:
+    problems = []
+    for group in ("components", "auth"):
+        for name, entry in getattr(settings, group).items():
+            for path, table, target in iter_refs(entry, (group, name)):
+                defined = getattr(settings, table)
+                if target not in defined:
+                    known = ", ".join(sorted(defined)) or "none defined"
+                    problems.append(
+                        Problem(
+                            f"refers to {table}.{target}, which is not defined ({table}: {known})",
+                            _origin(layers, path),
+                            ".".join(map(str, path)),
+                        )
+                    )
+    return problems

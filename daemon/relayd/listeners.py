@@ -1,0 +1,191 @@
+"""Listening sockets that outlive configuration generations.
+
+The pool owns one socket object per listening fd, whether relayd bound it or systemd passed
+it. Components never get these objects: ``Listener.serving_sockets()`` hands out dups, so a
+component's asyncio server can close its copy (asyncio's Server.close() closes the fd it
+serves on) while the listening socket stays open and queued connections wait in the kernel
+backlog for the next generation. Reloads therefore never refuse a connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from relayd.config.model import ListenerConfig, TLSConfig
+
+log = logging.getLogger("relayd.listeners")
+
+
+class ListenerError(Exception):
+    pass
+
+
+def parse_bind(bind: str) -> tuple[int, object]:
+    """(family, address) for a bind string; see ListenerConfig.bind."""
+    if bind.startswith("unix:"):
+        path = bind.removeprefix("unix:")
+        return socket.AF_UNIX, ("\0" + path[1:] if path.startswith("@") else path)
+    host, _, port = bind.rpartition(":")
+    if host.startswith("["):
+        return socket.AF_INET6, (host[1:-1], int(port))
+    if not host:
+        return socket.AF_INET6, ("::", int(port))
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
+
+
+def bind_socket(bind: str, backlog: int) -> socket.socket:
+    family, address = parse_bind(bind)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
+            path = address
+            if isinstance(path, str):
+                _remove_stale_unix_socket(Path(path))
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and address[0] == "::":  # type: ignore[index]
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_stale_unix_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: left over from a crash
+    else:
+        raise ListenerError(f"{path} is in use by another process")
+    finally:
+        probe.close()
+
+
+def make_server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+        if tls.client_ca:
+            context.load_verify_locations(str(tls.client_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenerError(f"cannot load TLS certificate/key: {exc}") from None
+    return context
+
+
+def describe_socket(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(name, bytes):
+            return "unix:@" + name[1:].decode(errors="replace")
+        return f"unix:{name}" if not name.startswith("\0") else "unix:@" + name[1:]
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+@dataclass
+class Listener:
+    """A named listener of one generation: shared sockets plus this generation's TLS."""
+
+    name: str
+    config: ListenerConfig
+    sockets: list[socket.socket]
+    ssl_context: ssl.SSLContext | None
+    activated: bool  # passed by systemd rather than bound by relayd
+
+    def serving_sockets(self) -> list[socket.socket]:
+        """Fresh dups of the listening sockets for one server to own and close."""
+        dups = []
+        for sock in self.sockets:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+            dup.setblocking(False)
+            dups.append(dup)
+        return dups
+
+    @property
+    def addresses(self) -> list[str]:
+        return [describe_socket(s) for s in self.sockets]
+
+    @property
+    def is_loopback(self) -> bool:
+        for sock in self.sockets:
+            if sock.family == socket.AF_UNIX:
+                continue
+            host = sock.getsockname()[0]
+            if not (host.startswith("127.") or host == "::1"):
+                return False
+        return True
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context else "http"
+
+
+class SocketPool:
+    """Every listening socket of the process, keyed by what opened it."""
+
+    def __init__(self, activated: dict[str, list[socket.socket]] | None = None) -> None:
+        self.activated = activated or {}
+        self._bound: dict[tuple[str, int], list[socket.socket]] = {}
+
+    def resolve(self, config: ListenerConfig) -> tuple[tuple[str, object], list[socket.socket], bool]:
+        """(key, sockets, activated) for a listener config; binds if needed."""
+        if config.fd_name and config.fd_name in self.activated:
+            return ("fd", config.fd_name), self.activated[config.fd_name], True
+        if config.bind is None:
+            passed = ", ".join(sorted(self.activated)) or "none"
+            raise ListenerError(
+                f"socket {config.fd_name!r} was not passed by systemd (passed: {passed}) and no "
+                "'bind' fallback is set"
+            )
+        key = ("bind", config.bind)
+        if key not in self._bound:
+            self._bound[key] = [bind_socket(config.bind, config.backlog)]  # type: ignore[index]
+        return key, self._bound[key], False  # type: ignore[index]
+
+    def build(self, name: str, config: ListenerConfig) -> tuple[tuple[str, object], Listener]:
+        key, sockets, activated = self.resolve(config)
+        context = make_server_ssl_context(config.tls) if config.tls else None
+        return key, Listener(name, config, sockets, context, activated)
+
+    def release_unused(self, in_use: set[tuple[str, object]]) -> None:
+        """Close sockets relayd bound that no generation uses any more."""
+        for key in [k for k in self._bound if k not in in_use]:
+            for sock in self._bound.pop(key):
+                _close_bound(sock)
+
+    def close_all(self) -> None:
+        self.release_unused(set())
+        for sockets in self.activated.values():
+            for sock in sockets:
+                sock.close()  # systemd keeps its own copy; never unlink its paths
+
+
+def _close_bound(sock: socket.socket) -> None:
+    path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+    sock.close()
+    if isinstance(path, str) and path and not path.startswith("\0"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,54 @@
+"""Prometheus exposition of the daemon's and components' metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from relayd.runtime import Daemon
+
+log = logging.getLogger("relayd.metrics")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class DaemonCollector:
+    """Reads the current generation at scrape time; nothing is registered globally."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        daemon = self.daemon
+        gen = daemon.generation
+        yield GaugeMetricFamily("relayd_generation", "Configuration generation being served",
+                                value=gen.number if gen else 0)
+        yield GaugeMetricFamily("relayd_uptime_seconds", "Seconds since relayd started",
+                                value=time.time() - daemon.started_at)
+        reloads = CounterMetricFamily("relayd_reloads", "Configuration reloads", labels=["result"])
+        for result, count in daemon.reload_counts.items():
+            reloads.add_metric([result], count)
+        yield reloads
+        up = GaugeMetricFamily("relayd_component_up", "1 while a component serves",
+                               labels=["component", "kind"])
+        for name, component in (gen.components.items() if gen else ()):
+            up.add_metric([name, component.kind], 1 if component.state == "serving" else 0)
+        yield up
+        for name, component in (gen.components.items() if gen else ()):
+            try:
+                yield from component.metrics()
+            except Exception:  # one broken component must not hide the others
+                log.exception("metrics of component %s failed", name)
+
+
+def render(daemon: Daemon) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+__all__ = ["CONTENT_TYPE", "DaemonCollector", "Metric", "render"]

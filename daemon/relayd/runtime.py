@@ -1,0 +1,401 @@
+"""The server core: configuration generations, atomic reloads, graceful shutdown.
+
+A generation is the set of listeners, auth methods and components built from one validated
+configuration. A reload builds the next generation beside the running one, reusing every
+object whose configuration (including what it refers to) did not change, starts what is
+new, and only then swaps. Whatever fails while building is torn down and the old generation
+keeps serving. Replaced objects are stopped after the swap, in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relayd import __version__
+from relayd.auth.base import AuthMethod
+from relayd.component import Component, Context
+from relayd.config import ConfigError, LoadedConfig, Problem, load_config
+from relayd.config.model import iter_refs
+from relayd.listeners import Listener, ListenerError, SocketPool
+from relayd.logsetup import configure_logging
+from relayd.plugins import Registry
+from relayd.systemd import Notifier, listen_fds, watchdog_interval
+
+log = logging.getLogger("relayd")
+
+
+def _fingerprint(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+@dataclass
+class Generation:
+    number: int
+    config: LoadedConfig
+    listeners: dict[str, Listener]
+    listener_keys: dict[str, tuple[str, object]]
+    auth: dict[str, AuthMethod]
+    components: dict[str, Component]
+    fingerprints: dict[str, str]  # "auth.NAME" / "components.NAME" -> fingerprint
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    generation: int
+    message: str
+    errors: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "generation": self.generation,
+            "message": self.message,
+            "errors": self.errors,
+            "changed": self.changed,
+            "at": self.at,
+        }
+
+
+@dataclass
+class DaemonOptions:
+    config_path: Path
+    overrides: list[str] = field(default_factory=list)
+    environ: dict[str, str] | None = None
+
+
+class Daemon:
+    def __init__(self, options: DaemonOptions, registry: Registry | None = None) -> None:
+        self.options = options
+        self.registry = registry or Registry.discover()
+        self.notifier = Notifier()
+        self.pool = SocketPool(listen_fds())
+        self.generation: Generation | None = None
+        self.started_at = time.time()
+        self.last_reload: ReloadResult | None = None
+        self.reload_counts = {"ok": 0, "rejected": 0}
+        self.stopping = False
+        self._reload_lock = asyncio.Lock()
+        self._draining: set[asyncio.Task] = set()
+        self._shutdown = asyncio.Event()
+        self.control = None
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def load(self) -> LoadedConfig:
+        return load_config(
+            self.options.config_path,
+            registry=self.registry,
+            environ=self.options.environ,
+            overrides=self.options.overrides,
+        )
+
+    async def _build(self, config: LoadedConfig, old: Generation | None) -> tuple[Generation, list[str]]:
+        """Build the next generation; on error, stop what was newly made and re-raise."""
+        settings = config.settings
+        number = old.number + 1 if old else 1
+        listeners: dict[str, Listener] = {}
+        listener_keys: dict[str, tuple[str, object]] = {}
+        problems = []
+        for name, lconf in settings.listeners.items():
+            try:
+                listener_keys[name], listeners[name] = self.pool.build(name, lconf)
+            except ListenerError as exc:
+                problems.append(Problem(str(exc), config.origins.get(("listeners", name)), f"listeners.{name}"))
+        if problems:
+            self._release_sockets(old)
+            raise ConfigError(problems)
+
+        context = Context(listeners, {}, settings.scope_maps, Path(settings.state_dir), daemon=self)
+        fingerprints: dict[str, str] = {}
+        auth: dict[str, AuthMethod] = {}
+        components: dict[str, Component] = {}
+        new_objects: list[tuple[str, Any]] = []
+        changed: list[str] = []
+        try:
+            for name, aconf in settings.auth.items():
+                fp = _fingerprint(aconf.model_dump(mode="json"), self._secret_values(aconf), str(settings.state_dir))
+                fingerprints[f"auth.{name}"] = fp
+                if old and old.fingerprints.get(f"auth.{name}") == fp:
+                    auth[name] = old.auth[name]
+                    continue
+                cls = self.registry.usable("auth")[aconf.method]
+                method = cls(name, aconf, context)
+                new_objects.append(("auth", method))
+                await method.start()
+                auth[name] = method
+                changed.append(f"auth.{name}")
+            context.auth = auth
+            for name, cconf in settings.components.items():
+                fp = self._component_fingerprint(settings, name, cconf, fingerprints)
+                fingerprints[f"components.{name}"] = fp
+                if old and old.fingerprints.get(f"components.{name}") == fp:
+                    components[name] = old.components[name]
+                    continue
+                cls = self.registry.usable("components")[cconf.kind]
+                component = cls(name, cconf, context)
+                new_objects.append(("component", component))
+                await component.start()
+                components[name] = component
+                changed.append(f"components.{name}")
+        except Exception as exc:
+            await self._stop_objects(new_objects, drain_timeout=0)
+            self._release_sockets(old)
+            if isinstance(exc, ConfigError):
+                raise
+            where = new_objects[-1][1].name if new_objects else "?"
+            group = "components" if new_objects and new_objects[-1][0] == "component" else "auth"
+            log.debug("building %s.%s failed", group, where, exc_info=True)
+            raise ConfigError(
+                [Problem(f"failed to start: {exc}", config.origins.get((group, where)), f"{group}.{where}")]
+            ) from None
+        removed = [f"components.{n}" for n in (old.components if old else {}) if n not in components]
+        removed += [f"auth.{n}" for n in (old.auth if old else {}) if n not in auth]
+        generation = Generation(number, config, listeners, listener_keys, auth, components, fingerprints)
+        return generation, changed + [f"{r} (removed)" for r in removed]
+
+    def _component_fingerprint(self, settings: Any, name: str, cconf: Any, fps: dict[str, str]) -> str:
+        refs = []
+        for _path, table, target in iter_refs(cconf):
+            if table == "listeners":
+                refs.append((table, target, settings.listeners[target].model_dump(mode="json")))
+            elif table == "auth":
+                refs.append((table, target, fps.get(f"auth.{target}")))
+            else:
+                refs.append((table, target, getattr(settings, table)[target].model_dump(mode="json")))
+        return _fingerprint(cconf.model_dump(mode="json"), self._secret_values(cconf), refs, str(settings.state_dir))
+
+    @staticmethod
+    def _secret_values(model: Any) -> list[str]:
+        """Secrets take part in fingerprints (a rotated secret must rebuild), never in output."""
+        from pydantic import BaseModel, SecretStr
+
+        found: list[str] = []
+
+        def walk(value: Any) -> None:
+            if isinstance(value, SecretStr):
+                found.append(value.get_secret_value())
+            elif isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(getattr(value, name))
+            elif isinstance(value, dict):
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    walk(item)
+
+        walk(model)
+        import hashlib
+
+        return [hashlib.sha256(s.encode()).hexdigest() for s in found]
+
+    def _release_sockets(self, keep: Generation | None) -> None:
+        in_use = set(keep.listener_keys.values()) if keep else set()
+        self.pool.release_unused(in_use)
+
+    async def _stop_objects(self, objects: list[tuple[str, Any]], drain_timeout: float) -> None:
+        # Components first (they use auth methods), then auth methods.
+        for group in ("component", "auth"):
+            items = [obj for kind, obj in objects if kind == group]
+            results = await asyncio.gather(
+                *(self._stop_one(obj, drain_timeout) for obj in items), return_exceptions=True
+            )
+            for obj, result in zip(items, results):
+                if isinstance(result, BaseException):
+                    log.error("stopping %s %s failed: %s", group, obj.name, result)
+
+    @staticmethod
+    async def _stop_one(obj: Any, drain_timeout: float) -> None:
+        if isinstance(obj, Component):
+            obj.state = "draining"
+            await obj.stop(drain_timeout)
+            obj.state = "stopped"
+        else:
+            await obj.close()
+
+    async def reload(self) -> ReloadResult:
+        """Load, validate, build and swap; the old generation stays on any failure."""
+        async with self._reload_lock:
+            if self.stopping:
+                return ReloadResult(False, self.generation.number if self.generation else 0, "shutting down")
+            self.notifier.reloading()
+            old = self.generation
+            assert old is not None
+            try:
+                config = await asyncio.to_thread(self.load)
+                new, changed = await self._build(config, old)
+            except ConfigError as exc:
+                errors = [str(p) for p in exc.problems]
+                result = ReloadResult(False, old.number, "configuration rejected; still serving "
+                                      f"generation {old.number}", errors)
+                self.reload_counts["rejected"] += 1
+                self.last_reload = result
+                log.error("reload rejected, keeping generation %d:\n  %s", old.number, "\n  ".join(errors))
+                self.notifier.notify(READY=1, STATUS=f"reload rejected: {errors[0]}")
+                return result
+            configure_logging(new.config.settings.logging)
+            self.generation = new
+            self._retire(old, new)
+            result = ReloadResult(True, new.number, f"generation {new.number} serving", [], changed)
+            self.reload_counts["ok"] += 1
+            self.last_reload = result
+            log.info("reloaded: generation %d (%s)", new.number, ", ".join(changed) or "no changes")
+            self.notifier.ready(self.status_line())
+            return result
+
+    def _retire(self, old: Generation, new: Generation) -> None:
+        """Stop what the new generation no longer uses, in the background."""
+        kept_components = {id(c) for c in new.components.values()}
+        kept_auth = {id(a) for a in new.auth.values()}
+        retired = [("component", c) for c in old.components.values() if id(c) not in kept_components]
+        retired += [("auth", a) for a in old.auth.values() if id(a) not in kept_auth]
+        timeout = new.config.settings.drain_timeout
+
+        async def retire() -> None:
+            await self._stop_objects(retired, timeout)
+            self._release_sockets(new)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        gen = self.generation
+        if gen is None:
+            return "starting"
+        clients = sum(int(c.status().get("clients", 0) or 0) for c in gen.components.values())
+        return f"generation {gen.number}: {len(gen.components)} components, {clients} clients"
+
+    def status(self) -> dict[str, Any]:
+        gen = self.generation
+        assert gen is not None
+        components = {}
+        for name, component in gen.components.items():
+            entry = {"kind": component.kind, "state": component.state, **component.status()}
+            warnings = self._component_warnings(gen, component)
+            if warnings:
+                entry["warnings"] = warnings
+            components[name] = entry
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started_at,
+            "generation": gen.number,
+            "loaded_at": gen.loaded_at,
+            "config_files": [str(p) for p in gen.config.files],
+            "last_reload": self.last_reload.as_dict() if self.last_reload else None,
+            "reloads": dict(self.reload_counts),
+            "listeners": {
+                n: {"addresses": l.addresses, "tls": l.ssl_context is not None, "activated": l.activated}
+                for n, l in gen.listeners.items()
+            },
+            "components": components,
+            "stopping": self.stopping,
+        }
+
+    @staticmethod
+    def _component_warnings(gen: Generation, component: Component) -> list[str]:
+        warnings = []
+        refs = list(iter_refs(component.config))
+        listeners = {t for _, table, t in refs if table == "listeners"}
+        for _, table, target in refs:
+            if table == "auth" and gen.auth.get(target) and gen.auth[target].allows_anonymous:
+                public = [n for n in listeners if n in gen.listeners and not gen.listeners[n].is_loopback]
+                if public:
+                    warnings.append(
+                        f"AUTH DISABLED: auth method {target!r} lets anyone in, on non-loopback "
+                        f"listener(s) {', '.join(sorted(public))}"
+                    )
+        return warnings
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = await asyncio.to_thread(self.load)
+        configure_logging(config.settings.logging)
+        self.generation, _ = await self._build(config, None)
+        from relayd.control import ControlServer
+
+        self.control = ControlServer(self)
+        await self.control.start(config.settings.control, self.pool.activated)
+        self.last_reload = ReloadResult(True, 1, "started")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            await self.start()
+        except ConfigError as exc:
+            log.error("configuration rejected:\n  %s", "\n  ".join(str(p) for p in exc.problems))
+            self.notifier.notify(STATUS=f"configuration rejected: {exc.problems[0]}", ERRNO=22)
+            return 1
+        except ListenerError as exc:
+            log.error("%s", exc)
+            self.notifier.notify(STATUS=str(exc))
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._shutdown.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        watchdog = self._start_watchdog()
+        log.info("relayd %s ready: %s", __version__, self.status_line())
+        self.notifier.ready(self.status_line())
+        await self._shutdown.wait()
+        await self.shutdown()
+        if watchdog:
+            watchdog.cancel()
+        return 0
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading configuration")
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    def _start_watchdog(self) -> asyncio.Task | None:
+        interval = watchdog_interval(os.environ, os.getpid())
+        if interval is None or not self.notifier.enabled:
+            return None
+
+        async def ping() -> None:
+            # Pinged from the event loop on purpose: a blocked loop misses pings and systemd
+            # restarts us, which is what a watchdog is for.
+            while True:
+                self.notifier.watchdog()
+                await asyncio.sleep(interval)
+
+        return asyncio.get_running_loop().create_task(ping())
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        self.notifier.stopping()
+        gen = self.generation
+        timeout = gen.config.settings.drain_timeout if gen else 0
+        self.notifier.extend_timeout(timeout + 5)
+        log.info("stopping: draining for up to %.1fs", timeout)
+        if self.control:
+            await self.control.stop()
+        if gen:
+            objects = [("component", c) for c in gen.components.values()]
+            objects += [("auth", a) for a in gen.auth.values()]
+            await self._stop_objects(objects, timeout)
+        for task in list(self._draining):
+            task.cancel()
+        self.pool.close_all()
+        log.info("stopped")
+        self.notifier.close()
