@@ -1,0 +1,31 @@
+"""Shared fixtures: real relayd subprocesses on 127.0.0.1 with a fake service manager."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
+
+
+@pytest.fixture
+def relayd(tmp_path: Path) -> Iterator:
+    """Factory: relayd(config_text, fragments=None, **start_kwargs) -> RelaydProcess."""
+    started: list[RelaydProcess] = []
+
+    def start(main: str, fragments: dict[str, str] | None = None, **kwargs) -> RelaydProcess:
+        config_dir = write_config(tmp_path / f"etc{len(started)}", main, fragments)
+        daemon = start_relayd(tmp_path, config_dir, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
