@@ -18,7 +18,7 @@ from typing import Any
 
 from relayd.cli.control_client import ControlClient, Unreachable
 
-DEFAULT_SOCKET = "/run/relayd/control.sock"
+DEFAULT_SOCKET = "/run/relayd-control.sock"  # = ControlConfig.socket and systemd/relayd-control.socket
 COMMAND_MODULES: list[str] = []
 
 

@@ -64,8 +64,10 @@ class ScopeMapConfig(Strict):
 
 
 class ControlConfig(Strict):
+    # Not under /run/relayd: systemd deletes RuntimeDirectory= on every stop, which would take
+    # the node of systemd/relayd-control.socket with it. Same path as relayctl's default.
     socket: str = Field(
-        "/run/relayd/control.sock", description="control socket path, or '@name' for abstract"
+        "/run/relayd-control.sock", description="control socket path, or '@name' for abstract"
     )
     fd_name: str = Field("control", description="socket-activated control socket name")
     mode: str = Field("0660", pattern=r"^0?[0-7]{3}$", description="file mode of the control socket")
