@@ -44,9 +44,9 @@ def bind_socket(bind: str, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family == socket.AF_UNIX:
-            path = address
-            if isinstance(path, str):
-                _remove_stale_unix_socket(Path(path))
+            # Abstract names ("\0name") have no file to clean up (and Path() rejects NUL).
+            if isinstance(address, str) and not address.startswith("\0"):
+                _remove_stale_unix_socket(Path(address))
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and address[0] == "::":  # type: ignore[index]

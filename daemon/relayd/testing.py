@@ -7,6 +7,7 @@ plugin authors can start a real relayd around their component in their own tests
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import shutil
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,89 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or path-1, path-2... if taken: several daemons may run in one test directory."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def listening_socket(address: str | Path = "127.0.0.1:0", backlog: int = 128) -> socket.socket:
+    """A listening socket for a test to pass by socket activation: "HOST:PORT" or a unix path."""
+    if isinstance(address, Path) or address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(address))
+    else:
+        host, _, port = str(address).rpartition(":")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), int(port)))
+    sock.listen(backlog)
+    return sock
+
+
+# Runs between fork and exec of relayd, like PID 1 does: the passed fds are moved to 3, 4, ...
+# and LISTEN_PID is set to the pid that will exec relayd (os.execvp keeps the pid).
+_ACTIVATOR_SHIM = r"""
+import fcntl, os, sys
+names, fds, command = sys.argv[1], [int(f) for f in sys.argv[2].split(",") if f], sys.argv[4:]
+# Move the fds above the target range first, so that no dup2 onto 3.. clobbers one not yet moved.
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)  # inheritable
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=names)
+os.execvp(command[0], command)
+"""
+
+
+def activator_command(fds: Sequence[int], names: Sequence[str]) -> list[str]:
+    """A command prefix that passes `fds` to the command after it as LISTEN_FDS, named `names`.
+
+    The Python twin of ``systemd-socket-activate`` for sockets the test already made (so
+    ephemeral ports work); run the result with ``subprocess.Popen(..., pass_fds=fds)``.
+    """
+    if len(fds) != len(names):
+        raise ValueError("one name per fd")
+    return [sys.executable, "-c", _ACTIVATOR_SHIM, ":".join(names), ",".join(map(str, fds)), "--"]
+
+
+# Variables systemd-socket-activate must forward (it passes only a few by default).
+_FORWARD = ("RELAYD_", "NOTIFY_SOCKET", "WATCHDOG_", "PYTHON", "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY")
+
+
+def systemd_socket_activate_command(listen: Sequence[tuple[str, str]], env: dict[str, str]) -> list[str]:
+    """``systemd-socket-activate`` prefix for (address, fd name) pairs, forwarding `env`."""
+    command = ["systemd-socket-activate"]
+    for address, name in listen:
+        command += ["-l", address, f"--fdname={name}"]
+    for key in sorted(env):
+        if key.startswith(_FORWARD):
+            command += ["-E", key]
+    return command
+
+
+def trigger_lazy_activation(address: str, deadline: float) -> None:
+    """systemd-socket-activate execs its child on the first connection: make one."""
+    while True:
+        try:
+            if address.startswith("/"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(address)
+            else:
+                host, _, port = address.rpartition(":")
+                socket.create_connection((host, int(port)), timeout=5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            select.select([], [], [], 0.02)  # poll: the activator has not bound yet
+
+
 @dataclass
 class Notification:
     fields: dict[str, str]
@@ -35,14 +119,27 @@ class Notification:
 
 
 class FakeServiceManager:
-    """The receiving end of $NOTIFY_SOCKET, checking senders like systemd does."""
+    """The receiving end of $NOTIFY_SOCKET, checking senders like systemd does.
 
-    def __init__(self, directory: Path) -> None:
-        self.path = str(directory / "notify.sock")
+    ``address`` is what to export as NOTIFY_SOCKET: a path under `directory`, or with
+    ``abstract=True`` an ``@name`` in the abstract namespace (as systemd itself uses).
+    """
+
+    def __init__(self, directory: Path, *, abstract: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(self.path)
+        if abstract:
+            name = f"relayd-test-{os.getpid()}-{secrets.token_hex(6)}"
+            self.sock.bind("\0" + name)
+            self.path = "@" + name
+        else:
+            self.path = str(_unused(directory / "notify.sock"))
+            self.sock.bind(self.path)
         self.received: list[Notification] = []
+
+    @property
+    def address(self) -> str:
+        return self.path
 
     def receive(self, timeout: float) -> Notification | None:
         ready, _, _ = select.select([self.sock], [], [], timeout)
@@ -130,30 +227,52 @@ def start_relayd(
     pass_fds: Sequence[int] = (),
     ready_timeout: float = 30.0,
     wait_ready: bool = True,
+    activate: Mapping[str, Sequence[socket.socket]] | None = None,
+    systemd_activate: Sequence[tuple[str, str]] = (),
+    abstract_notify: bool = False,
+    control_socket: str | None = None,
 ) -> RelaydProcess:
     """Start relayd with NOTIFY_SOCKET pointing at a fake manager; wait for READY=1.
 
     The control socket, state directory and log file live under tmp_path unless the
-    config says otherwise; pass `wrapper` (e.g. systemd-socket-activate ...) to run
-    relayd under an activator.
+    config says otherwise. Socket activation, for listeners with ``fd_name``:
+
+    * ``activate={"web": [sock], ...}`` passes sockets the test made (any port) through
+      :func:`activator_command`;
+    * ``systemd_activate=[("127.0.0.1:PORT", "web"), ...]`` runs relayd under the real
+      ``systemd-socket-activate`` and makes the first connection that makes it exec relayd.
+
+    Or pass any `wrapper` command prefix yourself.
     """
-    manager = FakeServiceManager(tmp_path)
-    control = str(tmp_path / "control.sock")
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYD_", "LISTEN_", "NOTIFY_"))}
+    manager = FakeServiceManager(tmp_path, abstract=abstract_notify)
+    control = control_socket or str(_unused(tmp_path / "control.sock"))
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("RELAYD_", "LISTEN_", "NOTIFY_", "WATCHDOG_"))}
     full_env.update({
-        "NOTIFY_SOCKET": manager.path,
+        "NOTIFY_SOCKET": manager.address,
         "RELAYD_CONTROL__SOCKET": control,
         "RELAYD_STATE_DIR": str(tmp_path / "state"),
         "PYTHONUNBUFFERED": "1",
     })
     full_env.update(env or {})
-    log_path = tmp_path / "relayd.log"
+    wrapper = list(wrapper)
+    pass_fds = list(pass_fds)
+    if activate:
+        names = [name for name, socks in activate.items() for _ in socks]
+        fds = [sock.fileno() for socks in activate.values() for sock in socks]
+        wrapper = activator_command(fds, names) + wrapper
+        pass_fds += fds
+    if systemd_activate:
+        wrapper = systemd_socket_activate_command(systemd_activate, full_env) + wrapper
+    log_path = _unused(tmp_path / "relayd.log")
     log_file = open(log_path, "ab")
     command = [*wrapper, str(BIN / "relayd"), "--config", str(config_dir), *args]
     process = subprocess.Popen(command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                                pass_fds=tuple(pass_fds))
     log_file.close()
     daemon = RelaydProcess(config_dir, control, manager, process, log_path, full_env)
+    if systemd_activate:
+        trigger_lazy_activation(systemd_activate[0][0], time.monotonic() + ready_timeout)
     if wait_ready:
         try:
             manager.wait_for("READY", "1", timeout=ready_timeout)
