@@ -1,0 +1,105 @@
+"""``method = "basic"``: HTTP Basic users from an SQLite user store (and optionally htpasswd).
+
+    [auth.users]
+    method = "basic"
+    realm = "relayd"
+    # users_db = "/var/lib/relayd/users-users.sqlite3"   (default: <state_dir>/users-<NAME>.sqlite3)
+    # htpasswd = "/etc/relayd/htpasswd"                  (read-only, bcrypt entries only)
+
+Users are managed with ``relayctl users`` or the http_proxy management API (both use
+:class:`relayd.auth.users.UserStore` on the same file). A user in the database wins over a
+user of the same name in the htpasswd file. The identity is ``Identity(sub=username,
+username=username)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from relayd.auth import htpasswd as htp
+from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
+from relayd.auth.users import MAX_PASSWORD, MAX_USERNAME, UserStore, verify_hash
+
+
+class BasicAuthConfig(AuthConfig):
+    method: Literal["basic"]
+    realm: str = Field("relayd", pattern=r'^[^"\\\x00-\x1f]*$',
+                       description="realm sent in WWW-Authenticate (no quotes or backslashes)")
+    users_db: Path | None = Field(
+        None, description="SQLite user database; default <state_dir>/users-<NAME>.sqlite3")
+    htpasswd: Path | None = Field(
+        None, description="Apache htpasswd file with bcrypt entries (htpasswd -B), read only")
+
+
+def default_users_db(state_dir: Path, name: str) -> Path:
+    return Path(state_dir) / f"users-{name}.sqlite3"
+
+
+class BasicAuth(AuthMethod):
+    Config = BasicAuthConfig
+    config: BasicAuthConfig
+
+    def __init__(self, name: str, config: BasicAuthConfig, context: Any) -> None:
+        super().__init__(name, config, context)
+        self.db_path = config.users_db or default_users_db(context.state_dir, name)
+        self.users = UserStore(self.db_path)
+        self.htpasswd = htp.Htpasswd(config.htpasswd) if config.htpasswd else None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.users.open)
+        if self.htpasswd:
+            try:
+                await asyncio.to_thread(self.htpasswd.load)
+            except htp.HtpasswdError as exc:
+                raise ValueError(f"auth.{self.name}: {exc}") from None
+        self.log.info("basic auth %r: users in %s%s", self.name, self.db_path,
+                      f", read-only htpasswd {self.config.htpasswd}" if self.htpasswd else "")
+
+    async def authenticate(self, authorization: str | None) -> Identity:
+        username, password = parse_basic(authorization)
+        if not await asyncio.to_thread(self.check, username, password):
+            raise AuthError(AuthFailure.INVALID, "wrong user name or password")
+        return Identity(sub=username, method=self.name, username=username)
+
+    def check(self, username: str, password: str) -> bool:
+        """Blocking: database user, else htpasswd user, else a dummy hash (same cost)."""
+        if username in self.users:
+            return self.users.verify(username, password)
+        digest = self.htpasswd.get(username) if self.htpasswd else None
+        if digest is not None:
+            return htp.check(digest, password)
+        verify_hash(self.users.dummy_hash(), password)  # spend the same time as a real check
+        return False
+
+    def challenge(self) -> str:
+        return f'Basic realm="{self.config.realm}", charset="UTF-8"'
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "basic", "realm": self.config.realm}
+
+
+def parse_basic(authorization: str | None) -> tuple[str, str]:
+    """Split an ``Authorization: Basic`` value (RFC 7617) into user and password."""
+    if authorization is None or not authorization.strip():
+        raise AuthError(AuthFailure.MISSING, "credentials required (HTTP Basic)")
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "basic" or not value.strip():
+        raise AuthError(AuthFailure.MALFORMED, "expected 'Authorization: Basic <base64 user:password>'")
+    value = value.strip()
+    if len(value) > 4 * (MAX_USERNAME * 4 + MAX_PASSWORD * 4 + 1) // 3 + 4:
+        raise AuthError(AuthFailure.MALFORMED, "Basic credentials too long")
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise AuthError(AuthFailure.MALFORMED, "Basic credentials are not base64 of UTF-8 'user:password'") \
+            from None
+    username, sep, password = decoded.partition(":")
+    if not sep or not username:
+        raise AuthError(AuthFailure.MALFORMED, "Basic credentials must be 'user:password'")
+    return username, password
