@@ -20,6 +20,7 @@ def settings_schema(registry: Registry, *, fragment: bool = False) -> dict[str, 
     model = build_settings_model(registry)
     schema = model.model_json_schema(mode="validation")
     schema = _rewrite_unions(schema)
+    schema = _check_key_names(schema)
     if fragment:
         schema = _strip_required(schema)
         schema["title"] = "relayd conf.d fragment"
@@ -37,7 +38,9 @@ def _rewrite_unions(node: Any) -> Any:
             tag = disc["propertyName"]
             mapping = disc.get("mapping", {})
             branches = [
-                {"if": {"properties": {tag: {"const": value}}}, "then": {"$ref": ref}}
+                # "required" in the if: a table without the tag matches no branch, so the
+                # only error is the missing tag, not one per kind.
+                {"if": {"properties": {tag: {"const": value}}, "required": [tag]}, "then": {"$ref": ref}}
                 for value, ref in sorted(mapping.items())
             ]
             return {
@@ -49,6 +52,20 @@ def _rewrite_unions(node: Any) -> Any:
         return node
     if isinstance(node, list):
         return [_rewrite_unions(v) for v in node]
+    return node
+
+
+def _check_key_names(node: Any) -> Any:
+    """dict[Name, X] renders as patternProperties, under which a key that does not match the
+    pattern ("MyRelay") is silently allowed; pydantic rejects it, so the schema must too."""
+    if isinstance(node, dict):
+        out = {k: _check_key_names(v) for k, v in node.items()}
+        patterns = out.get("patternProperties")
+        if isinstance(patterns, dict) and len(patterns) == 1 and "additionalProperties" not in out:
+            out["propertyNames"] = {"pattern": next(iter(patterns))}
+        return out
+    if isinstance(node, list):
+        return [_check_key_names(v) for v in node]
     return node
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, SecretStr, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, SecretStr, StringConstraints, WithJsonSchema
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 # Names are lower case because environment variable keys are lower-cased by
@@ -80,4 +80,16 @@ def _non_negative(value: float) -> float:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(_parse_duration), AfterValidator(_non_negative)]
+# The schema states what the validator accepts, so editors don't flag "30s".
+_SECONDS_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": _DURATION.pattern},
+    ]
+}
+Seconds = Annotated[
+    float,
+    BeforeValidator(_parse_duration),
+    AfterValidator(_non_negative),
+    WithJsonSchema(_SECONDS_SCHEMA, mode="validation"),
+]
