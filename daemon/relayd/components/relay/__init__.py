@@ -1,0 +1,98 @@
+"""``kind = "relay"``: a ProxyStore-compatible WebSocket relay, hardened.
+
+Wire-compatible with ``proxystore-relay`` (``proxystore.p2p.relay.client.RelayClient`` works
+unchanged): see ``protocol.py`` for the messages and close codes, ``server.py`` for the
+asyncio shell, relayd.toml(5) for the keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from relayd.component import Component
+from relayd.components.relay.config import RelayConfig
+from relayd.components.relay.server import RelayServer
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class RelayComponent(Component):
+    Config = RelayConfig
+    config: RelayConfig
+
+    async def start(self) -> None:
+        self.server = RelayServer(self.config, self.context.auth_method(self.config.auth), self.log)
+        await self.server.start(self.context.listener(self.config.listener))
+        self._logger: asyncio.Task | None = None
+        if self.config.current_clients_interval:
+            self._logger = asyncio.get_running_loop().create_task(self._log_clients())
+        self.state = "serving"
+
+    async def stop(self, drain_timeout: float) -> None:
+        if self._logger:
+            self._logger.cancel()
+        await self.server.stop(drain_timeout)
+        self.state = "stopped"
+
+    def listener_names(self) -> set[str]:
+        return {self.config.listener}
+
+    async def _log_clients(self) -> None:
+        """proxystore-relay's periodic log: the count, and the clients when 0 < N < limit."""
+        interval, limit = self.config.current_clients_interval, self.config.current_clients_limit
+        while True:
+            await asyncio.sleep(interval)  # type: ignore[arg-type]
+            clients = self.server.core.clients()
+            lines = [f"Connected clients: {len(clients)}"]
+            if limit is not None and 0 < len(clients) < limit:
+                lines += [f"  {c.name} uuid={c.uuid} identity={c.identity_label} address={c.address} "
+                          f"since={_iso(c.connected_at)} in={c.messages_in} out={c.messages_out}"
+                          for c in clients]
+            self.log.info("\n".join(lines))
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        core = self.server.core
+        return {"clients": core.registered, "connections": len(core.connections),
+                "forwarded": core.forwarded, "errors": core.echoed,
+                "closes": {str(k): v for k, v in sorted(core.closes.items())}}
+
+    def clients(self) -> list[dict[str, Any]]:
+        rows = []
+        for client in self.server.core.clients():
+            row = client.row()
+            row["connected_since"] = _iso(row["connected_since"])
+            rows.append(row)
+        return rows
+
+    def metrics(self) -> Iterable[Metric]:
+        core, labels, name = self.server.core, ["component"], [self.name]
+        gauge = GaugeMetricFamily("relayd_relay_clients", "Registered relay clients", labels=labels)
+        gauge.add_metric(name, core.registered)
+        yield gauge
+        gauge = GaugeMetricFamily("relayd_relay_connections", "Open relay WebSocket connections", labels=labels)
+        gauge.add_metric(name, len(core.connections))
+        yield gauge
+        for metric, help_text, value in (
+            ("relayd_relay_registrations", "Successful registrations", core.registrations),
+            ("relayd_relay_forwarded", "peer_connection messages forwarded to a peer", core.forwarded),
+            ("relayd_relay_errors", "peer_connection messages echoed back with an error "
+             "(unknown peer, other identity)", core.echoed),
+            ("relayd_relay_auth_failures", "Registrations refused by the auth method", self.server.auth_failures),
+        ):
+            counter = CounterMetricFamily(metric, help_text, labels=labels)
+            counter.add_metric(name, value)
+            yield counter
+        closes = CounterMetricFamily("relayd_relay_closes", "Connections closed by the relay, by close code",
+                                     labels=["component", "code"])
+        for code, count in sorted(core.closes.items()):
+            closes.add_metric([self.name, str(code)], count)
+        yield closes

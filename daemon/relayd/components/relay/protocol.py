@@ -1,0 +1,328 @@
+"""Sans-I/O core of the ProxyStore-compatible relay: messages, registry, routing, close codes.
+
+Nothing here touches a socket. The shell (``server.py``) feeds every text message of a
+connection to :meth:`RelayCore.receive` and carries out the returned actions: ``Send`` a text
+message to a client, or ``Close`` a client with a code and reason. A registration needs the
+auth method's verdict first, so ``receive`` answers it with :class:`Register`; the shell
+authenticates (asynchronously) and calls :meth:`RelayCore.register`.
+
+The wire format is proxystore-relay's (``proxystore.p2p.relay.messages``): one JSON object
+per text frame, ``message_type`` holding the enum member name, UUIDs parsed leniently and
+emitted canonical, JSON encoded with Python's default separators and ``ensure_ascii``. The
+stock server's bugs are deliberately not copied: every close unregisters, non-objects get
+4000, reasons are cut to 123 bytes, forwarded sources are the sender's registered ones, and
+another identity's UUID cannot be taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _enc  # the C encoder json.dumps uses
+from typing import Any, NamedTuple
+
+# -- close codes ---------------------------------------------------------------------------
+
+BAD_MESSAGE = 4000
+UNAUTHORIZED = 4001
+FORBIDDEN = 4002
+TOO_LONG = 4003
+DUPLICATE = 4004
+SLOW_RECEIVER = 4005
+RATE_LIMITED = 4006
+TOO_MANY_CLIENTS = 4007
+REGISTER_TIMEOUT = 4008
+GOING_AWAY = 1001
+MESSAGE_TOO_BIG = 1009  # sent by the WebSocket layer for messages over HARD_MAX_BYTES
+TRY_AGAIN_LATER = 1013  # the auth authority could not be asked
+
+HARD_MAX_BYTES = 2**20  # proxystore-relay's websockets default, kept for compatibility
+
+REASON_BAD_MESSAGE = "Unknown message type."
+REASON_TOO_LONG = "Message length exceeds limit."
+REASON_DUPLICATE = (
+    "Relay received a registration with the same ID. This might mean that the endpoint is "
+    "running in multiple locations."
+)
+REASON_NOT_REGISTERED = "ForbiddenError: Client has not registered and authenticated with the relay server."
+REASON_SLOW_RECEIVER = "Send buffer full: the client does not read fast enough."
+REASON_RATE_LIMITED = "Message rate limit exceeded."
+REASON_TOO_MANY_CLIENTS = "Relay is at its client limit; try again later."
+REASON_REGISTER_TIMEOUT = "No registration received in time."
+REASON_GOING_AWAY = "Relay server shutting down."
+
+# Every code a relayd relay can close a connection with (the fuzz tests check this).
+DOCUMENTED_CODES = frozenset({
+    BAD_MESSAGE, UNAUTHORIZED, FORBIDDEN, TOO_LONG, DUPLICATE, SLOW_RECEIVER, RATE_LIMITED,
+    TOO_MANY_CLIENTS, REGISTER_TIMEOUT, GOING_AWAY, MESSAGE_TOO_BIG, TRY_AGAIN_LATER,
+})
+
+MAX_REASON_BYTES = 123  # RFC 6455: a control frame payload is at most 125 bytes, 2 are the code
+
+
+def truncate_reason(reason: str) -> str:
+    """Cut a close reason to 123 UTF-8 bytes without splitting a character."""
+    raw = reason.encode("utf-8")
+    if len(raw) <= MAX_REASON_BYTES:
+        return reason
+    return raw[:MAX_REASON_BYTES].decode("utf-8", "ignore")
+
+
+# -- messages -------------------------------------------------------------------------------
+
+REGISTERED_REPLY = '{"success": true, "message": null, "error": false, "message_type": "relay_response"}'
+
+_REGISTRATION_KEYS = frozenset({"name", "uuid", "message_type"})
+_PEER_REQUIRED = frozenset({"source_uuid", "source_name", "peer_uuid", "description_type",
+                            "description", "message_type"})
+_PEER_ALL = _PEER_REQUIRED | {"error"}
+_DESCRIPTION_TYPES = frozenset({"offer", "answer"})
+
+
+class BadMessage(Exception):
+    """The text is not a message a client may send (close 4000)."""
+
+
+def canonical_uuid(value: Any) -> str:
+    """Lower-case hyphenated form of anything Python's uuid.UUID(str) accepts."""
+    if type(value) is not str:
+        raise BadMessage("uuid must be a string")
+    try:
+        return str(uuidlib.UUID(value))
+    except ValueError:
+        raise BadMessage("not a UUID") from None
+
+
+def encode_response(success: bool = True, message: str | None = None, error: bool = False) -> str:
+    return json.dumps({"success": success, "message": message, "error": error,
+                       "message_type": "relay_response"})
+
+
+def encode_registration(name: str, uuid: str) -> str:
+    """What a client sends (used by tests and the bench)."""
+    return json.dumps({"name": name, "uuid": uuid, "message_type": "relay_registration"})
+
+
+def _source_prefix(uuid: str, name: str) -> str:
+    return '{"source_uuid": "' + uuid + '", "source_name": ' + _enc(name) + ', "peer_uuid": "'
+
+
+def encode_peer(prefix: str, peer_uuid: str, description_type: str, description: str,
+                error: str | None) -> str:
+    """A peer_connection exactly as proxystore's encoder would write it."""
+    return (prefix + peer_uuid + '", "description_type": ' + _enc(description_type)
+            + ', "description": ' + _enc(description)
+            + ', "error": ' + ("null" if error is None else _enc(error))
+            + ', "message_type": "peer_connection"}')
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+class Send(NamedTuple):
+    client: Client
+    text: str
+
+
+class Close(NamedTuple):
+    client: Client
+    code: int
+    reason: str
+
+
+class Register(NamedTuple):
+    """The shell must authenticate the connection, then call RelayCore.register."""
+
+    name: str
+    uuid: str
+
+
+Action = Send | Close
+
+
+@dataclass(eq=False)
+class Client:
+    """One WebSocket connection; registered once it has a uuid."""
+
+    conn: Any  # the shell's handle
+    address: str
+    connected_at: float  # wall clock, for display
+    authorization: str | None = None  # the handshake's Authorization header
+    identity: str | None = None  # Identity.sub once authenticated
+    identity_label: str | None = None  # for display: username or sub
+    name: str | None = None
+    uuid: str | None = None
+    prefix: str = ""
+    messages_in: int = 0
+    messages_out: int = 0
+    closed: bool = False
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {"name": self.name, "uuid": self.uuid, "identity": self.identity_label,
+                "address": self.address, "connected_since": self.connected_at,
+                "messages_in": self.messages_in, "messages_out": self.messages_out}
+
+
+class RelayCore:
+    """Registry of clients and every routing decision of one relay."""
+
+    def __init__(self, *, max_message_bytes: int | None = None, max_clients: int | None = None,
+                 max_messages_per_second: float | None = None) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.max_clients = max_clients
+        self.rate = max_messages_per_second
+        self.burst = max(1.0, max_messages_per_second or 0.0)
+        self.connections: set[Client] = set()
+        self.by_uuid: dict[str, Client] = {}
+        self.forwarded = 0
+        self.echoed = 0
+        self.registrations = 0
+        self.closes: dict[int, int] = {}
+
+    # -- connection lifecycle ---------------------------------------------------------------
+
+    def open(self, client: Client, now: float = 0.0) -> Close | None:
+        """Admit a new connection, or say how to close it."""
+        if self.max_clients is not None and len(self.connections) >= self.max_clients:
+            client.closed = True
+            self._count_close(TOO_MANY_CLIENTS)
+            return Close(client, TOO_MANY_CLIENTS, REASON_TOO_MANY_CLIENTS)
+        client.tokens, client.refilled_at = self.burst, now
+        self.connections.add(client)
+        return None
+
+    def close(self, client: Client, code: int, reason: str) -> Close:
+        """Unregister now and return the Close for the shell to carry out."""
+        self.disconnect(client)
+        self._count_close(code)
+        return Close(client, code, truncate_reason(reason))
+
+    def disconnect(self, client: Client) -> None:
+        """The connection is gone (or going): forget it. Idempotent."""
+        client.closed = True
+        self.connections.discard(client)
+        if client.uuid is not None and self.by_uuid.get(client.uuid) is client:
+            del self.by_uuid[client.uuid]
+
+    def _count_close(self, code: int) -> None:
+        self.closes[code] = self.closes.get(code, 0) + 1
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def receive_binary(self, client: Client) -> list[Action]:
+        client.messages_in += 1
+        return [self.close(client, BAD_MESSAGE, REASON_BAD_MESSAGE)]
+
+    def receive(self, client: Client, text: str, now: float = 0.0) -> list[Action] | Register:
+        """Decide what one text message from ``client`` causes."""
+        if client.closed:
+            return []
+        client.messages_in += 1
+        if self.rate is not None and not self._take_token(client, now):
+            return [self.close(client, RATE_LIMITED, REASON_RATE_LIMITED)]
+        limit = self.max_message_bytes
+        # UTF-8 is 1 to 4 bytes a character: encode only when the length alone cannot tell.
+        if limit is not None and len(text) * 4 > limit and (
+                len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit):
+            return [self.close(client, TOO_LONG, REASON_TOO_LONG)]
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            return [self.close(client, BAD_MESSAGE, REASON_BAD_MESSAGE)]
+        if type(obj) is not dict:
+            return [self.close(client, BAD_MESSAGE, REASON_BAD_MESSAGE)]
+        kind = obj.get("message_type")
+        try:
+            if kind == "peer_connection":
+                return self._peer_connection(client, obj)
+            if kind == "relay_registration":
+                if obj.keys() != _REGISTRATION_KEYS or type(obj["name"]) is not str:
+                    raise BadMessage("bad registration")
+                return Register(obj["name"], canonical_uuid(obj["uuid"]))
+        except BadMessage:
+            pass
+        # relay_response (servers send it, clients don't), unknown or missing types
+        return [self.close(client, BAD_MESSAGE, REASON_BAD_MESSAGE)]
+
+    def _take_token(self, client: Client, now: float) -> bool:
+        tokens = client.tokens + (now - client.refilled_at) * self.rate  # type: ignore[operator]
+        client.refilled_at = now
+        if tokens < 1.0:
+            client.tokens = tokens
+            return False
+        client.tokens = min(tokens, self.burst) - 1.0
+        return True
+
+    def _peer_connection(self, client: Client, obj: dict[str, Any]) -> list[Action]:
+        keys = obj.keys()
+        if not (keys >= _PEER_REQUIRED and keys <= _PEER_ALL):
+            raise BadMessage("bad field set")
+        source, peer = obj["source_uuid"], obj["peer_uuid"]
+        if source != client.uuid:
+            canonical_uuid(source)  # validated like the stock relay, then ignored: no spoofing
+        target = self.by_uuid.get(peer) if type(peer) is str else None
+        if target is None:
+            peer = canonical_uuid(peer)
+            target = self.by_uuid.get(peer)
+        description_type, description = obj["description_type"], obj["description"]
+        error = obj.get("error")
+        if (description_type not in _DESCRIPTION_TYPES or type(description) is not str
+                or (error is not None and type(error) is not str)):
+            raise BadMessage("bad field type")
+        if client.uuid is None:
+            return [self.close(client, FORBIDDEN, REASON_NOT_REGISTERED)]
+        if target is None:
+            error = (f"Cannot forward peer connection message to peer {peer} because this peer is "
+                     "not registered this relay server.")  # sic: proxystore's clients match this text
+        elif target.identity != client.identity:
+            target, error = None, f"The requested peer {peer} is owned by a different user."
+        if target is None:
+            self.echoed += 1
+            client.messages_out += 1
+            return [Send(client, encode_peer(client.prefix, peer, description_type, description, error))]
+        self.forwarded += 1
+        target.messages_out += 1
+        return [Send(target, encode_peer(client.prefix, peer, description_type, description, error))]
+
+    # -- registration ------------------------------------------------------------------------
+
+    def register(self, client: Client, identity: str, label: str | None, name: str,
+                 uuid: str) -> list[Action]:
+        """Commit an authenticated registration (the shell has awaited the auth method)."""
+        if client.closed:
+            return []
+        if client.identity is not None and client.identity != identity:
+            # Same handshake headers, different verdict: never let a socket change owner.
+            return [self.close(client, FORBIDDEN, "ForbiddenError: The client identity changed.")]
+        actions: list[Action] = []
+        holder = self.by_uuid.get(uuid)
+        if holder is not None and holder is not client:
+            if holder.identity != identity:
+                return [self.close(client, FORBIDDEN, f"ForbiddenError: The client UUID {uuid} is "
+                                   "already registered to another user.")]
+            actions.append(self.close(holder, DUPLICATE, REASON_DUPLICATE))
+        if client.uuid is not None and client.uuid != uuid and self.by_uuid.get(client.uuid) is client:
+            del self.by_uuid[client.uuid]  # one UUID per socket: re-registering replaces it
+        client.identity, client.identity_label = identity, label or identity
+        client.name, client.uuid = name, uuid
+        client.prefix = _source_prefix(uuid, name)
+        self.by_uuid[uuid] = client
+        self.registrations += 1
+        client.messages_out += 1
+        actions.append(Send(client, REGISTERED_REPLY))
+        return actions
+
+    def auth_failed(self, client: Client, code: int, reason: str) -> list[Action]:
+        return [self.close(client, code, reason)]
+
+    # -- views ---------------------------------------------------------------------------------
+
+    @property
+    def registered(self) -> int:
+        return len(self.by_uuid)
+
+    def clients(self) -> list[Client]:
+        return sorted(self.by_uuid.values(), key=lambda c: (c.name or "", c.uuid or ""))
