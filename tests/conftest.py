@@ -29,3 +29,13 @@ def relayd(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def fake_globus() -> Iterator:
+    """A local fake of Globus Auth on 127.0.0.1 (see tests/fake_globus.py for its API)."""
+    from fake_globus import FakeGlobus
+
+    fake = FakeGlobus()
+    yield fake
+    fake.stop()
