@@ -144,6 +144,8 @@ def _explain(exc: ValidationError, layers: Layers, registry: Registry, model: ty
                 message = registry.problem(group, value) if group in GROUPS else None
                 message = message or f"unknown {tag} {value!r} (installed: {installed})"
             key = f"{key}.{tag}"
+            if kind == "union_tag_invalid":
+                loc = loc + (tag,)  # point at the `kind = ...` line, not the table header
         else:
             message = error["msg"]
             value = error.get("input")

@@ -1,0 +1,184 @@
+"""A tiny third-party relayd plugin, written and pip-installed by the tests.
+
+``plugin_site`` (session fixture) builds three distributions in a temporary directory and
+installs them with ``pip install --no-deps --no-build-isolation --target SITE``; a relayd
+started with ``PYTHONPATH=SITE`` sees them through its entry points exactly as it would see
+a package installed from PyPI:
+
+* ``relayd-tinyplugin`` (module ``tinyplugin``):
+  - component ``echo``: HTTP on a listener. ``GET /`` answers ``<greeting> from <name>``;
+    ``GET /secret`` answers the sha256 of its ``api_key`` secret (proof that it was read,
+    without printing it); ``POST /hold`` answers ``started`` at once, then reads the whole
+    request body and echoes it: a request that stays in flight as long as the client wants;
+    with ``auth = "NAME"`` every path needs that auth method's approval.
+  - auth method ``token``: ``Authorization: Bearer <token>`` where ``token`` is a Secret.
+  - component ``dupe`` (also registered by the rival distribution).
+  - component ``broken``, whose module fails to import.
+* ``relayd-tinyplugin-rival`` (module ``tinyrival``): component ``dupe`` again.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TINYPLUGIN = '''
+"""A third-party relayd plugin used by relayd's tests."""
+
+import hashlib
+import hmac
+from typing import Literal
+
+from aiohttp import web
+from pydantic import Field
+
+from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
+from relayd.component import Component, ComponentConfig
+from relayd.config.types import AuthRef, ListenerRef, Secret
+from relayd.httpserve import HttpService
+
+
+class EchoConfig(ComponentConfig):
+    kind: Literal["echo"]
+    listener: ListenerRef = Field(description="listener to serve on")
+    greeting: str = Field("hello", description="first word of every answer")
+    api_key: Secret | None = Field(None, description="a secret, to test secret handling")
+    auth: AuthRef | None = Field(None, description="auth method guarding every path")
+
+
+class EchoComponent(Component):
+    Config = EchoConfig
+
+    async def start(self):
+        self.http = HttpService(self.handle)
+        await self.http.serve(self.context.listener(self.config.listener))
+        self.state = "serving"
+
+    async def stop(self, drain_timeout):
+        await self.http.stop(drain_timeout)
+
+    def status(self):
+        return {"connections": self.http.connections}
+
+    async def handle(self, request):
+        if self.config.auth:
+            try:
+                await self.context.auth_method(self.config.auth).authenticate(
+                    request.headers.get("Authorization"))
+            except AuthError as exc:
+                return web.Response(status=401, text=exc.message)
+        if request.path == "/secret":
+            secret = self.config.api_key.get_secret_value() if self.config.api_key else ""
+            return web.Response(text=hashlib.sha256(secret.encode()).hexdigest())
+        if request.path == "/hold" and request.method == "POST":
+            response = web.StreamResponse()
+            await response.prepare(request)
+            await response.write(b"started\\n")
+            body = await request.read()
+            await response.write(b"got " + body + b"\\n")
+            await response.write_eof()
+            return response
+        return web.Response(text=f"{self.config.greeting} from {self.name}\\n")
+
+
+class TokenConfig(AuthConfig):
+    method: Literal["token"]
+    token: Secret = Field(description="the bearer token clients must present")
+
+
+class TokenAuth(AuthMethod):
+    Config = TokenConfig
+
+    async def authenticate(self, authorization):
+        if not authorization:
+            raise AuthError(AuthFailure.MISSING, "no credentials")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError(AuthFailure.MALFORMED, "expected a bearer token")
+        if not hmac.compare_digest(token.encode(), self.config.token.get_secret_value().encode()):
+            raise AuthError(AuthFailure.INVALID, "wrong token")
+        return Identity(sub="token-holder", method=self.name)
+
+
+class DupeConfig(ComponentConfig):
+    kind: Literal["dupe"]
+
+
+class DupeComponent(Component):
+    Config = DupeConfig
+'''
+
+TINYRIVAL = '''
+from typing import Literal
+
+from relayd.component import Component, ComponentConfig
+
+
+class DupeConfig(ComponentConfig):
+    kind: Literal["dupe"]
+
+
+class DupeComponent(Component):
+    Config = DupeConfig
+'''
+
+PYPROJECT = '''
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{name}"
+version = "{version}"
+
+[tool.setuptools]
+py-modules = [{modules}]
+
+[project.entry-points."relayd.components"]
+{components}
+
+[project.entry-points."relayd.auth"]
+{auth}
+'''
+
+
+def write_distribution(root: Path, name: str, version: str, modules: dict[str, str],
+                       components: dict[str, str], auth: dict[str, str]) -> Path:
+    root.mkdir(parents=True)
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    (root / "pyproject.toml").write_text(PYPROJECT.format(
+        name=name, version=version, modules=", ".join(f'"{m}"' for m in modules),
+        components="\n".join(f'{k} = "{v}"' for k, v in components.items()),
+        auth="\n".join(f'{k} = "{v}"' for k, v in auth.items()),
+    ))
+    return root
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """A directory to put on PYTHONPATH, holding the installed test plugins."""
+    root = tmp_path_factory.mktemp("plugins")
+    tiny = write_distribution(
+        root / "src-tiny", "relayd-tinyplugin", "0.1.0",
+        {"tinyplugin": TINYPLUGIN,
+         "tinyplugin_broken": "import relayd_no_such_dependency  # not installed, on purpose\n"},
+        {"echo": "tinyplugin:EchoComponent", "dupe": "tinyplugin:DupeComponent",
+         "broken": "tinyplugin_broken:Component"},
+        {"token": "tinyplugin:TokenAuth"},
+    )
+    rival = write_distribution(
+        root / "src-rival", "relayd-tinyplugin-rival", "2.0.0", {"tinyrival": TINYRIVAL},
+        {"dupe": "tinyrival:DupeComponent"}, {},
+    )
+    site = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", "--disable-pip-version-check", "--target", str(site), str(tiny), str(rival)],
+        check=True, capture_output=True, text=True,
+    )
+    return site
