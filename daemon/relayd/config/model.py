@@ -60,7 +60,17 @@ class ListenerConfig(Strict):
 class ScopeMapConfig(Strict):
     """Server addresses (host, host:port, [v6]:port) mapped to the Globus scope they require."""
 
-    servers: dict[str, str] = Field(default_factory=dict, description="address -> scope string")
+    servers: dict[str, str] = Field(
+        default_factory=dict,
+        description="address ('host', 'host:port', '[v6]:port') -> Globus scope string; "
+        "keys are normalised (lower case, canonical IP), never resolved")
+
+    @field_validator("servers")
+    @classmethod
+    def _normalise_servers(cls, value: dict[str, str]) -> dict[str, str]:
+        from relayd.auth.scopes import normalize_servers
+
+        return normalize_servers(value)
 
 
 class ControlConfig(Strict):
