@@ -3,6 +3,7 @@
 GET /healthz   200 "ok" while serving, 503 while stopping
 GET /metrics   Prometheus text exposition of relayd and every component
 GET /status    JSON: generation, uptime, components with their state and counts
+GET /.well-known/relayd   unauthenticated discovery document (relayd.auth.discovery)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from aiohttp import web
 from pydantic import Field
 
 from relayd import metrics
+from relayd.auth import discovery
 from relayd.component import Component, ComponentConfig
 from relayd.config.types import AuthRef, ListenerRef
 from relayd.httpserve import HttpService
@@ -49,6 +51,9 @@ class StatusComponent(Component):
         if request.path == "/healthz":
             ok = daemon is not None and not daemon.stopping
             return web.Response(text="ok\n" if ok else "stopping\n", status=200 if ok else 503)
+        if request.path == discovery.PATH and request.method in ("GET", "HEAD"):
+            methods = [self.context.auth_method(self.config.auth)] if self.config.auth else []
+            return web.json_response(discovery.document(methods))
         if request.path not in ("/metrics", "/status"):
             return web.json_response({"message": "not found"}, status=404)
         if self.config.auth:
