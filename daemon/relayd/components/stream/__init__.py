@@ -1,0 +1,149 @@
+"""``kind = "stream"``: SciStream's control server (s2cs) and data plane (s2ds) in process.
+
+The ``scistream.Control`` gRPC service (req, hello, update, release; wire-compatible with
+s2uc, appctrl and scistream-go) runs with grpclib on the configured listener's sockets. Each
+session reserves ``num_conn`` ports from the component's range; ``update`` starts an asyncio
+forwarder per port (``forward.py``); ``release``, the hello timeout and shutdown free them.
+Sessions are listed by ``relayctl sessions NAME`` (control path ``sessions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+from grpclib.server import Server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from relayd.component import Component
+from relayd.components.stream.config import StreamConfig
+from relayd.components.stream.forward import DataPlane, client_context, server_context
+from relayd.components.stream.manager import SessionManager
+from relayd.components.stream.ports import PortPool
+from relayd.components.stream.service import ControlService
+from relayd.listeners import make_server_ssl_context
+
+__all__ = ["StreamComponent", "StreamConfig"]
+
+
+class StreamComponent(Component):
+    Config = StreamConfig
+    config: StreamConfig
+
+    async def start(self) -> None:
+        cfg = self.config
+        listener = self.context.listener(cfg.listener)
+        auth = self.context.auth_method(cfg.auth)
+        scope_id = cfg.scope_id or getattr(auth.config, "client_id", None) or cfg.auth
+        role_ssl: dict[str, Any] = {}
+        if cfg.security == "tls" and cfg.tls is not None:
+            t = cfg.tls
+            role_ssl = {
+                "PROD": (server_context(str(t.cert), str(t.key), str(t.ca)), None),
+                "CONS": (None, client_context(str(t.cert), str(t.key), str(t.ca), t.verify_hostname)),
+            }
+        self.pool = PortPool(cfg.data_bind, *cfg.port_range)
+        self.plane = DataPlane(role_ssl=role_ssl, buffer_size=cfg.buffer_size,
+                               connect_timeout=cfg.connect_timeout)
+        self.manager = SessionManager(cfg, self.pool, self.plane, self.log)
+        self.service = ControlService(self.manager, auth, scope_id, self.log)
+        ssl_context = None
+        if listener.config.tls is not None:
+            # Our own context (not the listener's shared one): gRPC clients require ALPN "h2".
+            ssl_context = make_server_ssl_context(listener.config.tls)
+            ssl_context.set_alpn_protocols(["h2"])
+        self.servers: list[Server] = []
+        for sock in listener.serving_sockets():
+            server = Server([self.service])
+            await server.start(sock=sock, ssl=ssl_context)
+            self.servers.append(server)
+        self.state = "serving"
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Refuse new RPCs and connections, let live data connections run for drain_timeout."""
+        self.state = "draining"
+        for server in self.servers:
+            server.close()  # also cancels RPCs in progress (a req waiting for its hello)
+        self.manager.stop_accepting()
+        if self.plane.totals.connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_timeout):
+                    await self.plane.idle()
+        self.manager.end_all()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(drain_timeout, 1.0)):
+                await asyncio.gather(*(s.wait_closed() for s in self.servers))
+        self.state = "stopped"
+
+    def listener_names(self) -> set[str]:
+        return {self.config.listener}
+
+    # -- observability -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        sessions = self.manager.sessions
+        return {
+            "sessions": len(sessions),
+            "in_setup": sum(1 for s in sessions if s.state in ("setup", "ready")),
+            "active": sum(1 for s in sessions if s.state == "active"),
+            "connections": self.plane.totals.connections,
+            "ports_free": self.pool.free,
+            "security": self.config.security,
+        }
+
+    def clients(self) -> list[dict[str, Any]]:
+        return [s.as_row() for s in self.manager.sessions]
+
+    async def control(self, request: web.Request, path: str) -> web.StreamResponse | None:
+        if path == "sessions" and request.method == "GET":
+            return web.json_response({"component": self.name, "kind": self.kind,
+                                      "rate_unit": self.config.rate_unit, "sessions": self.clients()})
+        return None
+
+    def metrics(self) -> Iterable[Metric]:
+        name, totals = self.name, self.plane.totals
+        sessions = GaugeMetricFamily("relayd_stream_sessions", "Stream sessions by state",
+                                     labels=["component", "state"])
+        counts = {"setup": 0, "ready": 0, "active": 0}
+        for s in self.manager.sessions:
+            counts[s.state] = counts.get(s.state, 0) + 1
+        for state, count in counts.items():
+            sessions.add_metric([name, state], count)
+        yield sessions
+        ended = CounterMetricFamily("relayd_stream_sessions_ended", "Stream sessions ended, by reason",
+                                    labels=["component", "reason"])
+        for reason, count in self.manager.ended.items():
+            ended.add_metric([name, reason], count)
+        yield ended
+        moved = CounterMetricFamily("relayd_stream_bytes", "Bytes forwarded by the data plane",
+                                    labels=["component", "direction"])
+        moved.add_metric([name, "to_target"], totals.bytes_to_target)
+        moved.add_metric([name, "from_target"], totals.bytes_from_target)
+        yield moved
+        yield _gauge("relayd_stream_connections", "Open data-plane connections", name, totals.connections)
+        yield _counter("relayd_stream_connections_accepted", "Data-plane connections accepted", name,
+                       totals.connections_total)
+        yield _counter("relayd_stream_connect_failures", "Connections to targets that failed", name,
+                       totals.connect_failures)
+        yield _gauge("relayd_stream_ports_free", "Ports of the range not held by a session", name,
+                     self.pool.free)
+        rpcs = CounterMetricFamily("relayd_stream_rpcs", "scistream.Control calls by result",
+                                   labels=["component", "rpc", "code"])
+        for (rpc, code), count in sorted(self.service.calls.items()):
+            rpcs.add_metric([name, rpc, code], count)
+        yield rpcs
+
+
+def _gauge(metric: str, doc: str, component: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(metric, doc, labels=["component"])
+    family.add_metric([component], value)
+    return family
+
+
+def _counter(metric: str, doc: str, component: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(metric, doc, labels=["component"])
+    family.add_metric([component], value)
+    return family

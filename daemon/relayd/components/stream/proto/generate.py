@@ -1,0 +1,48 @@
+"""Regenerate the committed protobuf/gRPC modules from scistream.proto.
+
+    .venv/bin/pip install grpcio-tools grpclib
+    .venv/bin/python daemon/relayd/components/stream/proto/generate.py
+
+Writes scistream_pb2.py (messages), scistream_grpc.py (grpclib service base and stub, used by
+relayd) and scistream_pb2_grpc.py (grpcio stub: the stack s2uc uses; the tests talk to relayd
+through it). Generated imports are made package-relative so the modules live inside relayd.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    plugin = shutil.which("protoc-gen-grpclib_python", path=str(Path(sys.executable).parent))
+    if plugin is None:
+        print("protoc-gen-grpclib_python not found: pip install grpclib", file=sys.stderr)
+        return 1
+    args = [
+        "protoc",
+        f"-I{HERE}",
+        f"--plugin=protoc-gen-grpclib_python={plugin}",
+        f"--python_out={HERE}",
+        f"--grpclib_python_out={HERE}",
+        f"--grpc_python_out={HERE}",
+        str(HERE / "scistream.proto"),
+    ]
+    if protoc.main(args) != 0:
+        return 1
+    for name in ("scistream_grpc.py", "scistream_pb2_grpc.py"):
+        path = HERE / name
+        text = path.read_text()
+        text = re.sub(r"^import scistream_pb2\b", "from . import scistream_pb2", text, flags=re.M)
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
