@@ -37,7 +37,8 @@ Test API (fixture ``fake_globus`` in tests/conftest.py; one fake per test)::
     fake.down = True                  # every endpoint answers 503 (Globus outage)
     fake.hold()/fake.release()        # park introspection requests until released
     fake.login_identity               # dict: sub, username, name, email used by /authorize
-    fake.expire_access_tokens()       # make every issued access token expired (tests refresh)
+    fake.expire_access_tokens()       # make every issued access token expired now
+    fake.access_token_lifetime = 30   # expires_in of tokens /token issues (default 172800)
     fake.tokens[token]                # the minted record (dict) for assertions
     fake.stop()
 """
@@ -83,6 +84,7 @@ class FakeGlobus:
         self.codes: dict[str, dict[str, Any]] = {}
         self.calls: Counter[str] = Counter()
         self.down = False
+        self.access_token_lifetime = 172800  # seconds, as Globus; lower it to make clients refresh
         self.login_identity = {"sub": str(uuid.uuid4()), "username": "alice@example.org",
                                "name": "Alice Example", "email": "alice@example.org"}
         self._gate = threading.Event()
@@ -306,11 +308,11 @@ class FakeGlobus:
             self.tokens[token] = {
                 "active": True, "revoked": False, "force_active": False, "scope": " ".join(rs_scopes),
                 "client_id": client_id, "sub": identity["sub"], "username": identity["username"],
-                "name": identity["name"], "email": identity["email"], "exp": int(now + 172800),
+                "name": identity["name"], "email": identity["email"], "exp": int(now + self.access_token_lifetime),
                 "iat": int(now), "nbf": int(now), "aud": [rs] if rs == AUTH_RS else [rs, AUTH_RS],
                 "identity_set": [identity["sub"]], "refresh": None,
             }
-            item = {"access_token": token, "expires_in": 172800, "resource_server": rs,
+            item = {"access_token": token, "expires_in": self.access_token_lifetime, "resource_server": rs,
                     "scope": " ".join(rs_scopes), "token_type": "Bearer", "state": "_default"}
             if offline:
                 refresh = "Ar" + secrets.token_urlsafe(48)
