@@ -24,6 +24,7 @@ Tokens and the client secret are never logged; log lines name a token by ``sha25
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import re
@@ -158,10 +159,11 @@ class GlobusAuth(AuthMethod):
         self.introspect_url = f"{config.auth_base_url}/v2/oauth2/token/introspect"
 
     async def start(self) -> None:
+        credentials = f"{self.config.client_id}:{self.config.client_secret.get_secret_value()}"
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-            auth=aiohttp.BasicAuth(self.config.client_id, self.config.client_secret.get_secret_value()),
-            headers={"User-Agent": "relayd"},
+            headers={"User-Agent": "relayd",
+                     "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()},
         )
         self.log.info("globus auth %r: introspecting at %s as client %s", self.name,
                       self.config.auth_base_url, self.config.client_id)
