@@ -42,13 +42,15 @@ def text_frame(data: bytes) -> bytes:
 class Conn:
     """The shell's handle on one connection (Client.conn)."""
 
-    __slots__ = ("ws", "transport", "close_task", "timer")
+    __slots__ = ("ws", "transport", "close_task", "timer", "pending", "pending_bytes")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
         self.ws = ws
         self.transport = transport
         self.close_task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.pending: list[bytes] | None = None  # frames waiting for this loop iteration's flush
+        self.pending_bytes = 0
 
 
 class RelayServer:
@@ -60,6 +62,7 @@ class RelayServer:
                                 max_messages_per_second=config.max_messages_per_second)
         self.http = HttpService(self.handle)
         self.handlers: set[asyncio.Task] = set()
+        self.dirty: list[Conn] = []  # connections with pending frames
         self.stopping = False
         self.auth_failures = 0
 
@@ -180,19 +183,41 @@ class RelayServer:
     # -- output ------------------------------------------------------------------------------
 
     def send(self, client: p.Client, text: str) -> None:
-        transport = client.conn.transport
-        if client.closed or transport.is_closing():
+        """Queue a frame; frames for one client are written together once per loop iteration
+        (one syscall for many messages under load)."""
+        conn: Conn = client.conn
+        if client.closed:
             return
         frame = text_frame(text.encode())
-        if transport.get_write_buffer_size() + len(frame) > self.config.send_buffer_bytes:
+        size = conn.pending_bytes + len(frame)
+        if size + conn.transport.get_write_buffer_size() > self.config.send_buffer_bytes:
             self.log.warning("closing %s (%s): send buffer full", client.uuid, client.name)
+            conn.pending, conn.pending_bytes = None, 0
             self.close_peer(self.core.close(client, p.SLOW_RECEIVER, p.REASON_SLOW_RECEIVER))
             return
-        transport.write(frame)
+        conn.pending_bytes = size
+        if conn.pending is None:
+            conn.pending = [frame]
+            if not self.dirty:
+                asyncio.get_running_loop().call_soon(self.flush)
+            self.dirty.append(conn)
+        else:
+            conn.pending.append(frame)
+
+    def flush(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:
+            pending = conn.pending
+            conn.pending, conn.pending_bytes = None, 0
+            if pending and not conn.transport.is_closing():
+                conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close_peer(self, action: p.Close) -> None:
         """Close a connection without waiting (it may be another connection's turn)."""
         conn: Conn = action.client.conn
+        if conn.pending and not conn.transport.is_closing():  # what was decided before goes first
+            conn.transport.write(b"".join(conn.pending))
+            conn.pending, conn.pending_bytes = None, 0
         if conn.close_task is None and not conn.ws.closed:
             conn.close_task = asyncio.get_running_loop().create_task(
                 self._close(conn, action.code, action.reason))

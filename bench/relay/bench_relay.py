@@ -1,0 +1,216 @@
+"""relayd's relay vs proxystore-relay, same machine, same run, both at WARNING logging.
+
+usage: .venv/bin/python bench/relay/bench_relay.py [--rounds 3] [--seconds 10] [--procs 3] [--pairs 2]
+                                                  [--idle 10000] [--json results.json]
+
+Per round and target (interleaved): forwarded msgs/s under load from --procs client processes
+(each --pairs sender->receiver pairs of hand-rolled clients, see load.py), relay CPU time per
+forwarded message (utime+stime of the relay process over the run, /proc/PID/stat), and the
+median one-way latency of 2000 sequential messages on an otherwise idle relay. Then --idle
+registered idle clients on relayd (and on proxystore-relay) with the RSS of each relay.
+All traffic is on 127.0.0.1. Prints medians of the rounds and the ratios relayd / proxystore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+BIN = Path(PY).parent
+LOAD = str(HERE / "load.py")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Target:
+    def __init__(self, name: str, command: list[str], port: int, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
+        self.name, self.port = name, port
+        self.log = open(log or os.devnull, "wb")
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        wait_port(port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def start_relayd(tmp: Path) -> Target:
+    port = free_port()
+    (tmp / "etc").mkdir(exist_ok=True)
+    (tmp / "etc" / "relayd.toml").write_text(f"""
+[logging]
+level = "warning"
+[listeners.relay]
+bind = "127.0.0.1:{port}"
+backlog = 4096
+[auth.open]
+method = "none"
+[components.relay]
+kind = "relay"
+listener = "relay"
+auth = "open"
+send_buffer_bytes = 4194304
+""")
+    env = {**os.environ, "RELAYD_CONTROL__SOCKET": str(tmp / "control.sock"),
+           "RELAYD_STATE_DIR": str(tmp / "state")}
+    env.pop("NOTIFY_SOCKET", None)
+    return Target("relayd", [str(BIN / "relayd"), "--config", str(tmp / "etc")], port, env, tmp / "relayd.log")
+
+
+def start_proxystore(tmp: Path) -> Target:
+    port = free_port()
+    exe = shutil.which("proxystore-relay", path=str(BIN)) or "proxystore-relay"
+    return Target("proxystore-relay", [exe, "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
+                  port, None, tmp / "proxystore.log")
+
+
+def flood(target: Target, procs: int, pairs: int, seconds: float) -> dict:
+    cpu0, t0 = cpu_seconds(target.proc.pid), time.monotonic()
+    loads = [subprocess.Popen([PY, LOAD, "flood", str(target.port), str(pairs), str(seconds)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    outs = [json.loads(p.communicate(timeout=seconds + 60)[0]) for p in loads]
+    cpu = cpu_seconds(target.proc.pid) - cpu0
+    wall = time.monotonic() - t0
+    delivered = sum(o["delivered"] for o in outs)
+    seconds_run = max(o["seconds"] for o in outs)
+    return {"msgs_per_s": delivered / seconds_run, "delivered": delivered,
+            "cpu_us_per_msg": 1e6 * cpu / max(delivered, 1), "relay_cpu_pct": 100 * cpu / wall}
+
+
+def latency(target: Target, count: int = 2000) -> float:
+    out = subprocess.run([PY, LOAD, "latency", str(target.port), str(count)], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return statistics.median(json.loads(out)["latency_us"])
+
+
+def idle(target: Target, count: int, procs: int = 4) -> dict:
+    base = rss_mib(target.proc.pid)
+    per = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
+    loads = [subprocess.Popen([PY, LOAD, "idle", str(target.port), str(n)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for n in per]
+    try:
+        for p in loads:
+            line = p.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"idle load failed on {target.name}: {line!r}")
+        time.sleep(1)  # let the relay settle (this is a measurement, not synchronisation)
+        return {"clients": count, "rss_mib_before": base, "rss_mib": rss_mib(target.proc.pid),
+                "kib_per_client": 1024 * (rss_mib(target.proc.pid) - base) / count}
+    finally:
+        for p in loads:
+            p.stdin.close()
+            p.wait(60)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--procs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, min(hard, 4 * args.idle + 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by relays and load processes
+
+    tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    targets = [start_relayd(tmp), start_proxystore(tmp)]
+    results: dict[str, list[dict]] = {t.name: [] for t in targets}
+    try:
+        for t in targets:  # warm-up, not recorded
+            flood(t, args.procs, args.pairs, 1)
+        for rnd in range(args.rounds):
+            for t in targets:
+                r = flood(t, args.procs, args.pairs, args.seconds)
+                r["latency_median_us"] = latency(t)
+                results[t.name].append(r)
+                print(f"round {rnd + 1} {t.name:17} {r['msgs_per_s']:9.0f} msg/s  {r['cpu_us_per_msg']:7.1f} us CPU/msg"
+                      f"  relay CPU {r['relay_cpu_pct']:3.0f}%  latency p50 {r['latency_median_us']:6.0f} us",
+                      flush=True)
+        idle_results = {}
+        if args.idle:
+            for t in targets:
+                idle_results[t.name] = idle(t, args.idle)
+                print(f"idle {t.name:17} {args.idle} clients: RSS {idle_results[t.name]['rss_mib']:.0f} MiB "
+                      f"(before {idle_results[t.name]['rss_mib_before']:.0f} MiB)", flush=True)
+    finally:
+        for t in targets:
+            t.stop()
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    summary = {name: {k: med(name, k) for k in ("msgs_per_s", "cpu_us_per_msg", "latency_median_us")}
+               for name in results}
+    a, b = summary["relayd"], summary["proxystore-relay"]
+    ratios = {"throughput": a["msgs_per_s"] / b["msgs_per_s"],
+              "cpu_per_msg": a["cpu_us_per_msg"] / b["cpu_us_per_msg"],
+              "latency": a["latency_median_us"] / b["latency_median_us"]}
+    print(f"\nmedians of {args.rounds} rounds ({args.procs} load processes x {args.pairs} pairs, {args.seconds:g} s):")
+    for name, s in summary.items():
+        print(f"  {name:17} {s['msgs_per_s']:9.0f} msg/s  {s['cpu_us_per_msg']:7.1f} us CPU/msg  "
+              f"latency p50 {s['latency_median_us']:6.0f} us")
+    print(f"  relayd / proxystore-relay: throughput x{ratios['throughput']:.1f}, CPU per message "
+          f"x{ratios['cpu_per_msg']:.3f} (1/{1 / ratios['cpu_per_msg']:.1f}), latency x{ratios['latency']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": results, "summary": summary, "ratios": ratios,
+                                         "idle": idle_results, "args": vars(args) | {"json": str(args.json)}},
+                                        indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

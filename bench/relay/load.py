@@ -1,0 +1,184 @@
+"""Load generator for bench_relay.py: cheap hand-rolled WebSocket clients, so the relay is the bottleneck.
+
+usage:
+  load.py flood PORT PAIRS SECONDS   PAIRS sender->receiver pairs; senders write pre-masked
+                                     peer_connection frames in batches under flow control;
+                                     receivers only count bytes. Prints JSON {"delivered": N, "seconds": S}.
+  load.py latency PORT COUNT         one pair, COUNT sequential messages; prints JSON one-way latencies (us)
+  load.py idle PORT COUNT            COUNT registered clients that stay idle; prints "ready" when all are
+                                     registered, then waits for stdin to close.
+Every client registers like proxystore's RelayClient (relay_registration, waits for relay_response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+
+import uvloop
+
+MASK = b"\x11\x22\x33\x44"
+REPLY_LEN = 2 + len('{"success": true, "message": null, "error": false, "message_type": "relay_response"}')
+HIGH = 256 * 1024
+BATCH = 64
+
+
+def client_frame(text: str) -> bytes:
+    data = text.encode()
+    n = len(data)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    masked = bytes(b ^ MASK[i % 4] for i, b in enumerate(data))
+    return head + MASK + masked
+
+
+def server_frame_len(text: str) -> int:
+    n = len(text.encode())
+    return n + (2 if n < 126 else 4)
+
+
+def peer_message(src: str, dst: str, description: str) -> str:
+    # exactly what relayd and proxystore-relay forward (canonical encoding), so sizes match
+    return json.dumps({"source_uuid": src, "source_name": "bench", "peer_uuid": dst, "description_type": "offer",
+                       "description": description, "error": None, "message_type": "peer_connection"})
+
+
+class Client(asyncio.Protocol):
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.uuid = str(uuid.uuid4())
+        loop = asyncio.get_running_loop()
+        self.handshaken = loop.create_future()
+        self.registered = loop.create_future()
+        self.buf = b""
+        self.count = 0
+        self.waiter: asyncio.Future | None = None
+        self.expect = 0
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    def connection_made(self, transport) -> None:
+        self.t = transport
+        transport.set_write_buffer_limits(high=HIGH)
+        transport.write((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
+                         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+
+    def data_received(self, data: bytes) -> None:
+        if not self.registered.done():
+            self.buf += data
+            if not self.handshaken.done():
+                i = self.buf.find(b"\r\n\r\n")
+                if i < 0:
+                    return
+                assert self.buf.startswith(b"HTTP/1.1 101"), self.buf[:100]
+                self.buf = self.buf[i + 4:]
+                self.handshaken.set_result(None)
+            if len(self.buf) >= REPLY_LEN:
+                assert b'"success": true' in self.buf[:REPLY_LEN], self.buf
+                self.count += len(self.buf) - REPLY_LEN
+                self.buf = b""
+                self.registered.set_result(None)
+            return
+        self.count += len(data)
+        if self.waiter is not None and self.count >= self.expect and not self.waiter.done():
+            self.waiter.set_result(time.perf_counter())
+
+    def connection_lost(self, exc) -> None:
+        for fut in (self.handshaken, self.registered):
+            if not fut.done():
+                fut.set_exception(ConnectionError("closed"))
+        self.drained.set()
+
+    def pause_writing(self) -> None:
+        self.drained.clear()
+
+    def resume_writing(self) -> None:
+        self.drained.set()
+
+    async def register(self) -> None:
+        await self.handshaken
+        self.t.write(client_frame(json.dumps({"name": "bench", "uuid": self.uuid,
+                                              "message_type": "relay_registration"})))
+        await self.registered
+
+
+async def connect(port: int) -> Client:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(lambda: Client(port), "127.0.0.1", port)
+    await client.register()
+    return client
+
+
+async def flood(port: int, pairs: int, seconds: float) -> None:
+    clients = [await connect(port) for _ in range(2 * pairs)]
+    senders, receivers = clients[::2], clients[1::2]
+    text = peer_message(senders[0].uuid, receivers[0].uuid, "x" * 60)
+    size = server_frame_len(text)
+    batches = [client_frame(peer_message(s.uuid, r.uuid, "x" * 60)) * BATCH for s, r in zip(senders, receivers)]
+    start_counts = [r.count for r in receivers]
+    end = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+
+    async def pump(sender: Client, batch: bytes) -> None:
+        while time.perf_counter() < end and not sender.t.is_closing():
+            sender.t.write(batch)
+            if not sender.drained.is_set():
+                try:
+                    await asyncio.wait_for(sender.drained.wait(), max(0.0, end - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    break
+            else:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(pump(s, b) for s, b in zip(senders, batches)))
+    elapsed = time.perf_counter() - t0
+    delivered = sum((r.count - c0) // size for r, c0 in zip(receivers, start_counts))
+    for c in clients:
+        c.t.abort()
+    print(json.dumps({"delivered": delivered, "seconds": elapsed}), flush=True)
+
+
+async def latency(port: int, count: int) -> None:
+    a, b = await connect(port), await connect(port)
+    text = peer_message(a.uuid, b.uuid, "x" * 60)
+    frame, size = client_frame(text), server_frame_len(text)
+    loop = asyncio.get_running_loop()
+    samples = []
+    for _ in range(count):
+        b.waiter = loop.create_future()
+        b.expect = b.count + size
+        t0 = time.perf_counter()
+        a.t.write(frame)
+        t1 = await b.waiter
+        samples.append((t1 - t0) * 1e6)
+    a.t.abort()
+    b.t.abort()
+    print(json.dumps({"latency_us": samples}), flush=True)
+
+
+async def idle(port: int, count: int) -> None:
+    clients: list[Client] = []
+    wave = 500  # stay under the listen backlog
+    for start in range(0, count, wave):
+        clients += await asyncio.gather(*(connect(port) for _ in range(min(wave, count - start))))
+    print("ready", len(clients), flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    for c in clients:
+        c.t.abort()
+
+
+if __name__ == "__main__":
+    mode, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if mode == "flood":
+        coro = flood(port, n, float(sys.argv[4]))
+    elif mode == "latency":
+        coro = latency(port, n)
+    else:
+        coro = idle(port, n)
+    uvloop.run(coro)
+    os._exit(0)
