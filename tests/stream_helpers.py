@@ -1,0 +1,122 @@
+"""Helpers shared by the stream tests: configs, a grpcio stub, waiting on the data plane."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from pathlib import Path
+
+import grpc
+
+from relayd.components.stream.proto import scistream_pb2 as pb
+from relayd.components.stream.proto import scistream_pb2_grpc as pb_grpc
+from relayd.testing import free_port, start_relayd, write_config
+
+SCOPE_SUFFIX = "scistream"
+
+
+def port_range(size: int = 8) -> tuple[int, int]:
+    """A range below the ephemeral ports (32768+), so no client socket lands in it."""
+    while True:
+        first = random.randrange(20000, 32000 - size)
+        if all(_bindable(p) for p in range(first, first + size)):
+            return first, first + size - 1
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_bindable(ports: list[int], timeout: float = 10.0) -> None:
+    """Poll (with a deadline) until every port can be bound again: the pool let go of it."""
+    deadline = time.monotonic() + timeout
+    while not all(_bindable(p) for p in ports):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"ports {ports} still in use after {timeout}s")
+        time.sleep(0.02)
+
+
+def auth_none() -> str:
+    return '[auth.open]\nmethod = "none"\n'
+
+
+def auth_globus(fake, scope: str) -> str:
+    return (
+        "[auth.globus]\n"
+        'method = "globus"\n'
+        f'client_id = "{fake.client_id}"\n'
+        f'client_secret = "{fake.client_secret}"\n'
+        f'required_scopes = ["{scope}"]\n'
+        f'auth_base_url = "{fake.base_url.rstrip("/")}"\n'
+        "negative_cache_ttl = 0\n"
+    )
+
+
+def stream_config(ctl_port: int, ports: tuple[int, int], *, auth: str, auth_name: str = "open",
+                  extra: str = "", listener_tls: str = "") -> str:
+    return f"""
+[listeners.ctl]
+bind = "127.0.0.1:{ctl_port}"
+{listener_tls}
+{auth}
+[components.s2cs]
+kind = "stream"
+listener = "ctl"
+auth = "{auth_name}"
+data_bind = "127.0.0.1"
+ports = "{ports[0]}-{ports[1]}"
+{extra}
+"""
+
+
+def start(tmp_path: Path, name: str, config: str):
+    base = tmp_path / name
+    base.mkdir(parents=True, exist_ok=True)
+    return start_relayd(base, write_config(base / "etc", config))
+
+
+def stub(ctl_port: int, root_cert: bytes | None = None) -> tuple[grpc.Channel, pb_grpc.ControlStub]:
+    target = f"127.0.0.1:{ctl_port}"
+    if root_cert is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_cert))
+    return channel, pb_grpc.ControlStub(channel)
+
+
+def md(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", token)] if token is not None else []
+
+
+def hello_when_registered(control: pb_grpc.ControlStub, uid: str, prod_listeners: list[str],
+                          token: str | None = None, role: str = "PROD", timeout: float = 10.0):
+    """Send the hello once the req is registered (NOT_FOUND until then), like appctrl's retries."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return control.hello(pb.Hello(uid=uid, prod_listeners=prod_listeners, role=role),
+                                 metadata=md(token), timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
+
+
+def open_session(control, uid: str, role: str, num_conn: int, targets: list[str], token=None, rate: int = 0):
+    """req + hello + update over the grpcio stub; returns (req response, update response)."""
+    future = control.req.future(pb.Request(uid=uid, role=role, num_conn=num_conn, rate=rate),
+                                metadata=md(token), timeout=30)
+    hello_when_registered(control, uid, targets, token, role)
+    response = future.result()
+    updated = control.update(pb.UpdateTargets(uid=uid, remote_listeners=targets, role=role),
+                             metadata=md(token), timeout=10)
+    return response, updated
+
+
+__all__ = ["free_port", "pb"]
