@@ -127,3 +127,12 @@ def test_durations_accept_what_the_loader_accepts(validators) -> None:
     assert messages(validators["fragment"], {"drain_timeout": 2.5}) == []
     assert messages(validators["fragment"], {"drain_timeout": "soon"}) != []
     assert messages(validators["fragment"], {"drain_timeout": -1}) != []
+
+
+def test_example_config_passes_check(capsys, tmp_path: Path) -> None:
+    from relayd.cli.daemon import main
+
+    assert main(["--check", "--config", str(EXAMPLES)]) == 0, capsys.readouterr().err
+    # The YAML example describes the same configuration, once renamed to relayd.yaml.
+    (tmp_path / "relayd.yaml").write_text((EXAMPLES / "relayd.yaml.example").read_text())
+    assert main(["--check", "--config", str(tmp_path)]) == 0, capsys.readouterr().err
