@@ -34,7 +34,10 @@ RATE_LIMITED = 4006
 TOO_MANY_CLIENTS = 4007
 REGISTER_TIMEOUT = 4008
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002  # sent by the WebSocket layer: a frame breaking RFC 6455
+INVALID_DATA = 1007  # sent by the WebSocket layer: a text frame that is not UTF-8
 MESSAGE_TOO_BIG = 1009  # sent by the WebSocket layer for messages over HARD_MAX_BYTES
+INTERNAL_ERROR = 1011  # a bug in relayd (logged with a traceback); the client may retry
 TRY_AGAIN_LATER = 1013  # the auth authority could not be asked
 
 HARD_MAX_BYTES = 2**20  # proxystore-relay's websockets default, kept for compatibility
@@ -51,11 +54,13 @@ REASON_RATE_LIMITED = "Message rate limit exceeded."
 REASON_TOO_MANY_CLIENTS = "Relay is at its client limit; try again later."
 REASON_REGISTER_TIMEOUT = "No registration received in time."
 REASON_GOING_AWAY = "Relay server shutting down."
+REASON_INTERNAL_ERROR = "Internal relay error."
 
 # Every code a relayd relay can close a connection with (the fuzz tests check this).
 DOCUMENTED_CODES = frozenset({
     BAD_MESSAGE, UNAUTHORIZED, FORBIDDEN, TOO_LONG, DUPLICATE, SLOW_RECEIVER, RATE_LIMITED,
-    TOO_MANY_CLIENTS, REGISTER_TIMEOUT, GOING_AWAY, MESSAGE_TOO_BIG, TRY_AGAIN_LATER,
+    TOO_MANY_CLIENTS, REGISTER_TIMEOUT, GOING_AWAY, PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG,
+    INTERNAL_ERROR, TRY_AGAIN_LATER,
 })
 
 MAX_REASON_BYTES = 123  # RFC 6455: a control frame payload is at most 125 bytes, 2 are the code
@@ -188,7 +193,7 @@ class RelayCore:
         """Admit a new connection, or say how to close it."""
         if self.max_clients is not None and len(self.connections) >= self.max_clients:
             client.closed = True
-            self._count_close(TOO_MANY_CLIENTS)
+            self.count_close(TOO_MANY_CLIENTS)
             return Close(client, TOO_MANY_CLIENTS, REASON_TOO_MANY_CLIENTS)
         client.tokens, client.refilled_at = self.burst, now
         self.connections.add(client)
@@ -197,7 +202,7 @@ class RelayCore:
     def close(self, client: Client, code: int, reason: str) -> Close:
         """Unregister now and return the Close for the shell to carry out."""
         self.disconnect(client)
-        self._count_close(code)
+        self.count_close(code)
         return Close(client, code, truncate_reason(reason))
 
     def disconnect(self, client: Client) -> None:
@@ -207,7 +212,7 @@ class RelayCore:
         if client.uuid is not None and self.by_uuid.get(client.uuid) is client:
             del self.by_uuid[client.uuid]
 
-    def _count_close(self, code: int) -> None:
+    def count_close(self, code: int) -> None:
         self.closes[code] = self.closes.get(code, 0) + 1
 
     # -- messages --------------------------------------------------------------------------------
@@ -269,7 +274,8 @@ class RelayCore:
             target = self.by_uuid.get(peer)
         description_type, description = obj["description_type"], obj["description"]
         error = obj.get("error")
-        if (description_type not in _DESCRIPTION_TYPES or type(description) is not str
+        if (type(description_type) is not str or description_type not in _DESCRIPTION_TYPES
+                or type(description) is not str
                 or (error is not None and type(error) is not str)):
             raise BadMessage("bad field type")
         if client.uuid is None:

@@ -125,7 +125,7 @@ class RelayServer:
                     actions = core.receive_binary(client)
                 else:  # CLOSE, CLOSING, CLOSED, ERROR (e.g. 1009 from the WebSocket layer)
                     if kind is WSMsgType.ERROR:
-                        core._count_close(ws.close_code or p.MESSAGE_TOO_BIG)
+                        core.count_close(ws.close_code or p.MESSAGE_TOO_BIG)
                     break
                 for action in actions:
                     if type(action) is p.Send:
@@ -134,6 +134,10 @@ class RelayServer:
                         self.close_peer(action)
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception:  # a bug: say so with 1011 rather than leave the client hanging
+            self.log.exception("relay connection from %s failed", client.address)
+            if not client.closed:
+                self.close_peer(core.close(client, p.INTERNAL_ERROR, p.REASON_INTERNAL_ERROR))
         finally:
             core.disconnect(client)
             if client.uuid is not None:
