@@ -1,0 +1,302 @@
+"""``kind = "http_proxy"``: an authenticating reverse proxy with per-user usage counters.
+
+Services (``[components.NAME.services.SERVICE]``) map a public path prefix on one or more
+listeners to an upstream URL. The management API (compatible with ya-runtime-http-auth's)
+is served on the control socket under ``/v1/components/NAME/`` and, optionally, on a loopback
+TCP listener with a bearer token. See relayd.toml(5), section HTTP PROXY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily
+
+from relayd.component import Component
+from relayd.httpserve import HttpService
+from relayd.listeners import ListenerError, make_server_ssl_context
+
+from .config import HttpProxyConfig, ServiceConfig, conflicts
+from .counters import Counters
+from .manage import ManagementAPI
+from .proxy import ClientConnection
+from .routes import Core, Route, Router
+from .store import COLUMNS, Store
+
+__all__ = ["HttpProxy", "HttpProxyConfig"]
+
+
+@dataclass
+class Service:
+    name: str
+    config: ServiceConfig
+    origin: str  # "config" or "runtime"
+    created_at: float
+    definition: dict[str, Any] = field(default_factory=dict)  # as created through the API
+
+
+def _discovery(methods: list[Any]) -> dict[str, Any]:
+    try:
+        from relayd.auth import discovery
+    except ImportError:  # pragma: no cover - older core
+        return {"service": "relayd", "auth": [m.describe() for m in methods]}
+    return discovery.document(methods)
+
+
+class HttpProxy(Component):
+    Config = HttpProxyConfig
+    config: HttpProxyConfig
+
+    async def start(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.db_path = cfg.state_db or Path(self.context.state_dir) / f"http_proxy-{self.name}.sqlite3"
+        self.counters = Counters(Store(self.db_path), cfg.max_endpoints_per_user)
+        await self.counters.start(cfg.flush_interval)
+        self.core = Core(loop, self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl, cfg.upstream_idle)
+        self.servers: list[tuple[str, asyncio.AbstractServer]] = []
+        self.routers: dict[str, Router] = {}
+        self.services: dict[str, Service] = {}
+        self.mgmt_http: HttpService | None = None
+        self._ssl_generation: int | None = None
+        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
+        self._context_listener: dict[int, str] = {}  # id(first context of a server) -> listener
+        try:
+            await self._load_services()
+            for listener in self._listener_names():
+                await self._serve(listener)
+            if cfg.management:
+                self.mgmt_http = HttpService(self._handle_management)
+                await self.mgmt_http.serve(self.context.listener(cfg.management.listener))
+        except BaseException:
+            await self._close_everything()
+            raise
+        self.api = ManagementAPI(self)
+        self.state = "serving"
+
+    # -- services --------------------------------------------------------------------------
+
+    async def _load_services(self) -> None:
+        store = self.counters.store
+        self.allowed_listeners = set(self.config.extra_listeners)
+        for scfg in self.config.services.values():
+            self.allowed_listeners.update(scfg.listeners)
+        for name, scfg in self.config.services.items():
+            created = await self.counters.call(store.created_at, name)
+            self.services[name] = Service(name, scfg, "config", created)
+        members = await self.counters.call(store.members)
+        self.core.members = set(members)
+        self.member_times = members
+        for name, definition, created in await self.counters.call(store.services):
+            try:
+                scfg = ServiceConfig.model_validate(definition)
+                self.check_service(name, scfg)
+            except Exception as exc:  # e.g. the configuration now has a conflicting service
+                self.log.warning("runtime service %r not loaded: %s", name, exc)
+                continue
+            self.services[name] = Service(name, scfg, "runtime", created, definition)
+        self.rebuild_routes()
+
+    def _listener_names(self) -> list[str]:
+        names: list[str] = list(self.config.extra_listeners)
+        for service in self.services.values():
+            for listener in service.config.listeners:
+                if listener not in names:
+                    names.append(listener)
+        return names
+
+    def check_service(self, name: str, scfg: ServiceConfig) -> None:
+        """Raise ValueError if a new service cannot be added next to the existing ones."""
+        for listener in scfg.listeners:
+            if listener not in self.context.listeners:
+                raise ValueError(f"no listener named {listener!r}")
+            if listener not in self.allowed_listeners:
+                raise ValueError(f"listener {listener!r} is not served by component {self.name!r} "
+                                 "(add it to its extra_listeners)")
+        auth = scfg.auth or self.config.auth
+        if auth not in self.context.auth:
+            raise ValueError(f"no auth method named {auth!r}")
+        for other in self.services.values():
+            if other.name != name and conflicts(scfg, other.config):
+                raise ValueError(f"Service '{other.name}' is already bound to '{other.config.from_}'")
+
+    def rebuild_routes(self) -> None:
+        routers: dict[str, list[Route]] = {}
+        for service in self.services.values():
+            scfg = service.config
+            auth = self.context.auth_method(scfg.auth or self.config.auth)  # type: ignore[arg-type]
+            https_port = None
+            for lname in scfg.listeners:
+                listener = self.context.listeners[lname]
+                if listener.ssl_context is not None and https_port is None:
+                    https_port = _port(listener.addresses)
+            names = (self.config.identity_headers.user, self.config.identity_headers.email)
+            route = Route(service.name, scfg, auth, self.core, names, https_port)
+            for lname in scfg.listeners:
+                routers.setdefault(lname, []).append(route)
+        for lname, routes in routers.items():
+            router = self.routers.get(lname)
+            if router is None:
+                router = self.routers[lname] = Router(self.core, lname, _discovery)
+            old = {r.name: r for r in router.routes}
+            for route in routes:  # keep pooled upstream connections of unchanged routes
+                previous = old.get(route.name)
+                if previous is not None and previous.config == route.config:
+                    route.idle = previous.idle
+            router.routes = routes
+        for lname, router in self.routers.items():
+            if lname not in routers:
+                router.routes = []
+
+    async def _serve(self, lname: str) -> None:
+        if any(name == lname for name, _ in self.servers):
+            return
+        listener = self.context.listener(lname)
+        router = self.routers.get(lname)
+        if router is None:
+            router = self.routers[lname] = Router(self.core, lname, _discovery)
+        tls = listener.ssl_context is not None
+        context = self._server_ssl(lname) if tls else None
+        loop = asyncio.get_running_loop()
+        for sock in listener.serving_sockets():
+            server = await loop.create_server(lambda: ClientConnection(router, tls), sock=sock, ssl=context)
+            self.servers.append((lname, server))
+
+    # -- TLS: certificates are re-read on every reload ---------------------------------------
+
+    def _server_ssl(self, lname: str) -> ssl.SSLContext:
+        listener = self.context.listener(lname)
+        assert listener.config.tls is not None
+        context = make_server_ssl_context(listener.config.tls)
+        context.set_alpn_protocols(["http/1.1"])
+        context.sni_callback = self._sni  # type: ignore[assignment]
+        self._ssl_contexts[lname] = context
+        self._ssl_generation = self._generation()
+        self._context_listener[id(context)] = lname
+        return context
+
+    def _generation(self) -> int | None:
+        daemon = self.context.daemon
+        return daemon.generation.number if daemon is not None and daemon.generation else None
+
+    def _sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
+        # The daemon reuses this component when its configuration is unchanged; a reload must
+        # still pick up renewed certificate files, so the first handshake after one re-reads them.
+        generation = self._generation()
+        if generation != self._ssl_generation:
+            self._ssl_generation = generation
+            for lname in list(self._ssl_contexts):
+                tls = self.context.listener(lname).config.tls
+                try:
+                    fresh = make_server_ssl_context(tls)  # type: ignore[arg-type]
+                    fresh.set_alpn_protocols(["http/1.1"])
+                    self._ssl_contexts[lname] = fresh
+                except ListenerError as exc:
+                    self.log.error("keeping the old certificate of listener %s: %s", lname, exc)
+        current = self._ssl_contexts.get(self._context_listener.get(id(context), ""))
+        if current is not None and current is not context:
+            sslobj.context = current
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def stop(self, drain_timeout: float) -> None:
+        core = self.core
+        core.stopping = True
+        for _, server in self.servers:
+            server.close()
+        for conn in list(core.connections):
+            if conn.ex is None and conn.transport:
+                conn.transport.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while any(c.ex is not None for c in core.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # draining: poll in-flight exchanges until the deadline
+        for conn in list(core.connections):
+            if conn.ex is not None:
+                conn._abort(conn.ex)  # records its counters
+            elif conn.transport:
+                conn.transport.abort()
+        await self._close_everything()
+        self.state = "stopped"
+
+    async def _close_everything(self) -> None:
+        for _, server in self.servers:
+            server.close()
+        self.servers.clear()
+        for router in self.routers.values():
+            for route in router.routes:
+                route.close_idle()
+        for task in list(self.core.tasks if hasattr(self, "core") else ()):
+            task.cancel()
+        if self.mgmt_http:
+            await self.mgmt_http.stop(0)
+        await self.counters.close()
+
+    # -- status, metrics, control --------------------------------------------------------------
+
+    def listener_names(self) -> set[str]:
+        names = set(self._listener_names()) if hasattr(self, "services") else set()
+        if self.config.management:
+            names.add(self.config.management.listener)
+        return names
+
+    def status(self) -> dict[str, Any]:
+        if not hasattr(self, "core"):
+            return {}
+        totals = self.counters.totals()
+        return {
+            "services": len(self.services),
+            "connections": len(self.core.connections),
+            "requests": sum(row[0] for row in totals.values()),
+        }
+
+    def metrics(self):  # type: ignore[no-untyped-def]
+        if not hasattr(self, "counters"):
+            return
+        totals = self.counters.totals()
+        labels = ["component", "service"]
+        requests = CounterMetricFamily("relayd_http_proxy_requests", "Authorized requests", labels=labels)
+        bytes_in = CounterMetricFamily("relayd_http_proxy_request_bytes", "Request body bytes", labels=labels)
+        bytes_out = CounterMetricFamily("relayd_http_proxy_response_bytes", "Response body bytes",
+                                        labels=labels)
+        responses = CounterMetricFamily("relayd_http_proxy_responses", "Responses by status class",
+                                        labels=labels + ["class"])
+        rejected = CounterMetricFamily("relayd_http_proxy_rejected", "Requests refused by auth (401/403)",
+                                       labels=labels)
+        for service, row in sorted(totals.items()):
+            requests.add_metric([self.name, service], row[0])
+            bytes_in.add_metric([self.name, service], row[1])
+            bytes_out.add_metric([self.name, service], row[2])
+            for i, column in enumerate(COLUMNS[3:], start=3):
+                responses.add_metric([self.name, service, column.removeprefix("s")], row[i])
+        for service, count in sorted(self.counters.rejected_counts.items()):
+            rejected.add_metric([self.name, service], count)
+        yield from (requests, bytes_in, bytes_out, responses, rejected)
+
+    async def control(self, request: web.Request, path: str) -> web.StreamResponse | None:
+        return await self.api.handle(request, path)
+
+    async def _handle_management(self, request: web.BaseRequest) -> web.StreamResponse:
+        token = self.config.management.token.get_secret_value().encode()  # type: ignore[union-attr]
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+            return web.json_response({"message": "a valid 'Authorization: Bearer <token>' is required"},
+                                     status=401, headers={"WWW-Authenticate": 'Bearer realm="relayd"'})
+        return await self.api.handle(request, request.path.lstrip("/"))  # type: ignore[arg-type]
+
+
+def _port(addresses: list[str]) -> int | None:
+    for address in addresses:
+        if not address.startswith("unix:"):
+            try:
+                return int(address.rsplit(":", 1)[1])
+            except ValueError:
+                continue
+    return None
