@@ -19,7 +19,7 @@ from typing import Any
 from relayd.cli.control_client import ControlClient, Unreachable
 
 DEFAULT_SOCKET = "/run/relayd-control.sock"  # = ControlConfig.socket and systemd/relayd-control.socket
-COMMAND_MODULES: list[str] = ["relayd.cli.stream_commands"]
+COMMAND_MODULES: list[str] = ["relayd.cli.stream_commands", "relayd.cli.http_commands"]
 
 
 def die(message: str, code: int = 1) -> int:
