@@ -25,7 +25,9 @@ def port_range(size: int = 8) -> tuple[int, int]:
 
 
 def _bindable(port: int) -> bool:
+    """Free for a new listener (SO_REUSEADDR: old connections of the port may linger in TIME_WAIT)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -1,0 +1,220 @@
+"""Two facilities on 127.0.0.1: a producer relayd and a consumer relayd, driven by `relayctl stream`.
+
+producer app (listens) <- producer relayd (PROD, inbound) <- consumer relayd (CONS, outbound) <- consumer app
+Each consumer connection sends its index; the producer answers with a deterministic stream for
+that index and closes; both sides hash what they sent/received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trustme
+
+from relayd.testing import BIN
+from stream_helpers import auth_none, free_port, port_range, start, stream_config, wait_bindable
+
+GiB = 1 << 30
+BLOCK = os.urandom(1 << 20)
+
+
+@dataclass
+class ProducerApp:
+    """Listens on `count` ports; connection with index i gets `sizes[i]` bytes, then EOF."""
+
+    count: int
+    size: int
+    tag: bytes = b"A"
+    socks: list[socket.socket] = field(default_factory=list)
+    sent: dict[int, str] = field(default_factory=dict)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for _ in range(self.count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(16)
+            self.socks.append(s)
+            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    @property
+    def endpoints(self) -> list[int]:
+        return [s.getsockname()[1] for s in self.socks]
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                header = _recv_exact(conn, 4)
+                (index,) = struct.unpack("!I", header)
+                digest = hashlib.sha256()
+                body = memoryview(BLOCK)
+                left, j = self.size, 0
+                while left:
+                    head = self.tag + struct.pack("!IQ", index, j)[: min(13, left) - 1] if left >= 13 else (self.tag + b"\0" * 12)[:left]
+                    n = min(left, len(BLOCK))
+                    chunk_head, chunk_rest = head[:n], body[len(head):n]
+                    conn.sendall(chunk_head)
+                    conn.sendall(chunk_rest)
+                    digest.update(chunk_head)
+                    digest.update(chunk_rest)
+                    left -= n
+                    j += 1
+                conn.shutdown(socket.SHUT_WR)
+                self.sent[index] = digest.hexdigest()
+        except BaseException as exc:  # surfaced by the test
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise ConnectionError("closed early")
+        data += more
+    return data
+
+
+def consume(listeners: list[str], results: dict[int, tuple[int, str]], errors: list) -> list[threading.Thread]:
+    """One connection per listener, in threads; results[i] = (bytes, sha256)."""
+
+    def run(i: int, address: str) -> None:
+        try:
+            host, port = address.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=120) as s:
+                s.sendall(struct.pack("!I", i))
+                buf = bytearray(1 << 20)
+                view = memoryview(buf)
+                digest, total = hashlib.sha256(), 0
+                while n := s.recv_into(buf):
+                    digest.update(view[:n])
+                    total += n
+                results[i] = (total, digest.hexdigest())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, a), daemon=True) for i, a in enumerate(listeners)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def relayctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = dict(os.environ)
+    full.update(env or {})
+    return subprocess.run([str(BIN / "relayctl"), "stream", *args], capture_output=True, text=True,
+                          timeout=120, env=full)
+
+
+def ok_json(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@dataclass
+class Facilities:
+    prod: object
+    cons: object
+    prod_ctl: int
+    cons_ctl: int
+    client_args: list[str]
+
+
+def facilities(tmp_path: Path, security: str) -> Facilities:
+    """Producer and consumer relayd; in tls mode, each facility has its own CA (mutual TLS)."""
+    extra = {"prod": "", "cons": ""}
+    listener_tls = ""
+    client_args = ["--insecure"]
+    if security == "tls":
+        cas = {"prod": trustme.CA(), "cons": trustme.CA()}
+        for side, other in (("prod", "cons"), ("cons", "prod")):
+            pem = tmp_path / f"{side}.pem"
+            cas[side].issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+            cas[other].cert_pem.write_to_path(str(tmp_path / f"{side}-peer-ca.pem"))
+            extra[side] = (f'security = "tls"\n[components.s2cs.tls]\ncert = "{pem}"\nkey = "{pem}"\n'
+                           f'ca = "{tmp_path / f"{side}-peer-ca.pem"}"\n')
+        # the control channel is TLS too, with the producer's certificate for both (client pins it)
+        listener_tls = f'tls = {{ cert = "{tmp_path / "prod.pem"}", key = "{tmp_path / "prod.pem"}" }}'
+        cas["prod"].cert_pem.write_to_path(str(tmp_path / "control-ca.pem"))
+        client_args = ["--server_cert", str(tmp_path / "control-ca.pem")]
+    ports = {"prod": port_range(8), "cons": port_range(8)}
+    ctl = {"prod": free_port(), "cons": free_port()}
+    daemons = {side: start(tmp_path, side, stream_config(ctl[side], ports[side], auth=auth_none(),
+                                                          extra=extra[side], listener_tls=listener_tls))
+               for side in ("prod", "cons")}
+    return Facilities(daemons["prod"], daemons["cons"], ctl["prod"], ctl["cons"], client_args + ["--no-auth"])
+
+
+def transfer(f: Facilities, num_conn: int, total: int, app_ports: int, tag: bytes = b"A") -> None:
+    """inbound-request, outbound-request, move `total` bytes byte-exact, release, ports freed."""
+    app = ProducerApp(app_ports, total // num_conn, tag)
+    try:
+        inbound = ok_json(relayctl(
+            "inbound-request", "--s2cs", f"127.0.0.1:{f.prod_ctl}", "--num_conn", str(num_conn),
+            "--remote_ip", "127.0.0.1", "--receiver_ports", ",".join(map(str, app.endpoints)),
+            "--json", *f.client_args))
+        uid = inbound["uid"]
+        assert inbound["role"] == "PROD" and len(inbound["listeners"]) == num_conn
+        # round robin of the application's ports over the num_conn proxy ports
+        assert inbound["targets"] == [f"127.0.0.1:{app.endpoints[i % app_ports]}" for i in range(num_conn)]
+        outbound = ok_json(relayctl(
+            "outbound-request", "--s2cs", f"127.0.0.1:{f.cons_ctl}", "--num_conn", str(num_conn),
+            "--json", *f.client_args, uid, ",".join(inbound["listeners"])))
+        assert outbound["uid"] == uid and outbound["targets"] == inbound["listeners"]
+
+        results: dict[int, tuple[int, str]] = {}
+        errors: list = []
+        for t in consume(outbound["listeners"], results, errors):
+            t.join(300)
+        assert not errors and not app.errors, (errors, app.errors)
+        assert sorted(results) == list(range(num_conn))
+        for i, (size, digest) in results.items():
+            assert size == total // num_conn
+            assert digest == app.sent[i], f"connection {i}: bytes differ"
+
+        for daemon, ctl in ((f.prod, f.prod_ctl), (f.cons, f.cons_ctl)):
+            rows = json.loads(daemon.ctl("sessions", "s2cs", "--json").stdout)["sessions"]
+            (row,) = [r for r in rows if r["uid"] == uid]
+            assert row["bytes_from_target"] == total and row["bytes_to_target"] == 4 * num_conn
+        ports = {side: [int(l.rsplit(":", 1)[1]) for l in d["listeners"]]
+                 for side, d in (("prod", inbound), ("cons", outbound))}
+        for ctl in (f.prod_ctl, f.cons_ctl):
+            out = relayctl("release", "--s2cs", f"127.0.0.1:{ctl}", *f.client_args, uid)
+            assert out.returncode == 0 and out.stdout.strip() == f"released {uid}", out.stderr
+        wait_bindable(ports["prod"] + ports["cons"])
+        assert "no sessions" in f.prod.ctl("sessions", "s2cs").stdout
+    finally:
+        app.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("security", ["plain", "tls"])
+@pytest.mark.parametrize("num_conn", [1, 4])
+def test_one_gib_byte_exact(tmp_path, security, num_conn):
+    f = facilities(tmp_path, security)
+    try:
+        transfer(f, num_conn, GiB, app_ports=min(num_conn, 2))
+    finally:
+        f.prod.kill()
+        f.cons.kill()
