@@ -274,11 +274,17 @@ def start_relayd(
     if systemd_activate:
         trigger_lazy_activation(systemd_activate[0][0], time.monotonic() + ready_timeout)
     if wait_ready:
-        try:
-            manager.wait_for("READY", "1", timeout=ready_timeout)
-        except TimeoutError:
-            daemon.kill()
-            raise AssertionError(f"relayd did not become ready; log:\n{daemon.log}") from None
+        deadline = time.monotonic() + ready_timeout
+        # Short waits so that a relayd that exited (bad config) fails the test at once.
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                manager.wait_for("READY", "1", timeout=0.25)
+                return daemon
+            except TimeoutError:
+                pass
+        daemon.kill()
+        raise AssertionError(f"relayd did not become ready (exit status {process.returncode}); "
+                             f"log:\n{daemon.log}")
     return daemon
 
 

@@ -19,7 +19,8 @@ from typing import Any
 from relayd.cli.control_client import ControlClient, Unreachable
 
 DEFAULT_SOCKET = "/run/relayd-control.sock"  # = ControlConfig.socket and systemd/relayd-control.socket
-COMMAND_MODULES: list[str] = ["relayd.cli.stream_commands", "relayd.cli.http_commands"]
+COMMAND_MODULES: list[str] = ["relayd.cli.auth_commands", "relayd.cli.stream_commands",
+                                 "relayd.cli.http_commands", "relayd.cli.relay_commands"]
 
 
 def die(message: str, code: int = 1) -> int:
@@ -128,22 +129,56 @@ def cmd_config(args: argparse.Namespace, client: ControlClient) -> int:
 
 
 def _to_toml(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
-    """Render the effective config as TOML; nulls are omitted (TOML has none)."""
+    """Render the effective config as TOML that tomllib reads back; nulls are omitted (TOML has none)."""
     out: list[str] = []
     scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    if scalars and prefix:
+    tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
+    # An empty table still gets its header: [scope_maps.x] with no servers must not vanish.
+    if prefix and (scalars or not tables):
         out.append(f"[{'.'.join(_key(p) for p in prefix)}]")
-    out += [f"{_key(k)} = {json.dumps(v)}" for k, v in scalars]
-    if scalars:
+    out += [f"{_key(k)} = {_toml_value(v)}" for k, v in scalars]
+    if out:
         out.append("")
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.append(_to_toml(value, prefix + (key,)))
-    return "\n".join(line for line in out if line is not None)
+    for key, value in tables:
+        out.append(_to_toml(value, prefix + (key,)))
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + items + "}"
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string (json.dumps would write surrogate pairs, which TOML forbids)."""
+    escaped = []
+    for char in text:
+        if char in "\\\"":
+            escaped.append("\\" + char)
+        elif char < " " or char == "\x7f":
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
 
 
 def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare else _toml_string(key)
 
 
 def cmd_plugins(args: argparse.Namespace, client: ControlClient | None) -> int:

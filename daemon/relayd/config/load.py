@@ -83,9 +83,11 @@ def load_config(
     environ = dict(os.environ if environ is None else environ)
     layers: Layers = read_layers(Path(config_path))
     env_data, env_origins = env_layer(environ)
-    layers.merge(env_data, lambda p: env_origins.get(p) or _nearest(env_origins, p))
+    layers.merge(env_data, lambda p: _nearest(env_origins, p))
     for assignment in overrides:
-        layers.merge(parse_set(assignment), lambda p, a=assignment: f"--set {a}")
+        # The origin names the key only: the value may be a secret, and origins are printed.
+        key = assignment.partition("=")[0].strip()
+        layers.merge(parse_set(assignment), lambda p, k=key: f"--set {k}")
 
     model = build_settings_model(registry)
     try:
@@ -99,6 +101,10 @@ def load_config(
 
 
 def _nearest(origins: dict[Path_, str], path: Path_) -> str:
+    """The variable that set `path`: itself, an ancestor (a JSON table), or else a descendant."""
+    for depth in range(len(path), 0, -1):
+        if path[:depth] in origins:
+            return origins[path[:depth]]
     for key, origin in origins.items():
         if key[: len(path)] == path:
             return origin
@@ -146,8 +152,14 @@ def _explain(exc: ValidationError, layers: Layers, registry: Registry, model: ty
             key = f"{key}.{tag}"
             if kind == "union_tag_invalid":
                 loc = loc + (tag,)  # point at the `kind = ...` line, not the table header
+        elif loc and loc[-1] == "[key]":  # a table name like [components.Health]
+            loc = loc[:-1]
+            key = ".".join(map(str, loc))
+            message = (f"invalid name {loc[-1]!r}: names are lower-case letters, digits, '_' and '-', "
+                       "starting with a letter (RELAYD_* variables cannot spell upper case)")
         else:
-            message = error["msg"]
+            # pydantic prefixes our validators' messages with "Value error, ": noise to a reader.
+            message = error["msg"].removeprefix("Value error, ")
             value = error.get("input")
             if isinstance(value, (str, int, float, bool)) and not _looks_secret(loc):
                 message += f" (got {value!r})"
@@ -184,14 +196,15 @@ def _allowed_keys(model: type, data: Any, loc: Path_, registry: Registry) -> lis
     return []
 
 
-def _model_of(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (Optional[M], dict[Name, M], Annotated[M, ...])."""
+    if isinstance(annotation, type) and not typing.get_args(annotation) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
         found = _model_of(arg)
         if found is not None:
             return found
-    return None if not typing.get_args(annotation) else annotation
+    return None
 
 
 def _get(data: Any, path: Path_) -> Any:
