@@ -139,6 +139,7 @@ class Facilities:
     prod_ctl: int
     cons_ctl: int
     client_args: list[str]
+    security: str
 
 
 def facilities(tmp_path: Path, security: str) -> Facilities:
@@ -163,7 +164,7 @@ def facilities(tmp_path: Path, security: str) -> Facilities:
     daemons = {side: start(tmp_path, side, stream_config(ctl[side], ports[side], auth=auth_none(),
                                                           extra=extra[side], listener_tls=listener_tls))
                for side in ("prod", "cons")}
-    return Facilities(daemons["prod"], daemons["cons"], ctl["prod"], ctl["cons"], client_args + ["--no-auth"])
+    return Facilities(daemons["prod"], daemons["cons"], ctl["prod"], ctl["cons"], client_args + ["--no-auth"], security)
 
 
 def transfer(f: Facilities, num_conn: int, total: int, app_ports: int, tag: bytes = b"A") -> None:
@@ -193,6 +194,21 @@ def transfer(f: Facilities, num_conn: int, total: int, app_ports: int, tag: byte
             assert size == total // num_conn
             assert digest == app.sent[i], f"connection {i}: bytes differ"
 
+        if f.security == "tls":
+            # the inbound listener speaks only mutual TLS: a plain-text peer gets a TLS alert at
+            # most, never the application's data, and the application sees no connection
+            host, port = inbound["listeners"][0].rsplit(":", 1)
+            served = len(app.sent)
+            with socket.create_connection((host, int(port)), timeout=30) as s:
+                s.sendall(struct.pack("!I", 0))
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                try:
+                    while more := s.recv(65536):
+                        got += more
+                except ConnectionResetError:
+                    pass
+            assert len(got) < 100 and len(app.sent) == served
         for daemon, ctl in ((f.prod, f.prod_ctl), (f.cons, f.cons_ctl)):
             rows = json.loads(daemon.ctl("sessions", "s2cs", "--json").stdout)["sessions"]
             (row,) = [r for r in rows if r["uid"] == uid]
@@ -216,5 +232,49 @@ def test_one_gib_byte_exact(tmp_path, security, num_conn):
     try:
         transfer(f, num_conn, GiB, app_ports=min(num_conn, 2))
     finally:
+        f.prod.kill()
+        f.cons.kill()
+
+
+def test_concurrent_sessions_are_isolated(tmp_path):
+    """Two sessions at once between the same facilities: each consumer gets its own producer's
+    bytes; releasing one leaves the other working."""
+    f = facilities(tmp_path, "plain")
+    apps = {"A": ProducerApp(1, 64 << 20, b"A"), "B": ProducerApp(1, 64 << 20, b"B")}
+    try:
+        s2cs = {"prod": f"127.0.0.1:{f.prod_ctl}", "cons": f"127.0.0.1:{f.cons_ctl}"}
+        sessions = {}
+        for name, app in apps.items():
+            inbound = ok_json(relayctl("inbound-request", "--s2cs", s2cs["prod"], "--num_conn", "2",
+                                       "--remote_ip", "127.0.0.1", "--receiver_ports", str(app.endpoints[0]),
+                                       "--json", *f.client_args))
+            outbound = ok_json(relayctl("outbound-request", "--s2cs", s2cs["cons"], "--num_conn", "2", "--json",
+                                        *f.client_args, inbound["uid"], ",".join(inbound["listeners"])))
+            sessions[name] = (inbound, outbound)
+        assert sessions["A"][0]["uid"] != sessions["B"][0]["uid"]
+        assert not set(sessions["A"][1]["listeners"]) & set(sessions["B"][1]["listeners"])
+        results = {name: {} for name in apps}
+        errors: list = []
+        threads = [t for name in apps for t in consume(sessions[name][1]["listeners"], results[name], errors)]
+        for t in threads:
+            t.join(300)
+        assert not errors
+        for name, app in apps.items():
+            assert {i: r[1] for i, r in results[name].items()} == app.sent  # its own producer's data
+        assert apps["A"].sent != apps["B"].sent
+        # release A on both sides; B still carries data
+        uid_a = sessions["A"][0]["uid"]
+        for ctl in s2cs.values():
+            assert relayctl("release", "--s2cs", ctl, *f.client_args, uid_a).returncode == 0
+        more: dict = {}
+        for t in consume(sessions["B"][1]["listeners"][:1], more, errors):
+            t.join(300)
+        assert not errors and more[0][1] == apps["B"].sent[0]
+        rows = json.loads(f.cons.ctl("sessions", "s2cs", "--json").stdout)["sessions"]
+        assert [r["uid"] for r in rows] == [sessions["B"][0]["uid"]]
+        assert rows[0]["bytes_from_target"] == 3 * (64 << 20)
+    finally:
+        for app in apps.values():
+            app.close()
         f.prod.kill()
         f.cons.kill()
