@@ -267,3 +267,10 @@ def test_client_secret_from_a_file(fake_globus, tmp_path):
     token = fake_globus.issue_token(scopes=[scope_of(fake_globus)])
     [identity] = run(make(fake_globus, tmp_path, client_secret=f"file:{secret_file}"), bearer(token))
     assert identity.sub
+
+
+def test_an_empty_client_secret_is_a_configuration_error_not_auth_off():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="must not be empty"):
+        GlobusAuthConfig(method="globus", client_id="x", client_secret="")

@@ -82,6 +82,15 @@ class GlobusAuthConfig(AuthConfig):
             raise ValueError("expected an http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("client_id", "client_secret")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # SciStream treats an empty secret as "auth off"; here it is a configuration error.
+        text = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        if not text.strip():
+            raise ValueError("must not be empty (to turn auth off, use method = \"none\")")
+        return value
+
     @field_validator("allowed_domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
