@@ -77,7 +77,8 @@ def _toml_str(value: str) -> str:
 def to_toml(parsed: dict[str, Any], component: str, auth: str) -> str:
     """A configuration fragment (listeners + one service) for conf.d/."""
     name = parsed["name"] or "service"
-    out = [f"# converted from a ya-runtime-http-auth service definition ({name})", ""]
+    out = [f"# converted from a ya-runtime-http-auth service definition ({name});",
+           f"# needs an [auth.{auth}] table (method = \"basic\") declared elsewhere.", ""]
     listeners = []
     for kind, binds in (("https", parsed["https"]), ("http", parsed["http"])):
         for i, bind in enumerate(binds):

@@ -312,7 +312,7 @@ class ManagementAPI:
         per_service: dict[str, dict[str, Any]] = {}
         for (svc, usr, _), values in sorted(rows.items()):
             entry = per_service.setdefault(svc, {"total": [0] * 9, "users": {}})
-            entry["users"][usr or "(anonymous)"] = row_dict(values)
+            entry["users"][usr] = row_dict(values)
             for i, v in enumerate(values):
                 entry["total"][i] += v
                 total[i] += v

@@ -42,6 +42,8 @@ _AUTH_STATUS = {AuthFailure.MISSING: 401, AuthFailure.MALFORMED: 401, AuthFailur
 _REPLACED = frozenset({b"host", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-for",
                        b"forwarded", b"x-real-ip"})
 _NO_BODY_STATUS = (204, 304)
+ANONYMOUS = "(anonymous)"  # the counters' user for auth methods that let anyone in
+_CONNECTION_KEYWORDS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 _HIGH_WATER = 1 << 20
 
 
@@ -66,7 +68,7 @@ class Exchange:
     __slots__ = ("route", "identity", "user", "method", "target", "endpoint", "keep_alive", "upgrade",
                  "req_framer", "resp_framer", "upstream", "head", "bytes_in", "bytes_out", "status",
                  "started", "last_io", "timer", "reused", "resp_keep_alive", "finished", "head_request",
-                 "counted", "tunnel", "resp_head")
+                 "counted", "tunnel", "resp_head", "connection")
 
     def __init__(self, route: Route, method: bytes, target: str, keep_alive: bool) -> None:
         self.route = route
@@ -94,6 +96,7 @@ class Exchange:
         self.counted = False
         self.tunnel = False
         self.resp_head = b""
+        self.connection: bytes | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -273,6 +276,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         ex = Exchange(route, method, target, keep_alive)
         ex.upgrade = upgrade
+        ex.connection = connection
         ex.req_framer = Framer(length) if length else None
         ex.started = self.core.loop.time()
         self.ex = ex
@@ -327,7 +331,7 @@ class ClientConnection(asyncio.Protocol):
             self._reply(403, json_message(f"user {user!r} may not use service {route.name!r}"), ex.keep_alive)
             return False
         ex.identity = identity
-        ex.user = "" if identity.anonymous else user
+        ex.user = ANONYMOUS if identity.anonymous else user
         ex.counted = True
         return True
 
@@ -352,6 +356,10 @@ class ClientConnection(asyncio.Protocol):
         cfg = route.config
         out = [b"%s %s HTTP/1.1" % (ex.method, map_target(route.prefix, ex.target, route.to_path).encode())]
         strip = route.strip_headers
+        if ex.connection is not None:
+            tokens = {t.strip() for t in ex.connection.split(b",")} - _CONNECTION_KEYWORDS
+            if tokens:  # headers the client declared hop-by-hop
+                strip = strip | tokens
         xff = fwd = None
         for name, value, line in headers:
             if name in strip or (b"_" in name and name.replace(b"_", b"-") in strip):
