@@ -57,6 +57,7 @@ def auth_globus(fake, scope: str) -> str:
         f'required_scopes = ["{scope}"]\n'
         f'auth_base_url = "{fake.base_url.rstrip("/")}"\n'
         "negative_cache_ttl = 0\n"
+        "cache_ttl = 0\n"  # a revoked token is refused at once
     )
 
 

@@ -278,3 +278,96 @@ def test_concurrent_sessions_are_isolated(tmp_path):
             app.close()
         f.prod.kill()
         f.cons.kill()
+
+
+def test_globus_owners_scope_maps_and_tokens(tmp_path, fake_globus):
+    """Both facilities on Globus (each its own client/scope), relayctl with login tokens and scope
+    maps: the creator's session works end to end; another identity cannot update or release it;
+    an unmapped server and a missing login are errors that say what to do."""
+    import uuid
+
+    import grpc
+    from globus_sdk.token_storage import TokenStorageData
+
+    from relayd.auth.client import TokenStore
+    from stream_helpers import auth_globus, md, pb, stub
+
+    fake = fake_globus
+    cons_id, cons_secret = str(uuid.uuid4()), "cons-secret"
+    fake.add_client(cons_id, cons_secret)
+    scope = {"prod": f"https://auth.globus.org/scopes/{fake.client_id}/scistream",
+             "cons": f"https://auth.globus.org/scopes/{cons_id}/scistream"}
+    rs = {"prod": fake.client_id, "cons": cons_id}
+    auth = {"prod": auth_globus(fake, scope["prod"]),
+            "cons": auth_globus(fake, scope["cons"]).replace(fake.client_id, cons_id)
+                                                    .replace(fake.client_secret, cons_secret)}
+    ctl = {side: free_port() for side in ("prod", "cons")}
+    daemons = {side: start(tmp_path, side, stream_config(ctl[side], port_range(4), auth=auth[side],
+                                                          auth_name="globus"))
+               for side in ("prod", "cons")}
+    server = {side: f"127.0.0.1:{ctl[side]}" for side in ctl}
+    client_toml = tmp_path / "client.toml"
+    client_toml.write_text("[scope_maps.facilities.servers]\n"
+                           + "".join(f'"{server[s]}" = "{scope[s]}"\n' for s in ("prod", "cons")))
+    people = {"alice": "a1a1a1a1-0000-0000-0000-00000000000a", "bob": "b2b2b2b2-0000-0000-0000-00000000000b"}
+    tokens: dict[tuple[str, str], str] = {}
+    env = {}
+    for person, sub in people.items():
+        store = TokenStore(tmp_path / f"{person}-tokens.json")
+        sides = ("prod", "cons") if person == "alice" else ("prod",)  # bob never logged in to cons
+        entries = {}
+        for side in sides:
+            tok = fake.issue_token(sub=sub, username=f"{person}@example.org", scopes=[scope[side]],
+                                   audience=rs[side])
+            tokens[(person, side)] = tok
+            entries[rs[side]] = TokenStorageData(rs[side], sub, scope[side], tok, None,
+                                                 int(__import__("time").time()) + 3600, "Bearer")
+        store.put(entries)
+        env[person] = {"RELAYCTL_CLIENT_CONFIG": str(client_toml), "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+                       "RELAYCTL_TOKEN_FILE": str(tmp_path / f"{person}-tokens.json")}
+    app = ProducerApp(1, 8 << 20)
+    try:
+        inbound = ok_json(relayctl("inbound-request", "--s2cs", server["prod"], "--insecure", "--num_conn", "2",
+                                   "--remote_ip", "127.0.0.1", "--receiver_ports", str(app.endpoints[0]), "--json",
+                                   env=env["alice"]))
+        uid = inbound["uid"]
+        outbound = ok_json(relayctl("outbound-request", "--s2cs", server["cons"], "--insecure", "--num_conn", "2",
+                                    "--json", uid, ",".join(inbound["listeners"]), env=env["alice"]))
+        results: dict = {}
+        errors: list = []
+        for t in consume(outbound["listeners"], results, errors):
+            t.join(120)
+        assert not errors and {i: r[1] for i, r in results.items()} == app.sent
+        rows = json.loads(daemons["prod"].ctl("sessions", "s2cs", "--json").stdout)["sessions"]
+        assert rows[0]["owner"] == "alice@example.org"
+
+        # bob holds a valid token for the producer's scope, but the session is alice's
+        out = relayctl("release", "--s2cs", server["prod"], "--insecure", uid, env=env["bob"])
+        assert out.returncode == 1
+        assert "PERMISSION_DENIED" in out.stderr and "belongs to another identity" in out.stderr
+        channel, control = stub(ctl["prod"])
+        with pytest.raises(grpc.RpcError) as info:
+            control.update(pb.UpdateTargets(uid=uid, remote_listeners=["127.0.0.1:9"]),
+                           metadata=md(tokens[("bob", "prod")]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        channel.close()
+        # bob never logged in for the consumer's scope: told how to, nothing sent
+        out = relayctl("outbound-request", "--s2cs", server["cons"], "--insecure", uid, inbound["listeners"][0],
+                       env=env["bob"])
+        assert out.returncode == 1 and f"relayctl login --scope {scope['cons']}" in out.stderr
+        # an address the scope maps do not know is an error that says how to map it
+        out = relayctl("inbound-request", "--s2cs", f"localhost:{ctl['prod']}", "--insecure", env=env["alice"])
+        assert out.returncode == 1
+        assert f"no Globus scope is mapped for server 'localhost:{ctl['prod']}'" in out.stderr
+        assert "--scope" in out.stderr and str(client_toml) in out.stderr
+        # a revoked token: the server's s2cs wording, and relayctl's advice
+        fake.revoke(tokens[("alice", "cons")])
+        out = relayctl("release", "--s2cs", server["cons"], "--insecure", uid, env=env["alice"])
+        assert out.returncode == 1
+        assert f"Please obtain new credentials: Authentication token is invalid for scope {cons_id}" in out.stderr
+        out = relayctl("release", "--s2cs", server["prod"], "--insecure", uid, env=env["alice"])
+        assert out.returncode == 0, out.stderr
+    finally:
+        app.close()
+        for daemon in daemons.values():
+            daemon.kill()
