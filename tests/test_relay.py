@@ -17,7 +17,7 @@ from proxystore.p2p.relay.messages import PeerConnectionRequest
 
 from relayd.testing import free_port, start_relayd, write_config
 
-PORTS = {name: free_port() for name in ("open", "limited", "tight", "slow")}
+PORTS = {name: free_port() for name in ("open", "limited", "tight", "slow", "keep")}
 
 
 def relay_config(ports: dict[str, int], extra: str = "") -> str:
@@ -32,6 +32,8 @@ def relay_config(ports: dict[str, int], extra: str = "") -> str:
         bind = "127.0.0.1:{ports['tight']}"
         [listeners.slow]
         bind = "127.0.0.1:{ports['slow']}"
+        [listeners.keep]
+        bind = "127.0.0.1:{ports.get('keep', 1)}"
         [components.relay]
         kind = "relay"
         listener = "open"
@@ -54,6 +56,11 @@ def relay_config(ports: dict[str, int], extra: str = "") -> str:
         listener = "slow"
         auth = "open"
         send_buffer_bytes = 65536
+        [components.keep]
+        kind = "relay"
+        listener = "keep"
+        auth = "open"
+        keepalive_interval = "3s"  # pong window 1.5s: generous on a busy CI box
         {extra}
     """
 
@@ -313,6 +320,28 @@ def test_slow_receiver_is_closed_with_4005_without_stalling_the_sender(daemon):
     run(main())
 
 
+def test_keepalive_drops_a_client_that_never_answers_pings(daemon):
+    async def main():
+        async with websockets.connect(url("keep"), ping_interval=None) as alive:  # the library answers pings
+            alive_uuid = await raw_register(alive, "alive")
+            reader, writer = await asyncio.open_connection("127.0.0.1", PORTS["keep"])
+            mute = str(uuid.uuid4())
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            payload = json.dumps({"name": "mute", "uuid": mute, "message_type": "relay_registration"}).encode()
+            writer.write(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+            # read everything (the reply, then pings) but never answer: the relay must give up on us
+            assert b'"success": true' in await reader.read(4096)
+            while await reader.read(4096):
+                pass
+            writer.close()
+            assert not registered_uuid(daemon, "keep", mute)
+            assert registered_uuid(daemon, "keep", alive_uuid)  # idle as long, but it answered
+
+    run(main())
+
+
 def registered_uuid(daemon, component: str, client_uuid: str) -> bool:
     return any(r["uuid"] == client_uuid for r in registered(daemon, component))
 
@@ -387,7 +416,7 @@ def test_tls_with_a_certificate_made_here(relayd, tmp_path: Path):
 
 
 def test_reload_keeps_an_unchanged_relays_connections(relayd, tmp_path: Path):
-    ports = {name: free_port() for name in ("open", "limited", "tight", "slow")}
+    ports = {name: free_port() for name in ("open", "limited", "tight", "slow", "keep")}
     daemon = relayd(relay_config(ports))
 
     async def main():

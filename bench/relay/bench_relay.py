@@ -115,15 +115,19 @@ def start_proxystore(tmp: Path) -> Target:
 
 def flood(target: Target, procs: int, pairs: int, seconds: float) -> dict:
     cpu0, t0 = cpu_seconds(target.proc.pid), time.monotonic()
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     loads = [subprocess.Popen([PY, LOAD, "flood", str(target.port), str(pairs), str(seconds)],
                               stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     outs = [json.loads(p.communicate(timeout=seconds + 60)[0]) for p in loads]
     cpu = cpu_seconds(target.proc.pid) - cpu0
     wall = time.monotonic() - t0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_cpu = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime
     delivered = sum(o["delivered"] for o in outs)
     seconds_run = max(o["seconds"] for o in outs)
     return {"msgs_per_s": delivered / seconds_run, "delivered": delivered,
-            "cpu_us_per_msg": 1e6 * cpu / max(delivered, 1), "relay_cpu_pct": 100 * cpu / wall}
+            "cpu_us_per_msg": 1e6 * cpu / max(delivered, 1), "relay_cpu_pct": 100 * cpu / wall,
+            "load_cpu_pct": 100 * load_cpu / wall, "loadavg_1min": os.getloadavg()[0]}
 
 
 def latency(target: Target, count: int = 2000) -> float:
@@ -177,7 +181,8 @@ def main() -> int:
                 r["latency_median_us"] = latency(t)
                 results[t.name].append(r)
                 print(f"round {rnd + 1} {t.name:17} {r['msgs_per_s']:9.0f} msg/s  {r['cpu_us_per_msg']:7.1f} us CPU/msg"
-                      f"  relay CPU {r['relay_cpu_pct']:3.0f}%  latency p50 {r['latency_median_us']:6.0f} us",
+                      f"  relay CPU {r['relay_cpu_pct']:3.0f}%  load CPU {r['load_cpu_pct']:3.0f}%  loadavg {r['loadavg_1min']:.1f}"
+                      f"  latency p50 {r['latency_median_us']:6.0f} us",
                       flush=True)
         idle_results = {}
         if args.idle:
