@@ -236,7 +236,7 @@ def test_upstream_refused_timeout_and_body_limit(relayd, port, upstream):
     """))
     status, _, body = request(port, "GET", "/dead/x")
     assert status == 502 and "refused" in json.loads(body)["message"]
-    status, _, body = request(port, "GET", "/acme/slow?delay=5")
+    status, _, body = request(port, "GET", "/acme/slow?delay=3")
     assert status == 504 and json.loads(body)["message"]
     status, _, body = request(port, "POST", "/acme/x", body=b"a" * 1001)
     assert status == 413 and "1000" in json.loads(body)["message"]
@@ -253,7 +253,7 @@ def test_upstream_refused_timeout_and_body_limit(relayd, port, upstream):
 
 def test_total_timeout(relayd, port, upstream):
     relayd(proxy_config(port, upstream.url, service_extra="total_timeout = 0.5\nread_timeout = 30"))
-    status, _, body = request(port, "GET", "/acme/slow?delay=5")
+    status, _, body = request(port, "GET", "/acme/slow?delay=3")
     assert status == 504 and "in time" in json.loads(body)["message"]
 
 

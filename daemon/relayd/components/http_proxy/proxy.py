@@ -150,6 +150,20 @@ class ClientConnection(asyncio.Protocol):
             ex.upstream.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._data_received(data)
+        except Exception:  # a bug must cost one connection and a log line, never a traceback
+            log.exception("http_proxy: internal error on a client connection")
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            self._fail(ex, 500, "internal error")
+        elif self.transport and not self.closed:
+            self.transport.abort()
+
+    def _data_received(self, data: bytes) -> None:
         ex = self.ex
         if ex is not None:
             if ex.tunnel:
@@ -282,17 +296,13 @@ class ClientConnection(asyncio.Protocol):
         self.ex = ex
         identity = route.cached_identity(authorization)
         if identity is None:
-            task = self.core.loop.create_task(self._slow_path(ex, headers, host, authorization))
-            self.core.tasks.add(task)
-            task.add_done_callback(self.core.tasks.discard)
+            self._spawn(self._slow_path(ex, headers, host, authorization))
             return
         if not self._authorize(ex, identity):
             return
         conn = route.pool_get()
         if conn is None:
-            task = self.core.loop.create_task(self._connect_and_send(ex, headers, host))
-            self.core.tasks.add(task)
-            task.add_done_callback(self.core.tasks.discard)
+            self._spawn(self._connect_and_send(ex, headers, host))
             return
         ex.reused = True
         self._send(ex, conn, headers, host)
@@ -322,6 +332,17 @@ class ClientConnection(asyncio.Protocol):
         else:
             ex.reused = True
             self._send(ex, conn, headers, host)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.core.loop.create_task(coro)
+        self.core.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.core.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("http_proxy: internal error", exc_info=task.exception())
+            self._internal_error()
 
     def _authorize(self, ex: Exchange, identity: Identity) -> bool:
         route = ex.route
@@ -600,9 +621,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.timer:
                 ex.timer.cancel()
                 ex.timer = None
-            task = self.core.loop.create_task(self._retry(ex))
-            self.core.tasks.add(task)
-            task.add_done_callback(self.core.tasks.discard)
+            self._spawn(self._retry(ex))
             return
         self._fail(ex, 502, "upstream closed the connection" + (f": {_oserror(exc)}" if exc else ""))
 
@@ -697,6 +716,16 @@ class UpstreamConnection(asyncio.Protocol):
             client._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._data_received(data)
+        except Exception:
+            log.exception("http_proxy: internal error on an upstream connection")
+            client = self.client
+            self.drop()
+            if client is not None:
+                client._internal_error()
+
+    def _data_received(self, data: bytes) -> None:
         ex = self.ex
         client = self.client
         if ex is None or client is None:
