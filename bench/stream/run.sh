@@ -1,0 +1,16 @@
+#!/bin/sh
+# bench/stream: relayd's stream data plane vs direct, HAProxy (TCP mode) and stunnel (TLS).
+#   sh bench/stream/run.sh [--rounds 3] [--seconds 10] [--out results.json]
+# Installs the Debian tools it compares against (haproxy, stunnel4, iperf3) if missing.
+set -eu
+cd "$(dirname "$0")/../.."
+missing=""
+for tool in haproxy stunnel4 iperf3; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+if [ -n "$missing" ]; then
+    apt-get update -qq
+    # the packages' services are not wanted: policy-rc.d 101 keeps them from starting
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    rm -f /usr/sbin/policy-rc.d
+fi
+exec .venv/bin/python bench/stream/run.py "$@"
