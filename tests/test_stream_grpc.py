@@ -308,3 +308,33 @@ auth = "open"
                         'kind = "stream"\nlistener = "ctl"\ndata_bind = "127.0.0.1"\n')
     out = subprocess.run([str(BIN / "relayd"), "--check", "--config", str(conf)], capture_output=True, text=True)
     assert out.returncode != 0 and "auth" in out.stdout + out.stderr
+
+
+def test_shutdown_ends_sessions_and_frees_ports(tmp_path):
+    """SIGTERM with a session in setup and an active one carrying a connection: relayd exits,
+    the pending req fails, the connection is closed and every port can be bound again."""
+    ctl, (first, last) = free_port(), port_range(4)
+    # the live connection holds the stop for drain_timeout, then is closed
+    daemon = start(tmp_path, "down", "drain_timeout = 1\n" + stream_config(ctl, (first, last), auth=auth_none()))
+    channel, control = stub(ctl)
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen()
+    try:
+        _, upd = open_session(control, "live", "PROD", 2, [f"127.0.0.1:{app.getsockname()[1]}"])
+        host, port = upd.listeners[0].rsplit(":", 1)
+        client = socket.create_connection((host, int(port)), timeout=30)
+        served, _ = app.accept()  # the forwarder connected through to the application
+        pending = control.req.future(pb.Request(uid="pending", role="CONS", num_conn=1), timeout=30)
+        assert _registered(control, "pending")
+        assert daemon.stop(timeout=30) == 0
+        with pytest.raises(grpc.RpcError):
+            pending.result()
+        assert client.recv(10) == b""  # closed by relayd
+        wait_bindable(list(range(first, last + 1)))
+        client.close()
+        served.close()
+    finally:
+        app.close()
+        channel.close()
+        daemon.kill()
