@@ -92,3 +92,32 @@ def test_discovery_scopes_parsing():
     assert globus_scopes(doc) == ["S"]
     with pytest.raises(ValueError):
         globus_scopes({"auth": []})
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from relayd.auth.base import AuthError  # noqa: E402
+from relayd.auth.basic import parse_basic  # noqa: E402
+from relayd.auth.globus import parse_bearer  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_any_address_text_parses_or_raises_value_error(text):
+    try:
+        host, port = scopes.split_address(text)
+    except ValueError:
+        return
+    assert scopes.normalize_address(scopes.format_address(host, port)) == scopes.format_address(host, port)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.text(max_size=200), st.text(max_size=100).map(lambda t: "Basic " + t),
+                 st.text(max_size=100).map(lambda t: "Bearer " + t)))
+def test_any_authorization_header_parses_or_raises_auth_error(header):
+    for parse in (parse_basic, parse_bearer):
+        try:
+            parse(header)
+        except AuthError:
+            pass
