@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 _HEADER2 = struct.Struct("!BBH").pack
 _HEADER8 = struct.Struct("!BBQ").pack
+WRITE_AT = 65536  # queued bytes that are written at once rather than at the end of the iteration
 
 
 def text_frame(data: bytes) -> bytes:
@@ -62,7 +63,7 @@ class RelayServer:
                                 max_messages_per_second=config.max_messages_per_second)
         self.http = HttpService(self.handle)
         self.handlers: set[asyncio.Task] = set()
-        self.dirty: list[Conn] = []  # connections with pending frames
+        self.dirty: list[p.Client] = []  # clients with frames queued for this loop iteration
         self.stopping = False
         self.auth_failures = 0
 
@@ -187,34 +188,44 @@ class RelayServer:
     # -- output ------------------------------------------------------------------------------
 
     def send(self, client: p.Client, text: str) -> None:
-        """Queue a frame; frames for one client are written together once per loop iteration
-        (one syscall for many messages under load)."""
+        """Queue a frame; a client's frames are written together once per loop iteration (one
+        syscall for many messages under load), or as soon as 64 KiB are queued."""
         conn: Conn = client.conn
         if client.closed:
             return
         frame = text_frame(text.encode())
-        size = conn.pending_bytes + len(frame)
-        if size + conn.transport.get_write_buffer_size() > self.config.send_buffer_bytes:
-            self.log.warning("closing %s (%s): send buffer full", client.uuid, client.name)
-            conn.pending, conn.pending_bytes = None, 0
-            self.close_peer(self.core.close(client, p.SLOW_RECEIVER, p.REASON_SLOW_RECEIVER))
-            return
-        conn.pending_bytes = size
         if conn.pending is None:
-            conn.pending = [frame]
+            conn.pending, conn.pending_bytes = [frame], len(frame)
             if not self.dirty:
                 asyncio.get_running_loop().call_soon(self.flush)
-            self.dirty.append(conn)
+            self.dirty.append(client)
         else:
             conn.pending.append(frame)
+            conn.pending_bytes += len(frame)
+        if conn.pending_bytes >= WRITE_AT:
+            self.write(client)
 
     def flush(self) -> None:
         dirty, self.dirty = self.dirty, []
-        for conn in dirty:
-            pending = conn.pending
-            conn.pending, conn.pending_bytes = None, 0
-            if pending and not conn.transport.is_closing():
-                conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        for client in dirty:
+            if client.conn.pending is not None:
+                self.write(client)
+
+    def write(self, client: p.Client) -> None:
+        """Hand the queued frames to the transport; whatever the kernel does not take stays in the
+        transport's buffer, and a client whose buffer passes send_buffer_bytes is not reading:
+        close it (4005) rather than buffer without bound or make its senders wait."""
+        conn: Conn = client.conn
+        pending = conn.pending
+        conn.pending, conn.pending_bytes = None, 0
+        transport = conn.transport
+        if not pending or client.closed or transport.is_closing():
+            return
+        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if transport.get_write_buffer_size() > self.config.send_buffer_bytes:
+            self.log.warning("closing %s (%s) at %s: send buffer full, it does not read", client.uuid,
+                             client.name, client.address)
+            self.close_peer(self.core.close(client, p.SLOW_RECEIVER, p.REASON_SLOW_RECEIVER))
 
     def close_peer(self, action: p.Close) -> None:
         """Close a connection without waiting (it may be another connection's turn)."""
