@@ -190,6 +190,9 @@ def test_relayctl_users_against_a_real_relayd(relayd, port):
     bad = daemon.ctl("users", "add", "a:b", input="pw\n")
     assert bad.returncode == 1 and "':'" in bad.stderr
 
+    metrics = daemon.ctl("metrics").stdout
+    assert 'relayd_auth_basic_failures_total{auth="users"} 3.0' in metrics
+
     # The discovery document is unauthenticated and names the method, nothing secret.
     status, _, doc = get(f"http://127.0.0.1:{port}/.well-known/relayd")
     assert status == 200 and doc["auth"] == [{"name": "users", "method": "basic", "realm": "test realm"}]

@@ -168,6 +168,9 @@ def test_login_by_server_uses_discovery_then_relayd_accepts_the_token(fake_globu
     fake_globus.down = True
     assert get(server + "/status", "Bearer AgNotCachedYet")[0] == 503
     fake_globus.down = False
+    metrics = daemon.ctl("metrics").stdout
+    assert 'relayd_auth_globus_unavailable_total{auth="globus"} 1.0' in metrics
+    assert 'relayd_auth_globus_introspections_total{auth="globus"} 2.0' in metrics
     daemon.stop()
 
 

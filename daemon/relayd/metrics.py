@@ -43,6 +43,11 @@ class DaemonCollector:
                 yield from component.metrics()
             except Exception:  # one broken component must not hide the others
                 log.exception("metrics of component %s failed", name)
+        for name, method in (gen.auth.items() if gen else ()):
+            try:
+                yield from method.metrics()
+            except Exception:
+                log.exception("metrics of auth method %s failed", name)
 
 
 def render(daemon: Daemon) -> bytes:

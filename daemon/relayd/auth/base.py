@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from prometheus_client.core import Metric
+
     from relayd.component import Context
 
 
@@ -102,3 +106,7 @@ class AuthMethod:
     @property
     def allows_anonymous(self) -> bool:
         return False
+
+    def metrics(self) -> Iterable[Metric]:
+        """Prometheus metric families for this method (label ``auth`` = its name)."""
+        return ()

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+from prometheus_client.core import CounterMetricFamily, Metric
 from pydantic import Field
 
 from relayd.auth import htpasswd as htp
@@ -50,6 +52,7 @@ class BasicAuth(AuthMethod):
         self.db_path = config.users_db or default_users_db(context.state_dir, name)
         self.users = UserStore(self.db_path)
         self.htpasswd = htp.Htpasswd(config.htpasswd) if config.htpasswd else None
+        self.stats = {"checks": 0, "failures": 0}
 
     async def start(self) -> None:
         await asyncio.to_thread(self.users.open)
@@ -63,9 +66,18 @@ class BasicAuth(AuthMethod):
 
     async def authenticate(self, authorization: str | None) -> Identity:
         username, password = parse_basic(authorization)
+        self.stats["checks"] += 1
         if not await asyncio.to_thread(self.check, username, password):
+            self.stats["failures"] += 1
             raise AuthError(AuthFailure.INVALID, "wrong user name or password")
         return Identity(sub=username, method=self.name, username=username)
+
+    def metrics(self) -> Iterable[Metric]:
+        for key, text in (("checks", "Basic credentials checked"),
+                          ("failures", "Basic credentials refused (unknown user or wrong password)")):
+            family = CounterMetricFamily(f"relayd_auth_basic_{key}", text, labels=["auth"])
+            family.add_metric([self.name], self.stats[key])
+            yield family
 
     def check(self, username: str, password: str) -> bool:
         """Blocking: database user, else htpasswd user, else a dummy hash (same cost)."""

@@ -30,10 +30,11 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import aiohttp
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import Field, field_validator
 
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
@@ -277,6 +278,21 @@ class GlobusAuth(AuthMethod):
         self.stats["unavailable"] += 1
         self.log.error(message + " -> denying", *args)
         raise AuthError(AuthFailure.UNAVAILABLE, "Globus Auth is unavailable; try again later")
+
+    def metrics(self) -> Iterable[Metric]:
+        help_text = {
+            "checks": "Bearer tokens checked (cache hits included)",
+            "cache_hits": "Token checks answered from the cache",
+            "introspections": "Introspection requests sent to Globus Auth",
+            "unavailable": "Checks denied because Globus Auth could not be asked",
+        }
+        for key, text in help_text.items():
+            family = CounterMetricFamily(f"relayd_auth_globus_{key}", text, labels=["auth"])
+            family.add_metric([self.name], self.stats[key])
+            yield family
+        cached = GaugeMetricFamily("relayd_auth_globus_cached_tokens", "Tokens in the cache", labels=["auth"])
+        cached.add_metric([self.name], len(self.cache))
+        yield cached
 
     def challenge(self) -> str:
         scope = self.login_scope
