@@ -217,3 +217,31 @@ def test_relayctl_users_without_a_daemon_needs_db_or_config(tmp_path):
 
 def test_default_db_path_is_in_the_state_dir(tmp_path):
     assert basic_module.default_users_db(tmp_path, "web") == tmp_path / "users-web.sqlite3"
+
+
+def test_relayctl_users_reads_the_db_path_from_config_when_relayd_is_stopped(tmp_path):
+    import subprocess
+
+    from relayd.testing import BIN, write_config
+
+    directory = write_config(tmp_path / "etc", f"""
+        state_dir = "{tmp_path / 'state'}"
+        [auth.staff]
+        method = "basic"
+        [auth.guests]
+        method = "basic"
+        users_db = "{tmp_path / 'guests.sqlite3'}"
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+    cmd = [str(BIN / "relayctl"), "--socket", str(tmp_path / "none.sock"), "--config",
+           str(directory / "relayd.toml"), "users"]
+    ambiguous = subprocess.run(cmd + ["list"], capture_output=True, text=True, env=env)
+    assert ambiguous.returncode == 1 and "pick one with --auth" in ambiguous.stderr
+    for name in ("staff", "guests"):
+        done = subprocess.run(cmd + ["--auth", name, "add", f"{name}-user"], input="pw\n",
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+    assert UserStore(tmp_path / "state" / "users-staff.sqlite3").verify("staff-user", "pw")
+    assert [u.username for u in UserStore(tmp_path / "guests.sqlite3").list()] == ["guests-user"]
+    wrong = subprocess.run(cmd + ["--auth", "nope", "list"], capture_output=True, text=True, env=env)
+    assert wrong.returncode == 1 and "no [auth.nope]" in wrong.stderr
