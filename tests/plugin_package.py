@@ -10,7 +10,8 @@ a package installed from PyPI:
     ``GET /secret`` answers the sha256 of its ``api_key`` secret (proof that it was read,
     without printing it); ``POST /hold`` answers ``started`` at once, then reads the whole
     request body and echoes it: a request that stays in flight as long as the client wants;
-    with ``auth = "NAME"`` every path needs that auth method's approval.
+    with ``auth = "NAME"`` every path needs that auth method's approval; ``fail = "init"`` or
+    ``"start"`` makes it raise there.
   - auth method ``token``: ``Authorization: Bearer <token>`` where ``token`` is a Secret.
   - component ``dupe`` (also registered by the rival distribution).
   - component ``broken``, whose module fails to import.
@@ -48,12 +49,20 @@ class EchoConfig(ComponentConfig):
     greeting: str = Field("hello", description="first word of every answer")
     api_key: Secret | None = Field(None, description="a secret, to test secret handling")
     auth: AuthRef | None = Field(None, description="auth method guarding every path")
+    fail: Literal["init", "start"] | None = Field(None, description="raise in __init__ or start()")
 
 
 class EchoComponent(Component):
     Config = EchoConfig
 
+    def __init__(self, name, config, context):
+        super().__init__(name, config, context)
+        if config.fail == "init":
+            raise ValueError("told to fail in __init__")
+
     async def start(self):
+        if self.config.fail == "start":
+            raise OSError(98, "Address already in use (told to fail in start)")
         self.http = HttpService(self.handle)
         await self.http.serve(self.context.listener(self.config.listener))
         self.state = "serving"

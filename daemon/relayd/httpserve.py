@@ -13,13 +13,30 @@ from aiohttp import web
 
 from relayd.listeners import Listener
 
+# How long a retiring server waits for the first request of a just-accepted connection.
+FIRST_REQUEST_GRACE = 1.0
+
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class HttpService:
     def __init__(self, handler: Handler, **server_kwargs: object) -> None:
-        self.web_server = web.Server(handler, access_log=None, **server_kwargs)  # type: ignore[arg-type]
+        self._handler = handler
+        self._busy: dict[object, int] = {}  # connection (RequestHandler) -> handlers running
+        self._changed = asyncio.Event()
+        self.web_server = web.Server(self._track, access_log=None, **server_kwargs)  # type: ignore[arg-type]
         self.servers: list[asyncio.AbstractServer] = []
+
+    async def _track(self, request: web.BaseRequest) -> web.StreamResponse:
+        conn = request.protocol
+        self._busy[conn] = self._busy.get(conn, 0) + 1
+        try:
+            return await self._handler(request)
+        finally:
+            self._busy[conn] -= 1
+            if not self._busy[conn]:
+                del self._busy[conn]
+            self._changed.set()
 
     async def serve(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
@@ -31,9 +48,53 @@ class HttpService:
     def connections(self) -> int:
         return len(self.web_server.connections)
 
+    @property
+    def in_flight(self) -> int:
+        return sum(self._busy.values())
+
     async def stop(self, drain_timeout: float) -> None:
-        """Stop accepting; let requests in flight finish for up to drain_timeout."""
+        """Stop accepting; let requests in flight finish for up to drain_timeout, then close.
+
+        Not just aiohttp's ``shutdown()``: that stops reading from every connection at once,
+        so a request body (or WebSocket frames) still on its way never arrives, and it waits
+        the whole timeout on idle keep-alive connections. Instead: close the listening
+        servers, let just-accepted connections deliver their first request, close each
+        connection as soon as it is idle, and shut down what is still busy at the deadline.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
         for server in self.servers:
             server.close()
-        await self.web_server.shutdown(drain_timeout)
+        await self._wait_for_first_requests(min(drain_timeout, FIRST_REQUEST_GRACE))
+        while True:
+            self._changed.clear()
+            for conn in list(self.web_server.connections):
+                if conn not in self._busy:
+                    conn.close()  # idle: close now; a response being written is finished first
+            if not self._busy or loop.time() >= deadline:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        # aiohttp reads a timeout of 0 as "no timeout": give it a tiny positive one instead.
+        await self.web_server.shutdown(max(0.01, deadline - loop.time()))
         self.servers.clear()
+
+    async def _wait_for_first_requests(self, grace: float) -> None:
+        """Let connections accepted just before close deliver their first request.
+
+        A client whose connect() was accepted by this (retiring) server an instant ago has
+        its request on the wire: closing now would drop it, which a reload must never do
+        (found by tests/test_reload.py).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def fresh() -> list:
+            # _request_count: requests parsed on the connection (aiohttp 3.x RequestHandler).
+            return [c for c in self.web_server.connections
+                    if getattr(c, "_request_count", 1) == 0 and c.transport is not None]
+
+        while fresh() and loop.time() < deadline:
+            await asyncio.sleep(0.005)

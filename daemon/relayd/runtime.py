@@ -88,6 +88,7 @@ class Daemon:
         self.stopping = False
         self._reload_lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
+        self.retiring: set[str] = set()  # "components.NAME" of replaced objects still draining
         self._shutdown = asyncio.Event()
         self.control = None
 
@@ -123,8 +124,10 @@ class Daemon:
         components: dict[str, Component] = {}
         new_objects: list[tuple[str, Any]] = []
         changed: list[str] = []
+        building = ("auth", "?")  # what a failure is attributed to, set before each step
         try:
             for name, aconf in settings.auth.items():
+                building = ("auth", name)
                 fp = _fingerprint(aconf.model_dump(mode="json"), self._secret_values(aconf), str(settings.state_dir))
                 fingerprints[f"auth.{name}"] = fp
                 if old and old.fingerprints.get(f"auth.{name}") == fp:
@@ -138,6 +141,7 @@ class Daemon:
                 changed.append(f"auth.{name}")
             context.auth = auth
             for name, cconf in settings.components.items():
+                building = ("components", name)
                 fp = self._component_fingerprint(settings, name, cconf, fingerprints)
                 fingerprints[f"components.{name}"] = fp
                 if old and old.fingerprints.get(f"components.{name}") == fp:
@@ -154,11 +158,14 @@ class Daemon:
             self._release_sockets(old)
             if isinstance(exc, ConfigError):
                 raise
-            where = new_objects[-1][1].name if new_objects else "?"
-            group = "components" if new_objects and new_objects[-1][0] == "component" else "auth"
+            # Attribute the failure to what was being built (a constructor that raises never
+            # made it into new_objects, so the last new object would be the wrong culprit).
+            group, where = building
             log.debug("building %s.%s failed", group, where, exc_info=True)
+            message = f"failed to start: {type(exc).__name__}: {exc}" if not isinstance(exc, OSError) \
+                else f"failed to start: {exc}"
             raise ConfigError(
-                [Problem(f"failed to start: {exc}", config.origins.get((group, where)), f"{group}.{where}")]
+                [Problem(message, config.origins.get((group, where)), f"{group}.{where}")]
             ) from None
         removed = [f"components.{n}" for n in (old.components if old else {}) if n not in components]
         removed += [f"auth.{n}" for n in (old.auth if old else {}) if n not in auth]
@@ -236,7 +243,12 @@ class Daemon:
             try:
                 config = await asyncio.to_thread(self.load)
                 new, changed = await self._build(config, old)
-            except ConfigError as exc:
+            except (ConfigError, Exception) as exc:
+                if not isinstance(exc, ConfigError):
+                    # A bug, not a bad config; still keep serving and answer READY=1, or
+                    # systemd would wait in "reloading" for ever.
+                    log.exception("reload failed unexpectedly")
+                    exc = ConfigError([Problem(f"internal error: {type(exc).__name__}: {exc}")])
                 errors = [str(p) for p in exc.problems]
                 result = ReloadResult(False, old.number, "configuration rejected; still serving "
                                       f"generation {old.number}", errors)
@@ -263,9 +275,21 @@ class Daemon:
         retired += [("auth", a) for a in old.auth.values() if id(a) not in kept_auth]
         timeout = new.config.settings.drain_timeout
 
+        names = [f"{'components' if group == 'component' else 'auth'}.{obj.name}" for group, obj in retired]
+        self.retiring.update(names)
+
         async def retire() -> None:
-            await self._stop_objects(retired, timeout)
-            self._release_sockets(new)
+            try:
+                await self._stop_objects(retired, timeout)
+            finally:
+                self.retiring.difference_update(names)
+            if names:
+                log.info("stopped %s (from generation %d)", ", ".join(names), old.number)
+            # Release against the generation serving *now*, under the reload lock: a reload
+            # that finished (or is building) meanwhile may use sockets `new` did not have, and
+            # releasing against `new` would close them under its feet.
+            async with self._reload_lock:
+                self._release_sockets(self.generation)
 
         task = asyncio.get_running_loop().create_task(retire())
         self._draining.add(task)
@@ -304,6 +328,7 @@ class Daemon:
                 for n, l in gen.listeners.items()
             },
             "components": components,
+            "draining": sorted(self.retiring),
             "stopping": self.stopping,
         }
 

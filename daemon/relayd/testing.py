@@ -164,6 +164,13 @@ class FakeServiceManager:
                 return note
         raise TimeoutError(f"no {key}{'=' + value if value else ''} notification within {timeout}s")
 
+    def drain(self) -> list[Notification]:
+        """Read what has already arrived, so that the next wait_for sees only what follows."""
+        notes = []
+        while note := self.receive(0):
+            notes.append(note)
+        return notes
+
     def close(self) -> None:
         self.sock.close()
 

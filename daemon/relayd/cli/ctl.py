@@ -81,6 +81,8 @@ def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
         print(f"  {name:16} {info['kind']:12} {info['state']:9} {counts}")
         for warning in info.get("warnings", []):
             print(f"  !! {warning}")
+    if body.get("draining"):
+        print(f"draining (replaced or removed): {', '.join(body['draining'])}")
     return 0
 
 
