@@ -597,3 +597,16 @@ def test_chunked_request_and_pipelining(relayd, port, upstream):
     assert reply.count(b"HTTP/1.1 200 OK") == 2
     assert hashlib.sha256(b"hello world").hexdigest().encode() in reply
     assert b'"path": "/second"' in reply
+
+
+def test_early_reply_to_a_request_with_a_body_closes_the_connection(relayd, port, upstream):
+    relayd(proxy_config(port, upstream.url))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # 404 before the body was read: the body must not be parsed as the next request.
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n"
+                     b"GET /acme/smuggled HTTP/1.1\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 404 ") and b"Connection: close" in reply
+    assert b"smuggled" not in reply and reply.count(b"HTTP/1.1") == 1

@@ -149,10 +149,10 @@ class HttpProxy(Component):
                 previous = old.get(route.name)
                 if previous is not None and previous.config == route.config:
                     route.idle = previous.idle
-            router.routes = routes
+            router.set_routes(routes)
         for lname, router in self.routers.items():
             if lname not in routers:
-                router.routes = []
+                router.set_routes([])
 
     async def _serve(self, lname: str) -> None:
         if any(name == lname for name, _ in self.servers):

@@ -237,7 +237,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, method: bytes, raw_target: bytes, version: bytes,
                   headers: list[tuple[bytes, bytes, bytes]], length: int | None) -> None:
-        host = authorization = connection = upgrade = None
+        host = authorization = connection = upgrade = cookie = None
         for name, value, _ in headers:
             if name == b"host":
                 host = value
@@ -245,9 +245,13 @@ class ClientConnection(asyncio.Protocol):
                 authorization = value
             elif name == b"connection":
                 connection = value.lower()
+            elif name == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
         keep_alive = (b"close" not in connection) if connection else version == b"HTTP/1.1"
         if version != b"HTTP/1.1" and not (connection and b"keep-alive" in connection):
             keep_alive = False
+        # A reply before the body was read cannot keep the connection: the body is unread.
+        early = keep_alive and not length
         try:
             target = raw_target.decode("ascii")
         except UnicodeDecodeError:
@@ -263,11 +267,19 @@ class ClientConnection(asyncio.Protocol):
                 return
         hostname = _hostname(host)
         if target == "/.well-known/relayd" and method in (b"GET", b"HEAD"):
-            self._reply(200, self.router.discovery(hostname), keep_alive)
+            self._reply(200, self.router.discovery(hostname), early)
             return
+        if self.router.browser_paths:
+            method_obj = self.router.browser_paths.get(target.split("?", 1)[0])
+            if method_obj is not None:
+                self.ex = None
+                self._paused_waiting = True  # one request at a time while Globus is asked
+                self._update_reading()
+                self._spawn(self._browser_endpoint(method_obj, target, cookie, early))
+                return
         route = self.router.find(hostname, target)
         if route is None:
-            self._reply(404, json_message("no service at this address"), keep_alive)
+            self._reply(404, json_message("no service at this address"), early)
             return
         if has_dot_segment(target):
             self._reply_and_close(400, "'.' and '..' path segments are not allowed")
@@ -276,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.tls and cfg.redirect_https and route.https_port:
             port = "" if route.https_port == 443 else f":{route.https_port}"
             location = f"https://{hostname or route.default_host}{port}{target}".encode()
-            self._reply(308, b"", keep_alive, [b"Location: " + location])
+            self._reply(308, b"", early, [b"Location: " + location])
             return
         if length is not None and length > 0 and cfg.max_body and length > cfg.max_body:
             self._reply_and_close(413, f"request body larger than {cfg.max_body} bytes")
@@ -286,7 +298,7 @@ class ClientConnection(asyncio.Protocol):
                 if name == b"upgrade":
                     upgrade = value
             if upgrade is not None and not cfg.websocket:
-                self._reply(501, json_message("WebSocket is not enabled for this service"), keep_alive)
+                self._reply(501, json_message("WebSocket is not enabled for this service"), early)
                 return
         ex = Exchange(route, method, target, keep_alive)
         ex.upgrade = upgrade
@@ -294,7 +306,19 @@ class ClientConnection(asyncio.Protocol):
         ex.req_framer = Framer(length) if length else None
         ex.started = self.core.loop.time()
         self.ex = ex
-        identity = route.cached_identity(authorization)
+        if route.browser:
+            identity = route.auth.session_identity(cookie)  # type: ignore[attr-defined]
+            if identity is None:
+                self.ex = None
+                if method in (b"GET", b"HEAD"):
+                    where = (host or route.default_host.encode()).decode("latin-1")
+                    location, cookies = route.auth.start_login(self.scheme.decode(), where, target)  # type: ignore[attr-defined]
+                    self._reply(302, b"", early, [b"Location: " + location.encode(), *cookies])
+                else:
+                    self._reply(401, json_message("log in with a web browser first"), early)
+                return
+        else:
+            identity = route.cached_identity(authorization)
         if identity is None:
             self._spawn(self._slow_path(ex, headers, host, authorization))
             return
@@ -332,6 +356,23 @@ class ClientConnection(asyncio.Protocol):
         else:
             ex.reused = True
             self._send(ex, conn, headers, host)
+
+    async def _browser_endpoint(self, method: Any, target: str, cookie: bytes | None, keep_alive: bool) -> None:
+        from urllib.parse import parse_qsl
+
+        path, _, query = target.partition("?")
+        try:
+            if path == method.config.login_path:
+                status, text, headers = await method.finish_login(dict(parse_qsl(query)), cookie)
+            else:
+                status, text, headers = 200, "logged out", await method.logout(cookie)
+        finally:
+            self._paused_waiting = False
+            self._update_reading()
+        if status == 302:
+            self._reply(302, b"", keep_alive, [b"Location: " + text.encode(), *headers])
+        else:
+            self._reply(status, json_message(text), keep_alive, headers)
 
     def _spawn(self, coro: Any) -> None:
         task = self.core.loop.create_task(coro)
@@ -390,6 +431,10 @@ class ClientConnection(asyncio.Protocol):
                     fwd = value if fwd is None else fwd + b", " + value
                 elif name == b"authorization" and cfg.pass_credentials:
                     out.append(line)
+                elif name == b"cookie":
+                    kept = route.auth.strip_cookies(value)  # type: ignore[attr-defined]
+                    if kept:
+                        out.append(b"Cookie: " + kept)
                 continue
             out.append(line)
         peer = self.peer.encode()

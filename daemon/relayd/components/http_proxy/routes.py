@@ -72,6 +72,9 @@ class Route:
         self.anonymous = (Identity(sub="anonymous", method=auth.name, anonymous=True)
                           if auth.allows_anonymous else None)
         self.cache = core.auth_caches.setdefault(auth.name, {})
+        self.browser = bool(getattr(auth, "browser", False))  # cookie sessions (globus_login)
+        if self.browser:
+            self.strip_headers = self.strip_headers | {b"cookie"}
 
     def _client_ssl(self) -> ssl.SSLContext:
         cfg = self.config
@@ -147,7 +150,17 @@ class Router:
         self.core = core
         self.listener = listener
         self.routes: list[Route] = []
+        self.browser_paths: dict[str, Any] = {}  # login/logout paths of browser auth methods
         self._discovery = discovery
+
+    def set_routes(self, routes: list[Route]) -> None:
+        paths = {}
+        for route in routes:
+            if route.browser:
+                paths[route.auth.config.login_path] = route.auth  # type: ignore[attr-defined]
+                paths[route.auth.config.logout_path] = route.auth  # type: ignore[attr-defined]
+        self.browser_paths = paths
+        self.routes = routes
 
     def find(self, hostname: str, target: str) -> Route | None:
         for route in self.routes:
