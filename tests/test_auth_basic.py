@@ -245,3 +245,12 @@ def test_relayctl_users_reads_the_db_path_from_config_when_relayd_is_stopped(tmp
     assert [u.username for u in UserStore(tmp_path / "guests.sqlite3").list()] == ["guests-user"]
     wrong = subprocess.run(cmd + ["--auth", "nope", "list"], capture_output=True, text=True, env=env)
     assert wrong.returncode == 1 and "no [auth.nope]" in wrong.stderr
+
+
+def test_an_unusable_user_database_denies_with_unavailable(tmp_path, caplog):
+    method = make(tmp_path)
+    method.users.add("alice", "pw-5e1f")
+    method.db_path.write_bytes(b"this is not an SQLite database" * 100)
+    [error] = authenticate(method, basic("alice", "pw-5e1f"))
+    assert error.reason is AuthFailure.UNAVAILABLE
+    assert "unusable" in caplog.text and "pw-5e1f" not in caplog.text

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -67,7 +68,13 @@ class BasicAuth(AuthMethod):
     async def authenticate(self, authorization: str | None) -> Identity:
         username, password = parse_basic(authorization)
         self.stats["checks"] += 1
-        if not await asyncio.to_thread(self.check, username, password):
+        try:
+            ok = await asyncio.to_thread(self.check, username, password)
+        except (sqlite3.Error, OSError) as exc:
+            self.log.error("user database %s unusable: %s -> denying", self.db_path, exc)
+            raise AuthError(AuthFailure.UNAVAILABLE, "the user database is unavailable; try again later") \
+                from None
+        if not ok:
             self.stats["failures"] += 1
             raise AuthError(AuthFailure.INVALID, "wrong user name or password")
         return Identity(sub=username, method=self.name, username=username)
