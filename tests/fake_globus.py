@@ -11,7 +11,9 @@ Only the parts relayd talks to, with the wire formats of the real service
   The default native redirect ``/v2/web/auth-code`` is served as a page showing the code.
 - ``POST /v2/oauth2/token``: ``authorization_code`` (checks client, redirect_uri and the S256
   ``code_verifier``; codes are single use), ``refresh_token``, ``client_credentials``.
-  Native clients send ``client_id`` in the form, confidential ones HTTP Basic.
+  Native clients send ``client_id`` in the form, confidential ones HTTP Basic. A bad code,
+  verifier, redirect_uri or refresh token gives 401 ``{"error": "invalid_grant"}`` (the status
+  globus-sdk's own ``invalid_grant`` fixture uses).
 - ``POST /v2/oauth2/token/revoke``: marks the token (and, for a refresh token, its access
   tokens) revoked.
 - ``GET /v2/oauth2/userinfo``: OIDC userinfo for a bearer token with the ``openid`` scope.
@@ -267,20 +269,20 @@ class FakeGlobus:
             if grant == "authorization_code":
                 code = self.codes.pop(str(form.get("code", "")), None)
                 if code is None or code["client_id"] != client_id:
-                    return self._error(400, "invalid_grant", "unknown or used code")
+                    return self._error(401, "invalid_grant", "unknown or used code")
                 if form.get("redirect_uri") != code["redirect_uri"]:
-                    return self._error(400, "invalid_grant", "redirect_uri mismatch")
+                    return self._error(401, "invalid_grant", "redirect_uri mismatch")
                 if code["challenge"] is not None:
                     verifier = str(form.get("code_verifier", ""))
                     digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
                     if not secrets.compare_digest(digest.rstrip(b"=").decode(), code["challenge"]):
-                        return self._error(400, "invalid_grant", "code_verifier does not match")
+                        return self._error(401, "invalid_grant", "code_verifier does not match")
                 return web.json_response(self._grant(client_id, code["identity"], code["scopes"],
                                                      code["offline"]))
             if grant == "refresh_token":
                 refresh = self.refresh_tokens.get(str(form.get("refresh_token", "")))
                 if refresh is None or refresh["revoked"] or refresh["client_id"] != client_id:
-                    return self._error(400, "invalid_grant", "unknown or revoked refresh token")
+                    return self._error(401, "invalid_grant", "unknown or revoked refresh token")
                 body = self._grant(client_id, refresh["identity"], refresh["scopes"], False)
                 body["refresh_token"] = form["refresh_token"]
                 for token in self._new_access_tokens(body):
