@@ -610,3 +610,46 @@ def test_early_reply_to_a_request_with_a_body_closes_the_connection(relayd, port
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 404 ") and b"Connection: close" in reply
     assert b"smuggled" not in reply and reply.count(b"HTTP/1.1") == 1
+
+
+def test_unix_socket_upstream_pass_credentials_and_header_names(relayd, port, tmp_path):
+    path = tmp_path / "up.sock"
+    loop = asyncio.new_event_loop()
+    upstream = Upstream()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def start() -> None:
+            upstream.runner = web.AppRunner(upstream.app(), access_log=None)
+            await upstream.runner.setup()
+            await web.UnixSite(upstream.runner, str(path)).start()
+
+        loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        daemon = relayd(proxy_config(port, "http://app.internal/api", auth="users", service_extra=f"""
+            unix_socket = "{path}"
+            pass_credentials = true
+        """, extra='identity_headers = { user = "Remote-User", email = "Remote-Email" }'))
+        from relayd.auth.users import UserStore
+
+        UserStore(Path(daemon.env["RELAYD_STATE_DIR"]) / "users-users.sqlite3").add("dave", "pw")
+        status, _, body = request(port, "GET", "/acme/v1?z=2", {**basic("dave", "pw"), "Remote-User": "root"})
+        assert status == 200, body
+        assert json.loads(body)["path"] == "/api/v1?z=2"
+        headers = echoed_headers(body)
+        assert headers["host"] == ["app.internal"]
+        assert headers["remote-user"] == ["dave"]
+        assert headers["authorization"] == [basic("dave", "pw")["Authorization"]]
+        assert "x-forwarded-user" not in headers
+    finally:
+        asyncio.run_coroutine_threadsafe(upstream.runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

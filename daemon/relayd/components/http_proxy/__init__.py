@@ -256,6 +256,18 @@ class HttpProxy(Component):
             "requests": sum(row[0] for row in totals.values()),
         }
 
+    def clients(self) -> list[dict[str, Any]]:
+        out = []
+        for conn in list(self.core.connections) if hasattr(self, "core") else ():
+            ex = conn.ex
+            out.append({
+                "peer": conn.peer, "listener": conn.router.listener, "tls": conn.tls,
+                "service": ex.route.name if ex else "", "user": ex.user if ex else "",
+                "request": f"{ex.method.decode()} {ex.target}"[:120] if ex else "(idle)",
+                "websocket": bool(ex and ex.tunnel),
+            })
+        return out
+
     def metrics(self):  # type: ignore[no-untyped-def]
         if not hasattr(self, "counters"):
             return

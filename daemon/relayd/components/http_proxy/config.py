@@ -115,8 +115,8 @@ class HttpProxyConfig(ComponentConfig):
     flush_interval: Seconds = Field(1.0, gt=0, le=1.0, description="seconds between counter flushes to SQLite")
     max_endpoints_per_user: int = Field(1000, ge=1, description="distinct endpoint keys counted per user; "
                                         "more go to the '(other)' bucket")
-    auth_cache_ttl: Seconds = Field(10.0, description="seconds a successful authentication is reused for "
-                                    "the same credentials; 0 = ask the auth method every time")
+    auth_cache_ttl: Seconds = Field(10.0, description="seconds a successful basic-auth password check is reused "
+                                    "for the same credentials; 0 = ask the user database every time")
     keepalive_timeout: Seconds = Field(75.0, description="seconds an idle client connection is kept open")
     upstream_idle: int = Field(64, ge=0, description="idle upstream connections kept per upstream")
 

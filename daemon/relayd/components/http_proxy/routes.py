@@ -72,6 +72,7 @@ class Route:
         self.anonymous = (Identity(sub="anonymous", method=auth.name, anonymous=True)
                           if auth.allows_anonymous else None)
         self.cache = core.auth_caches.setdefault(auth.name, {})
+        self.cacheable = getattr(auth.config, "method", None) == "basic"
         self.browser = bool(getattr(auth, "browser", False))  # cookie sessions (globus_login)
         if self.browser:
             self.strip_headers = self.strip_headers | {b"cookie"}
@@ -99,7 +100,9 @@ class Route:
     async def authenticate(self, authorization: bytes | None) -> Identity:
         identity = await self.auth.authenticate(authorization.decode("latin-1") if authorization else None)
         ttl = self.core.auth_cache_ttl
-        if ttl > 0 and authorization is not None:
+        # Only password checks are cached here (they cost a thread hop and a database read);
+        # token methods keep their own caches, which also respect each token's expiry.
+        if ttl > 0 and authorization is not None and self.cacheable:
             if len(self.cache) >= _AUTH_CACHE_MAX:
                 self.cache.clear()
             self.cache[authorization] = (identity, self.core.loop.time() + ttl)
