@@ -166,6 +166,8 @@ class GlobusAuth(AuthMethod):
         self.inflight: dict[bytes, asyncio.Future[Identity]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"checks": 0, "cache_hits": 0, "introspections": 0, "unavailable": 0}
+        self._outage_logged_at = -1e9
+        self._outage_quiet = 0
         self.introspect_url = f"{config.auth_base_url}/v2/oauth2/token/introspect"
 
     async def start(self) -> None:
@@ -276,7 +278,14 @@ class GlobusAuth(AuthMethod):
 
     def _unavailable(self, message: str, *args: Any) -> None:
         self.stats["unavailable"] += 1
-        self.log.error(message + " -> denying", *args)
+        # During an outage every request fails the same way: one line per 10 s, with a count.
+        now = time.monotonic()
+        if now - self._outage_logged_at >= 10.0:
+            extra = f" ({self._outage_quiet} more denials since the last line)" if self._outage_quiet else ""
+            self.log.error(message + " -> denying" + extra, *args)
+            self._outage_logged_at, self._outage_quiet = now, 0
+        else:
+            self._outage_quiet += 1
         raise AuthError(AuthFailure.UNAVAILABLE, "Globus Auth is unavailable; try again later")
 
     def metrics(self) -> Iterable[Metric]:
