@@ -177,3 +177,57 @@ def test_unix_and_abstract_listeners_bound_by_relayd(tmp_path):
         assert not path.exists()  # relayd bound it, relayd removes it
     finally:
         daemon.kill()
+
+
+def test_listen_fds_naming_a_closed_fd_is_a_clear_error(tmp_path):
+    """A service manager (or wrapper) that lies about LISTEN_FDS: an error, not a traceback."""
+    config = write_config(tmp_path / "etc", ACTIVATED)
+    # sh's $$ is the pid that exec's relayd, so LISTEN_PID matches; fd 3 is not open.
+    wrapper = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec "$@"', "sh"]
+    daemon = start_relayd(tmp_path, config, wrapper=wrapper, wait_ready=False)
+    try:
+        assert daemon.process.wait(30) == 1
+        assert ("socket activation: LISTEN_FDS names fd 3 ('web'), which is not an open socket: "
+                "Bad file descriptor") in daemon.log
+        assert "Traceback" not in daemon.log
+    finally:
+        daemon.kill()
+
+
+def test_malformed_notify_socket_is_a_clear_error(tmp_path):
+    config = write_config(tmp_path / "etc", ACTIVATED)
+    daemon = start_relayd(tmp_path, config, env={"NOTIFY_SOCKET": "relative.sock"}, wait_ready=False)
+    try:
+        assert daemon.process.wait(30) == 1
+        assert "NOTIFY_SOCKET='relative.sock' is neither an absolute path nor an @abstract name" in daemon.log
+        assert "Traceback" not in daemon.log
+    finally:
+        daemon.kill()
+
+
+def test_a_passed_socket_no_listener_uses_is_logged(tmp_path):
+    web, spare = listening_socket("127.0.0.1:0"), listening_socket("127.0.0.1:0")
+    config = write_config(tmp_path / "etc", ACTIVATED)
+    daemon = start_relayd(tmp_path, config, activate={"web": [web], "admin": [spare]})
+    try:
+        assert "socket-activated fd name 'admin' is not used by any listener" in daemon.log
+    finally:
+        web.close()
+        spare.close()
+        daemon.kill()
+
+
+def test_a_passed_socket_that_does_not_listen_is_a_clear_error(tmp_path):
+    """E.g. a socket unit with Accept=yes passes a connected socket: not for relayd."""
+    server = listening_socket("127.0.0.1:0")
+    connected = socket.create_connection(server.getsockname())
+    config = write_config(tmp_path / "etc", ACTIVATED)
+    daemon = start_relayd(tmp_path, config, activate={"web": [connected]}, wait_ready=False)
+    try:
+        assert daemon.process.wait(30) == 1
+        assert ("socket activation: fd 3 ('web') is not a listening stream socket "
+                "(relayd needs ListenStream= with Accept=no)") in daemon.log
+    finally:
+        connected.close()
+        server.close()
+        daemon.kill()

@@ -79,8 +79,10 @@ class Daemon:
     def __init__(self, options: DaemonOptions, registry: Registry | None = None) -> None:
         self.options = options
         self.registry = registry or Registry.discover()
-        self.notifier = Notifier()
+        # Take the passed fds before opening anything: a new fd would otherwise land on 3..
+        # if the service manager passed fewer fds than LISTEN_FDS claims.
         self.pool = SocketPool(listen_fds())
+        self.notifier = Notifier()
         self.generation: Generation | None = None
         self.started_at = time.time()
         self.last_reload: ReloadResult | None = None
@@ -258,6 +260,8 @@ class Daemon:
                 self.notifier.notify(READY=1, STATUS=f"reload rejected: {errors[0]}")
                 return result
             configure_logging(new.config.settings.logging)
+            if new.config.settings.control != old.config.settings.control:
+                log.warning("[control] changes take effect at the next restart, not on reload")
             self.generation = new
             self._retire(old, new)
             result = ReloadResult(True, new.number, f"generation {new.number} serving", [], changed)
@@ -358,6 +362,9 @@ class Daemon:
         self.control = ControlServer(self)
         await self.control.start(config.settings.control, self.pool.activated)
         self.last_reload = ReloadResult(True, 1, "started")
+        used = {l.fd_name for l in config.settings.listeners.values()} | {config.settings.control.fd_name}
+        for name in sorted(set(self.pool.activated) - used):
+            log.warning("socket-activated fd name %r is not used by any listener (fd_name = %r?)", name, name)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -140,6 +140,20 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> dict[str, lis
         environ.pop(key, None)
     sockets: dict[str, list[socket.socket]] = {}
     for fd, name in pairs:
-        os.set_inheritable(fd, False)
-        sockets.setdefault(name, []).append(socket.socket(fileno=fd))
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise ValueError(
+                f"socket activation: LISTEN_FDS names fd {fd} ({name!r}), which is not an open socket: "
+                f"{exc.strerror or exc}"
+            ) from None
+        # relayd serves stream sockets that listen (Accept=no); anything else is a unit mistake.
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.detach()  # not ours to close
+            raise ValueError(
+                f"socket activation: fd {fd} ({name!r}) is not a listening stream socket "
+                "(relayd needs ListenStream= with Accept=no)"
+            )
+        sockets.setdefault(name, []).append(sock)
     return sockets

@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     from relayd.runtime import Daemon, DaemonOptions
 
     configure_logging()
-    daemon = Daemon(DaemonOptions(config_path, args.set), registry)
+    try:
+        daemon = Daemon(DaemonOptions(config_path, args.set), registry)
+    except ValueError as exc:  # a malformed NOTIFY_SOCKET or LISTEN_FDS from the service manager
+        logging.getLogger("relayd").error("%s", exc)
+        return 1
     try:
         return uvloop.run(daemon.run())
     except KeyboardInterrupt:
