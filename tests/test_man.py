@@ -187,3 +187,51 @@ def test_environment_is_documented() -> None:
 def test_control_socket_default_is_the_documented_one() -> None:
     for page in ("relayd.8", "relayctl.1", "relayd.toml.5"):
         assert ctl.DEFAULT_SOCKET in plain((MAN / page).read_text()), page
+
+
+def plugin_sections(page: str) -> dict[tuple[str, str], list[str]]:
+    """(tag, name) -> source lines of each `.SS "kind = \\(dqNAME\\(dq"` (or method) section,
+    up to the next such section or .SH (other .SS inside a section belong to it)."""
+    heading = re.compile(r'^\.SS\s+"?(kind|method) = (?:\\\(dq|")?([\w-]+)')
+    sections: dict[tuple[str, str], list[str]] = {}
+    current: list[str] | None = None
+    for line in (MAN / page).read_text().splitlines():
+        match = heading.match(line)
+        if match:
+            current = sections.setdefault((match[1], match[2]), [])
+        elif line.startswith(".SH"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+def section_keys(lines: list[str]) -> set[str]:
+    keys = set()
+    for index, line in enumerate(lines[:-1]):
+        if line.strip() == ".TP":
+            match = re.match(r"\[?([A-Za-z_][\w.*-]*)", item_text(lines[index + 1]).strip())
+            if match:
+                keys.update([match[1], *match[1].split(".")])
+    return keys
+
+
+def test_each_plugin_documents_its_keys_in_its_own_section() -> None:
+    # Stricter than the test above: `listener` documented for kind status does not count
+    # for kind relay.
+    registry = Registry.discover()
+    sections = plugin_sections("relayd.toml.5")
+    problems = []
+    for group, tag in (("components", "kind"), ("auth", "method")):
+        for name, cls in sorted(registry.usable(group).items()):
+            lines = sections.get((tag, name))
+            if lines is None:
+                problems.append(f'{tag} = "{name}": no section .SS "{tag} = \\(dq{name}\\(dq"')
+                continue
+            wanted = set(schema_keys(cls.Config.model_json_schema())) - {tag}
+            missing = sorted(wanted - section_keys(lines))
+            if missing:
+                problems.append(f'{tag} = "{name}": {", ".join(missing)}')
+    if problems:
+        pytest.fail("keys not documented in their plugin's section of man/relayd.toml.5:\n  "
+                    + "\n  ".join(problems))
