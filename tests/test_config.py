@@ -465,3 +465,18 @@ def test_wrong_typed_secret_does_not_echo_the_value(tmp_path, plugin_site):
     assert result.returncode == 1
     assert "auth.tokens.token" in result.stderr
     assert "123456789" not in result.stderr
+
+
+def test_check_loads_tls_certificates(tmp_path, check_here):
+    write(tmp_path / "relayd.toml", f"""
+        [listeners.web]
+        bind = "127.0.0.1:9100"
+        [listeners.web.tls]
+        cert = "{tmp_path / 'nope.pem'}"
+        key = "{tmp_path / 'nope.pem'}"
+    """)
+    result = check_here(tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == (
+        f"relayd: {tmp_path / 'relayd.toml'}:3: listeners.web.tls: cannot load TLS certificate/key: "
+        "[Errno 2] No such file or directory")

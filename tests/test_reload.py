@@ -299,3 +299,84 @@ def test_rejected_reload_via_relayctl_json(relayd):
     body = json.loads(result.stdout)
     assert body["ok"] is False and body["generation"] == 1
     assert body["errors"] == [f"{fragment}:2: logging.levle: unknown key (did you mean 'level'?)"]
+
+
+def test_tls_certificate_rotation_by_reload_and_a_broken_key_rejected(relayd, tmp_path):
+    import ssl
+    import trustme
+
+    first_ca, second_ca = trustme.CA(), trustme.CA()
+    first_ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "one.pem"))
+    second_ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "two.pem"))
+    port = free_port()
+
+    def config(pem: str, key: str | None = None) -> str:
+        return f"""
+            [listeners.web]
+            bind = "127.0.0.1:{port}"
+            tls = {{ cert = "{tmp_path / pem}", key = "{tmp_path / (key or pem)}" }}
+            [components.health]
+            kind = "status"
+            listener = "web"
+        """
+
+    def https_get(ca) -> bytes:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().read()
+        finally:
+            conn.close()
+
+    daemon = relayd(config("one.pem"))
+    assert https_get(first_ca) == b"ok\n"
+    main = daemon.config_dir / "relayd.toml"
+
+    main.write_text(config("two.pem"))
+    result = daemon.ctl("reload")
+    assert result.stdout.strip() == "reloaded: generation 2 (components.health)"
+    assert https_get(second_ca) == b"ok\n"
+    try:
+        https_get(first_ca)
+        raise AssertionError("the old certificate is still served")
+    except ssl.SSLCertVerificationError:
+        pass
+
+    main.write_text(config("two.pem", key="missing.pem"))
+    result = daemon.ctl("reload")
+    assert result.returncode == 1
+    line = next(n for n, text in enumerate(main.read_text().splitlines(), 1) if "[listeners.web]" in text)
+    assert (f"  {main}:{line}: listeners.web: cannot load TLS certificate/key: [Errno 2] No such file "
+            "or directory") in result.stderr.splitlines()
+    assert https_get(second_ca) == b"ok\n"  # the old generation, and its certificate, serve on
+    assert status(daemon)["generation"] == 2
+
+
+def test_relayctl_check_validates_the_files_without_reloading(relayd):
+    ports = Ports()
+    daemon = relayd(config_text(ports, second=False, auth=False))
+    assert daemon.ctl("check").stdout.strip() == "configuration on disk is valid"
+    fragment = daemon.config_dir / "conf.d" / "10-bad.toml"
+    fragment.parent.mkdir(exist_ok=True)
+    fragment.write_text("[listeners.web]\nbacklog = 0\n")
+    result = daemon.ctl("check")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"{fragment}:2: listeners.web.backlog: Input should be greater than or equal to 1 (got 0)")
+    assert status(daemon)["generation"] == 1 and status(daemon)["last_reload"]["message"] == "started"
+
+
+def test_control_socket_mode_and_peer_credentials_in_the_log(relayd):
+    import os
+    import re
+    import stat
+
+    ports = Ports()
+    daemon = relayd(config_text(ports, second=False, auth=False), env={"RELAYD_CONTROL__MODE": "0600"})
+    assert stat.S_IMODE(os.stat(daemon.control_socket).st_mode) == 0o600
+    assert daemon.ctl("reload").returncode == 0
+    assert re.search(rf"control POST /v1/reload from pid=\d+ uid={os.getuid()} gid={os.getgid()}", daemon.log)
+    daemon.stop()
+    assert not os.path.exists(daemon.control_socket)  # relayd bound it, relayd removes it
