@@ -31,6 +31,15 @@ def test_renders_without_warnings(page: str) -> None:
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_pages_are_ascii(page: str) -> None:
+    # groff reads bytes as Latin-1 unless preconv runs first (man does, groff -z not): use
+    # escapes such as \(em, \(lq, \(co instead of UTF-8 characters.
+    bad = [f"{page}:{n}: {line}" for n, line in enumerate((MAN / page).read_text().splitlines(), 1)
+           if not line.isascii()]
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.skipif(GROFF is None, reason="groff is not installed")
 def test_warnings_are_detected(tmp_path: Path) -> None:
     # Guards the test above: a broken page must produce output it would reject.
