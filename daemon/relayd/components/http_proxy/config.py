@@ -50,7 +50,8 @@ class ServiceConfig(BaseModel):
     preserve_host: bool = Field(False, description="send the client's Host upstream instead of the `to` host")
     connect_timeout: Seconds = Field(5.0, description="seconds to connect to the upstream (504 after)")
     read_timeout: Seconds = Field(60.0, description="seconds the upstream may stay silent while a response "
-                                  "is awaited or streamed (504 before the response starts)")
+                                  "is awaited or streamed (504 before the response starts); "
+                                  "not applied to WebSocket tunnels")
     total_timeout: Seconds = Field(0.0, description="seconds a whole exchange may take; 0 = no limit "
                                    "(not applied to WebSocket tunnels)")
     max_body: int = Field(1 << 30, ge=0, description="largest request body in bytes (413 above); 0 = no limit")

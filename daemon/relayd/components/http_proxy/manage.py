@@ -52,6 +52,9 @@ class ManagementAPI:
             return await self._route(request, request.method, parts)
         except ApiError as exc:
             return _json({"message": exc.message}, exc.status)
+        except Exception:  # a bug: log it here, answer JSON there, never a traceback
+            self.c.log.exception("management API %s %s failed", request.method, path)
+            return _json({"message": "internal error"}, 500)
 
     async def _route(self, request: web.BaseRequest, method: str, parts: list[str]) -> web.StreamResponse:
         n = len(parts)

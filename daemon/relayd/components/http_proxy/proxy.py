@@ -508,7 +508,7 @@ class ClientConnection(asyncio.Protocol):
     def _arm_timer(self, ex: Exchange) -> None:
         cfg = ex.route.config
         when = ex.last_io + cfg.read_timeout if cfg.read_timeout else None
-        if cfg.total_timeout and not ex.tunnel:
+        if cfg.total_timeout:
             total = ex.started + cfg.total_timeout
             when = total if when is None else min(when, total)
         if when is not None:
@@ -516,17 +516,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _check_timer(self, ex: Exchange) -> None:
         ex.timer = None
-        if ex.finished:
+        if ex.finished or ex.tunnel:  # WebSocket tunnels may idle (the peers ping if they care)
             return
         cfg = ex.route.config
         now = self.core.loop.time()
-        if cfg.total_timeout and not ex.tunnel and now >= ex.started + cfg.total_timeout:
+        if cfg.total_timeout and now >= ex.started + cfg.total_timeout:
             self._fail(ex, 504, "upstream did not complete the response in time")
         elif cfg.read_timeout and now >= ex.last_io + cfg.read_timeout:
-            if ex.tunnel:
-                self._abort(ex)
-            else:
-                self._fail(ex, 504, "upstream did not answer in time")
+            self._fail(ex, 504, "upstream did not answer in time")
         else:
             self._arm_timer(ex)
 
@@ -599,6 +596,9 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"\r\n".join(out) + b"\r\n\r\n")  # type: ignore[union-attr]
             ex.tunnel = True
             ex.resp_keep_alive = False
+            if ex.timer:
+                ex.timer.cancel()
+                ex.timer = None
             if self._paused_waiting:
                 self._paused_waiting = False
                 self._update_reading()
