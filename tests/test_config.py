@@ -480,3 +480,14 @@ def test_check_loads_tls_certificates(tmp_path, check_here):
     assert result.stderr.splitlines()[0] == (
         f"relayd: {tmp_path / 'relayd.toml'}:3: listeners.web.tls: cannot load TLS certificate/key: "
         "[Errno 2] No such file or directory")
+
+
+def test_a_directory_without_configuration_is_an_error(tmp_path, check_here):
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "README").write_text("not configuration\n")
+    result = check_here(tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == (
+        f"relayd: {tmp_path}: no relayd.toml, relayd.yaml or conf.d/*.toml here")
+    (tmp_path / "conf.d" / "10-only.toml").write_text("drain_timeout = 1\n")
+    assert check_here(tmp_path).returncode == 0  # conf.d alone is a configuration

@@ -245,7 +245,7 @@ class Daemon:
             try:
                 config = await asyncio.to_thread(self.load)
                 new, changed = await self._build(config, old)
-            except (ConfigError, Exception) as exc:
+            except Exception as exc:
                 if not isinstance(exc, ConfigError):
                     # A bug, not a bad config; still keep serving and answer READY=1, or
                     # systemd would wait in "reloading" for ever.

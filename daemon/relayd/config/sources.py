@@ -88,6 +88,8 @@ def config_files(path: Path) -> list[Path]:
     confd = path / "conf.d"
     if confd.is_dir():
         files += sorted(p for p in confd.glob("*.toml") if p.is_file())
+    if not files:  # most likely the wrong directory: do not start an empty daemon
+        raise ConfigError([Problem("no relayd.toml, relayd.yaml or conf.d/*.toml here", str(path))])
     return files
 
 
