@@ -673,3 +673,42 @@ def test_connect_timeout_is_504(relayd, port, upstream):
     finally:
         for sock in fillers + [stuck]:
             sock.close()
+
+
+def test_service_certificates_by_sni(relayd, port, upstream, ca, tmp_path):
+    default = ca.issue_cert("127.0.0.1")
+    default.cert_chain_pems[0].write_to_path(tmp_path / "default.pem")
+    default.private_key_pem.write_to_path(tmp_path / "default.key")
+    own = ca.issue_cert("acme.test")
+    own.cert_chain_pems[0].write_to_path(tmp_path / "acme.pem")
+    own.private_key_pem.write_to_path(tmp_path / "acme.key")
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_pem)
+    tls_port = free_port()
+    daemon = relayd(proxy_config(port, upstream.url, listeners='["secure"]', service_extra=f"""
+        server_names = ["acme.test"]
+        cert = "{tmp_path / 'acme.pem'}"
+        key = "{tmp_path / 'acme.key'}"
+    """, extra=f"""
+        [listeners.secure]
+        bind = "127.0.0.1:{tls_port}"
+        tls = {{ cert = "{tmp_path / 'default.pem'}", key = "{tmp_path / 'default.key'}" }}
+    """))
+
+    def served(server_name: str) -> bytes:
+        context = ssl.create_default_context(cafile=str(ca_pem))
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name) as tls:
+                return tls.getpeercert(binary_form=True)
+
+    assert served("acme.test") == ssl.PEM_cert_to_DER_cert((tmp_path / "acme.pem").read_text())
+    assert served("127.0.0.1") == ssl.PEM_cert_to_DER_cert((tmp_path / "default.pem").read_text())
+    client = ssl.create_default_context(cafile=str(ca_pem))
+    conn = http.client.HTTPSConnection("acme.test", tls_port, context=client, timeout=10)
+    conn.sock = client.wrap_socket(socket.create_connection(("127.0.0.1", tls_port)), server_hostname="acme.test")
+    conn.request("GET", "/acme/x")
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read())["path"] == "/x"
+    conn.close()
+    info = json.loads(daemon.ctl("service", "info", "acme").stdout)
+    assert info["certHash"] == "sha3:" + hashlib.sha3_256((tmp_path / "acme.pem").read_bytes()).hexdigest()

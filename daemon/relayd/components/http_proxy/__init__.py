@@ -67,8 +67,10 @@ class HttpProxy(Component):
         self._ssl_generation: int | None = None
         self._ssl_contexts: dict[str, ssl.SSLContext] = {}
         self._context_listener: dict[int, str] = {}  # id(first context of a server) -> listener
+        self._service_contexts: dict[tuple[str, str], ssl.SSLContext] = {}  # (listener, SNI name)
         try:
             await self._load_services()
+            self._load_service_certs(strict=True)
             for listener in self._listener_names():
                 await self._serve(listener)
             if cfg.management:
@@ -173,8 +175,7 @@ class HttpProxy(Component):
     def _server_ssl(self, lname: str) -> ssl.SSLContext:
         listener = self.context.listener(lname)
         assert listener.config.tls is not None
-        context = make_server_ssl_context(listener.config.tls)
-        context.set_alpn_protocols(["http/1.1"])
+        context = _tls_context(listener.config.tls.cert, listener.config.tls.key, listener.config.tls.client_ca)
         context.sni_callback = self._sni  # type: ignore[assignment]
         self._ssl_contexts[lname] = context
         self._ssl_generation = self._generation()
@@ -194,14 +195,37 @@ class HttpProxy(Component):
             for lname in list(self._ssl_contexts):
                 tls = self.context.listener(lname).config.tls
                 try:
-                    fresh = make_server_ssl_context(tls)  # type: ignore[arg-type]
-                    fresh.set_alpn_protocols(["http/1.1"])
-                    self._ssl_contexts[lname] = fresh
+                    self._ssl_contexts[lname] = _tls_context(tls.cert, tls.key, tls.client_ca)  # type: ignore[union-attr]
                 except ListenerError as exc:
                     self.log.error("keeping the old certificate of listener %s: %s", lname, exc)
-        current = self._ssl_contexts.get(self._context_listener.get(id(context), ""))
+            self._load_service_certs()
+        lname = self._context_listener.get(id(context), "")
+        current = self._service_contexts.get((lname, (server_name or "").lower()))
+        if current is None:
+            current = self._ssl_contexts.get(lname)
         if current is not None and current is not context:
             sslobj.context = current
+
+    def _load_service_certs(self, strict: bool = False) -> None:
+        """Services with their own cert/key: chosen by SNI among their server_names."""
+        contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+        for service in self.services.values():
+            scfg = service.config
+            if scfg.cert is None or scfg.key is None:
+                continue
+            try:
+                context = _tls_context(scfg.cert, scfg.key)
+            except ListenerError as exc:
+                if strict:
+                    raise ValueError(f"service {service.name}: {exc}") from None
+                self.log.error("service %s: keeping its old certificate: %s", service.name, exc)
+                old = [k for k, v in self._service_contexts.items() if k[1] in scfg.server_names]
+                contexts.update({k: self._service_contexts[k] for k in old})
+                continue
+            for lname in scfg.listeners:
+                for name in scfg.server_names:
+                    contexts[(lname, name)] = context
+        self._service_contexts = contexts
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -302,6 +326,14 @@ class HttpProxy(Component):
             return web.json_response({"message": "a valid 'Authorization: Bearer <token>' is required"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="relayd"'})
         return await self.api.handle(request, request.path.lstrip("/"))  # type: ignore[arg-type]
+
+
+def _tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    from relayd.config.model import TLSConfig
+
+    context = make_server_ssl_context(TLSConfig(cert=cert, key=key, client_ca=client_ca))
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 def _port(addresses: list[str]) -> int | None:

@@ -38,6 +38,9 @@ class ServiceConfig(BaseModel):
     unix_socket: Path | None = Field(
         None, description="connect to the upstream through this unix socket instead of the `to` host"
     )
+    cert: Path | None = Field(None, description="PEM certificate of this service on TLS listeners, chosen "
+                              "by SNI among its server_names (default: the listener's)")
+    key: Path | None = Field(None, description="PEM private key of `cert`")
     tls_verify: bool = Field(True, description="verify an https upstream's certificate and name")
     ca_file: Path | None = Field(None, description="CA bundle for an https upstream (default: system CAs)")
     tls_server_name: str | None = Field(None, description="SNI and verified name of an https upstream "
@@ -81,6 +84,14 @@ class ServiceConfig(BaseModel):
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
         return [v.lower().strip("[]") for v in value]
+
+    @model_validator(mode="after")
+    def _cert_pair(self) -> ServiceConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("`cert` and `key` go together")
+        if self.cert is not None and not self.server_names:
+            raise ValueError("a service `cert` is chosen by SNI: it needs `server_names`")
+        return self
 
     @property
     def prefix(self) -> str:

@@ -149,7 +149,9 @@ class ManagementAPI:
             if listener.ssl_context is not None:
                 https += listener.addresses
                 tls = listener.config.tls
-                if cert is None and tls is not None:
+                if cert is None and scfg.cert is not None:
+                    cert = {"path": str(scfg.cert), "keyPath": str(scfg.key), "hash": _cert_hash(scfg.cert)}
+                elif cert is None and tls is not None:
                     cert = {"path": str(tls.cert), "keyPath": str(tls.key), "hash": _cert_hash(tls.cert)}
             else:
                 http += listener.addresses
@@ -216,6 +218,8 @@ class ManagementAPI:
         }
         if parsed["read_timeout"]:
             definition["read_timeout"] = parsed["read_timeout"]
+        if parsed["cert"] and parsed["server_names"]:
+            definition["cert"], definition["key"] = parsed["cert"], parsed["key"]  # served by SNI
         try:
             scfg = ServiceConfig.model_validate(definition)
         except ValidationError as exc:
@@ -226,12 +230,22 @@ class ManagementAPI:
         except ValueError as exc:
             status = 409 if "already bound" in str(exc) else 400
             raise ApiError(status, str(exc)) from None
+        if scfg.cert is not None:
+            from relayd.listeners import ListenerError
+
+            from . import _tls_context
+
+            try:
+                _tls_context(scfg.cert, scfg.key)  # type: ignore[arg-type]
+            except ListenerError as exc:
+                raise ApiError(400, str(exc)) from None
         created = await self.c.counters.call(self.c.counters.store.add_service, name, definition)
         from . import Service
 
         service = Service(name, scfg, "runtime", created, definition)
         self.c.services[name] = service
         self.c.rebuild_routes()
+        self.c._load_service_certs()
         self.c.log.info("service %s created through the management API (%s -> %s)", name, scfg.from_, scfg.to)
         return self.service_json(service)
 
