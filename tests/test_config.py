@@ -491,3 +491,12 @@ def test_a_directory_without_configuration_is_an_error(tmp_path, check_here):
         f"relayd: {tmp_path}: no relayd.toml, relayd.yaml or conf.d/*.toml here")
     (tmp_path / "conf.d" / "10-only.toml").write_text("drain_timeout = 1\n")
     assert check_here(tmp_path).returncode == 0  # conf.d alone is a configuration
+
+
+def test_port_out_of_range(tmp_path, check_here):
+    write(tmp_path / "relayd.toml", '[listeners.web]\nbind = "127.0.0.1:70000"\n')
+    result = check_here(tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == (
+        f"relayd: {tmp_path / 'relayd.toml'}:2: listeners.web.bind: the port must be between 0 and 65535 "
+        "(got '127.0.0.1:70000')")

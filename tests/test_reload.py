@@ -380,3 +380,25 @@ def test_control_socket_mode_and_peer_credentials_in_the_log(relayd):
     assert re.search(rf"control POST /v1/reload from pid=\d+ uid={os.getuid()} gid={os.getgid()}", daemon.log)
     daemon.stop()
     assert not os.path.exists(daemon.control_socket)  # relayd bound it, relayd removes it
+
+
+def test_a_listener_that_cannot_bind_rejects_the_reload(relayd):
+    ports = Ports()
+    daemon = relayd(config_text(ports, second=False, auth=False, extra_listener=False))
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    try:
+        main = daemon.config_dir / "relayd.toml"
+        main.write_text(main.read_text() + f'\n[listeners.more]\nbind = "127.0.0.1:{taken}"\n')
+        result = daemon.ctl("reload")
+        assert result.returncode == 1
+        line = len(main.read_text().splitlines()) - 1
+        assert (f"  {main}:{line}: listeners.more: cannot listen on 127.0.0.1:{taken}: Address already in use"
+                in result.stderr.splitlines())
+        now = status(daemon)
+        assert now["generation"] == 1 and "more" not in now["listeners"]
+        assert http_get(ports.web, "/healthz") == (200, b"ok\n")
+    finally:
+        squatter.close()

@@ -41,7 +41,10 @@ def parse_bind(bind: str) -> tuple[int, object]:
 
 def bind_socket(bind: str, backlog: int) -> socket.socket:
     family, address = parse_bind(bind)
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # e.g. IPv6 disabled on this host, for "PORT" or "[::]:PORT"
+        raise ListenerError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
     try:
         if family == socket.AF_UNIX:
             # Abstract names ("\0name") have no file to clean up (and Path() rejects NUL).

@@ -48,6 +48,8 @@ class ListenerConfig(Strict):
     def _bind_shape(cls, value: str | None) -> str | None:
         if value is not None and not _BIND.match(value):
             raise ValueError("expected 'HOST:PORT', '[IPV6]:PORT', 'PORT' or 'unix:PATH'")
+        if value is not None and not value.startswith("unix:") and int(value.rpartition(":")[2]) > 65535:
+            raise ValueError("the port must be between 0 and 65535")
         return value
 
     @model_validator(mode="after")
