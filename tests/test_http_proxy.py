@@ -712,3 +712,37 @@ def test_service_certificates_by_sni(relayd, port, upstream, ca, tmp_path):
     conn.close()
     info = json.loads(daemon.ctl("service", "info", "acme").stdout)
     assert info["certHash"] == "sha3:" + hashlib.sha3_256((tmp_path / "acme.pem").read_bytes()).hexdigest()
+
+
+def test_http10_client_gets_chunked_responses_dechunked(relayd, port):
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for word in (b"one ", b"two ", b"three"):
+            await response.write(word)
+        await response.write_eof()
+        return response
+
+    up = Upstream()
+    original = up.app
+
+    def app() -> web.Application:
+        application = original()
+        application.router.add_get("/chunked", chunked)
+        return application
+
+    up.app = app  # type: ignore[method-assign]
+    with up:
+        relayd(proxy_config(port, up.url))
+        for version, expect_chunked in ((b"HTTP/1.0", False), (b"HTTP/1.1", True)):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /acme/chunked " + version + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert (b"Transfer-Encoding: chunked" in head) == expect_chunked
+            if not expect_chunked:
+                assert body == b"one two three"

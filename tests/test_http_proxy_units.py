@@ -122,3 +122,12 @@ def test_parse_service_requires_binds_and_cert():
     parsed = parse_service({"from": "/a", "to": "http://h", "bind": ["1.2.3.4:1", "1.2.3.4:2"],
                             "cert": {"path": "c", "keyPath": "k"}, "responseTimeout": 1500})
     assert parsed["https"] == ["1.2.3.4:1", "1.2.3.4:2"] and parsed["read_timeout"] == 1.5
+
+
+def test_dechunking_for_http10_clients():
+    body = b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n"
+    for cut in range(len(body) + 1):
+        f = Framer(-1, dechunk=True)
+        f.feed(body[:cut])
+        f.feed(body[cut:])
+        assert f.done and b"".join(f.payload) == b"hello world", cut

@@ -102,9 +102,11 @@ class Framer:
     true when the body is complete (bytes after that belong to the next message).
     """
 
-    __slots__ = ("remaining", "chunked", "until_close", "done", "_state", "_line", "_trailer_line")
+    __slots__ = ("remaining", "chunked", "until_close", "done", "_state", "_line", "_trailer_line", "payload")
 
-    def __init__(self, length: int | None, *, until_close: bool = False) -> None:
+    def __init__(self, length: int | None, *, until_close: bool = False, dechunk: bool = False) -> None:
+        # dechunk: collect the chunk payloads in ``payload`` (for HTTP/1.0 clients).
+        self.payload: list[bytes] | None = [] if dechunk and length == -1 else None
         self.until_close = until_close and length is None
         self.chunked = length == -1
         self.remaining = length if (length is not None and length > 0) else 0
@@ -131,6 +133,8 @@ class Framer:
             state = self._state
             if state == 1:  # chunk data: skip without looking at it
                 n = min(self.remaining, end - pos)
+                if self.payload is not None:
+                    self.payload.append(data[pos:pos + n])
                 pos += n
                 self.remaining -= n
                 if self.remaining == 0:

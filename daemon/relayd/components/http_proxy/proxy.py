@@ -68,7 +68,7 @@ class Exchange:
     __slots__ = ("route", "identity", "user", "method", "target", "endpoint", "keep_alive", "upgrade",
                  "req_framer", "resp_framer", "upstream", "head", "bytes_in", "bytes_out", "status",
                  "started", "last_io", "timer", "reused", "resp_keep_alive", "finished", "head_request",
-                 "counted", "tunnel", "resp_head", "connection")
+                 "counted", "tunnel", "resp_head", "connection", "http10")
 
     def __init__(self, route: Route, method: bytes, target: str, keep_alive: bool) -> None:
         self.route = route
@@ -97,6 +97,7 @@ class Exchange:
         self.tunnel = False
         self.resp_head = b""
         self.connection: bytes | None = None
+        self.http10 = False  # the client speaks HTTP/1.0: no chunked responses
 
 
 class ClientConnection(asyncio.Protocol):
@@ -303,6 +304,7 @@ class ClientConnection(asyncio.Protocol):
         ex = Exchange(route, method, target, keep_alive)
         ex.upgrade = upgrade
         ex.connection = connection
+        ex.http10 = version == b"HTTP/1.0"
         ex.req_framer = Framer(length) if length else None
         ex.started = self.core.loop.time()
         self.ex = ex
@@ -619,8 +621,11 @@ class ClientConnection(asyncio.Protocol):
         for name, _, raw in headers:
             if name not in drop:
                 out.append(raw)
-        if length == -1:
+        dechunk = length == -1 and ex.http10
+        if length == -1 and not dechunk:
             out.append(b"Transfer-Encoding: chunked")
+        if dechunk:  # an HTTP/1.0 client reads the payload until the connection closes
+            ex.keep_alive = False
         if self.tls and route.hsts:
             out.append(route.hsts)
         if length is None or not ex.keep_alive:
@@ -628,7 +633,7 @@ class ClientConnection(asyncio.Protocol):
             out.append(b"Connection: close")
         out.append(b"\r\n")
         ex.resp_head = b"\r\n".join(out)  # written together with the first body bytes
-        return Framer(length, until_close=True)
+        return Framer(length, until_close=True, dechunk=dechunk)
 
     def response_body(self, ex: Exchange, data: bytes) -> None:
         ex.bytes_out += len(data)
@@ -788,7 +793,11 @@ class UpstreamConnection(asyncio.Protocol):
             except ProtocolError as exc:
                 client._fail(ex, 502, str(exc))
                 return
-            if n:
+            if framer.payload is not None:  # de-chunking for an HTTP/1.0 client
+                piece, framer.payload = b"".join(framer.payload), []
+                if piece:
+                    client.response_body(ex, piece)
+            elif n:
                 client.response_body(ex, data if n == len(data) else data[:n])
             if framer.done:
                 if n < len(data):
@@ -829,6 +838,15 @@ class UpstreamConnection(asyncio.Protocol):
                 n = framer.feed(rest) if rest else 0
             except ProtocolError as exc:
                 client._fail(ex, 502, str(exc))
+                return
+            if framer.payload is not None:  # de-chunking for an HTTP/1.0 client
+                payload, framer.payload = b"".join(framer.payload), []
+                ex.bytes_out += len(payload)
+                client.transport.writelines((head, payload))  # type: ignore[union-attr]
+                if framer.done:
+                    if n < len(rest):
+                        ex.resp_keep_alive = False
+                    client.response_done(ex)
                 return
             # One write for head and body: on loopback every send costs as much as the parsing.
             if n:
