@@ -231,3 +231,18 @@ def test_a_passed_socket_that_does_not_listen_is_a_clear_error(tmp_path):
         connected.close()
         server.close()
         daemon.kill()
+
+
+def test_a_tcp_socket_passed_as_control_is_refused(tmp_path):
+    web, tcp_control = listening_socket("127.0.0.1:0"), listening_socket("127.0.0.1:0")
+    config = write_config(tmp_path / "etc", ACTIVATED)
+    daemon = start_relayd(tmp_path, config, activate={"web": [web], "control": [tcp_control]},
+                          wait_ready=False)
+    try:
+        assert daemon.process.wait(30) == 1
+        assert ("control socket: the socket passed as 'control' is not a unix socket; refusing to serve "
+                "the control API on it") in daemon.log
+    finally:
+        web.close()
+        tcp_control.close()
+        daemon.kill()

@@ -60,6 +60,13 @@ class ControlServer:
     async def start(self, config: ControlConfig, activated: dict[str, list[socket.socket]]) -> None:
         if config.fd_name in activated:
             sock = activated[config.fd_name][0]
+            if sock.family != socket.AF_UNIX:
+                # The control API's only access control is the socket file's mode (and peer
+                # credentials): never serve it on a network socket.
+                raise ListenerError(
+                    f"control socket: the socket passed as {config.fd_name!r} is not a unix socket; "
+                    "refusing to serve the control API on it"
+                )
             sock = socket.socket(fileno=os.dup(sock.fileno()))
         else:
             bind = "unix:" + config.socket

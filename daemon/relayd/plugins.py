@@ -62,7 +62,7 @@ class Registry:
         try:
             plugin.cls = ep.load()
             _check_plugin(group, ep.name, plugin.cls)
-        except Exception as exc:  # a broken plugin is reported, not fatal until used
+        except (Exception, SystemExit) as exc:  # a broken plugin is reported, not fatal until used
             plugin.cls = None
             plugin.error = f"{type(exc).__name__}: {exc}"
         existing = self.plugins[group].get(ep.name) or None
