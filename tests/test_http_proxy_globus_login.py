@@ -28,10 +28,17 @@ def _config(port: int, tls_port: int, cert, key, upstream: str, fake, extra: str
         [components.web]
         kind = "http_proxy"
         auth = "browser"
+        [auth.open]
+        method = "none"
         [components.web.services.app]
         listeners = ["secure"]
         from = "/app"
         to = "{upstream}"
+        [components.web.services.public]
+        listeners = ["secure"]
+        from = "/public"
+        to = "{upstream}"
+        auth = "open"
     """
 
 
@@ -79,6 +86,12 @@ def test_globus_login_session_identity_headers_and_logout(relayd, fake_globus, t
             assert "relayd_session" not in ";".join(headers.get("cookie", []))
             cookie = [c for c in session.cookie_jar if c.key == "relayd_session"][0]
             assert cookie["httponly"] and cookie["secure"] and cookie["samesite"] == "Lax"
+            # Session cookies never reach an upstream, whichever service; the app's own do.
+            session.cookie_jar.update_cookies({"app": "1"}, response_url=aiohttp.client.URL(base))
+            for path in ("/app/c", "/public/c"):
+                async with session.get(base + path) as r:
+                    sent = echoed_headers(await r.read()).get("cookie", [])
+                    assert sent == ["app=1"], (path, sent)
             # The session is reused without Globus.
             async with session.get(base + "/app/again", allow_redirects=False) as r:
                 assert r.status == 200

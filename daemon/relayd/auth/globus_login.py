@@ -157,12 +157,6 @@ class GlobusLogin(AuthMethod):
             return None
         return session.identity
 
-    def strip_cookies(self, cookie_value: bytes) -> bytes:
-        """The Cookie header without relayd's own cookies (never sent upstream)."""
-        ours = (self.config.cookie_name.encode() + b"=", self.login_cookie.encode() + b"=")
-        kept = [p for p in (part.strip() for part in cookie_value.split(b";")) if p and not p.startswith(ours)]
-        return b"; ".join(kept)
-
     # -- the flow --------------------------------------------------------------------------------
 
     def start_login(self, scheme: str, host: str, target: str) -> tuple[str, list[bytes]]:

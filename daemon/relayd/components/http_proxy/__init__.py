@@ -142,6 +142,17 @@ class HttpProxy(Component):
             route = Route(service.name, scfg, auth, self.core, names, https_port)
             for lname in scfg.listeners:
                 routers.setdefault(lname, []).append(route)
+        # Session cookies of browser logins are removed from every service's requests: they are
+        # set for the whole host, whichever service the browser visits.
+        prefixes: set[bytes] = set()
+        for routes in routers.values():
+            for route in routes:
+                if route.browser:
+                    name = route.auth.config.cookie_name.encode()  # type: ignore[attr-defined]
+                    prefixes.update({name + b"=", name + b"_login="})
+        for routes in routers.values():
+            for route in routes:
+                route.strip_session_cookies(tuple(sorted(prefixes)))
         for lname, routes in routers.items():
             router = self.routers.get(lname)
             if router is None:

@@ -434,7 +434,9 @@ class ClientConnection(asyncio.Protocol):
                 elif name == b"authorization" and cfg.pass_credentials:
                     out.append(line)
                 elif name == b"cookie":
-                    kept = route.auth.strip_cookies(value)  # type: ignore[attr-defined]
+                    prefixes = route.cookie_prefixes
+                    kept = b"; ".join(p for p in (c.strip() for c in value.split(b";"))
+                                      if p and not p.startswith(prefixes))
                     if kept:
                         out.append(b"Cookie: " + kept)
                 continue

@@ -74,7 +74,11 @@ class Route:
         self.cache = core.auth_caches.setdefault(auth.name, {})
         self.cacheable = getattr(auth.config, "method", None) == "basic"
         self.browser = bool(getattr(auth, "browser", False))  # cookie sessions (globus_login)
-        if self.browser:
+        self.cookie_prefixes: tuple[bytes, ...] = ()  # relayd's own cookies, never sent upstream
+
+    def strip_session_cookies(self, prefixes: tuple[bytes, ...]) -> None:
+        self.cookie_prefixes = prefixes
+        if prefixes:
             self.strip_headers = self.strip_headers | {b"cookie"}
 
     def _client_ssl(self) -> ssl.SSLContext:
