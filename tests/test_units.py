@@ -134,3 +134,9 @@ def test_listener_socket_names_match_example_config() -> None:
     config = tomllib.loads((ROOT / "etc/relayd/relayd.toml").read_text())
     fd_names = {listener.get("fd_name") for listener in config["listeners"].values()}
     assert names and names <= fd_names, (names, fd_names)
+    # The bind fallback (relayd run by hand) is the address the socket unit listens on.
+    binds = {listener["fd_name"]: listener.get("bind") for listener in config["listeners"].values()
+             if listener.get("fd_name")}
+    socket = settings("relayd.socket")
+    assert list(zip(socket["FileDescriptorName"], socket["ListenStream"])) == [
+        (name, binds[name]) for name in socket["FileDescriptorName"]]
