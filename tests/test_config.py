@@ -500,3 +500,9 @@ def test_port_out_of_range(tmp_path, check_here):
     assert result.stderr.splitlines()[0] == (
         f"relayd: {tmp_path / 'relayd.toml'}:2: listeners.web.bind: the port must be between 0 and 65535 "
         "(got '127.0.0.1:70000')")
+
+
+def test_origins_quote_keys_with_dots(tmp_path):
+    text = write(tmp_path / "relayd.toml", '[logging.loggers]\n"relayd.relay" = "debug"\n')
+    rows = {key: origin for key, _, origin in load(tmp_path).with_origins()}
+    assert rows['logging.loggers."relayd.relay"'] == f"{tmp_path / 'relayd.toml'}:{line_of(text, 'relayd.relay')}"

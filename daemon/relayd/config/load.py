@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +46,15 @@ def _leaves(value: Any, path: Path_, rows: list, origins: dict[Path_, str]) -> N
             _leaves(item, path + (key,), rows, origins)
         return
     origin = origins.get(path, "default")
-    rows.append((".".join(map(str, path)), value, origin))
+    rows.append((dotted_key(path), value, origin))
+
+
+def dotted_key(path: Path_) -> str:
+    """A key path as TOML writes it: logging.loggers."relayd.relay" (dots inside quoted)."""
+    return ".".join(
+        str(part) if re.fullmatch(r"[A-Za-z0-9_-]+", str(part)) else json.dumps(str(part), ensure_ascii=False)
+        for part in path
+    )
 
 
 class _LayeredSource(PydanticBaseSettingsSource):
@@ -129,7 +139,7 @@ def _explain(exc: ValidationError, layers: Layers, registry: Registry, model: ty
     problems = []
     for error in exc.errors():
         loc = _strip_tags(tuple(error["loc"]), registry)
-        key = ".".join(map(str, loc)) or None
+        key = dotted_key(loc) or None
         kind = error["type"]
         if kind == "extra_forbidden":
             allowed = _allowed_keys(model, layers.data, loc[:-1], registry)
@@ -154,7 +164,7 @@ def _explain(exc: ValidationError, layers: Layers, registry: Registry, model: ty
                 loc = loc + (tag,)  # point at the `kind = ...` line, not the table header
         elif loc and loc[-1] == "[key]":  # a table name like [components.Health]
             loc = loc[:-1]
-            key = ".".join(map(str, loc))
+            key = dotted_key(loc)
             message = (f"invalid name {loc[-1]!r}: names are lower-case letters, digits, '_' and '-', "
                        "starting with a letter (RELAYD_* variables cannot spell upper case)")
         else:
@@ -227,7 +237,7 @@ def _check_references(settings: CoreSettings, layers: Layers) -> list[Problem]:
                         Problem(
                             f"refers to {table}.{target}, which is not defined ({table}: {known})",
                             _origin(layers, path),
-                            ".".join(map(str, path)),
+                            dotted_key(path),
                         )
                     )
     return problems
