@@ -48,6 +48,7 @@ class EchoConfig(ComponentConfig):
     listener: ListenerRef = Field(description="listener to serve on")
     greeting: str = Field("hello", description="first word of every answer")
     api_key: Secret | None = Field(None, description="a secret, to test secret handling")
+    passphrase: Secret | None = Field(None, description="a secret whose name does not say so")
     auth: AuthRef | None = Field(None, description="auth method guarding every path")
     fail: Literal["init", "start"] | None = Field(None, description="raise in __init__ or start()")
 

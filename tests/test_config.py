@@ -467,6 +467,23 @@ def test_wrong_typed_secret_does_not_echo_the_value(tmp_path, plugin_site):
     assert "123456789" not in result.stderr
 
 
+def test_wrong_typed_secret_is_hidden_whatever_its_name(tmp_path, plugin_site):
+    """Not just names with 'secret', 'token'...: any field typed Secret (here 'passphrase')."""
+    config = write_config(tmp_path / "etc", f"""
+        [listeners.web]
+        bind = "127.0.0.1:{free_port()}"
+        [components.echo]
+        kind = "echo"
+        listener = "web"
+        passphrase = 987654321
+    """)
+    result = check(config, env={"PYTHONPATH": str(plugin_site)})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == (
+        f"relayd: {config / 'relayd.toml'}:7: components.echo.passphrase: Input should be a valid string")
+    assert "987654321" not in result.stderr
+
+
 def test_check_loads_tls_certificates(tmp_path, check_here):
     write(tmp_path / "relayd.toml", f"""
         [listeners.web]

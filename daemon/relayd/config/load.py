@@ -171,7 +171,8 @@ def _explain(exc: ValidationError, layers: Layers, registry: Registry, model: ty
             # pydantic prefixes our validators' messages with "Value error, ": noise to a reader.
             message = error["msg"].removeprefix("Value error, ")
             value = error.get("input")
-            if isinstance(value, (str, int, float, bool)) and not _looks_secret(loc):
+            secret = _looks_secret(loc) or _is_secret_field(model, layers.data, loc, registry)
+            if isinstance(value, (str, int, float, bool)) and not secret:
                 message += f" (got {value!r})"
         problems.append(Problem(message, _origin(layers, loc), key))
     return problems
@@ -183,6 +184,19 @@ def _looks_secret(loc: Path_) -> bool:
 
 def _allowed_keys(model: type, data: Any, loc: Path_, registry: Registry) -> list[str]:
     """Field names of the model found at `loc`, to suggest a fix for a misspelt key."""
+    found = _model_at(model, data, loc, registry)
+    return sorted(found.model_fields) if found else []
+
+
+def _is_secret_field(model: type, data: Any, loc: Path_, registry: Registry) -> bool:
+    """Whether `loc` is a Secret field of whatever model (core or plugin) holds it."""
+    parent = _model_at(model, data, loc[:-1], registry) if loc else None
+    info = parent.model_fields.get(str(loc[-1])) if parent else None
+    return info is not None and "SecretStr" in repr(info.annotation)
+
+
+def _model_at(model: type, data: Any, loc: Path_, registry: Registry) -> type[BaseModel] | None:
+    """The model describing the table at `loc` (plugin tables resolved by their kind/method)."""
     current: Any = model
     skip_key = False
     for depth, part in enumerate(loc):
@@ -195,15 +209,15 @@ def _allowed_keys(model: type, data: Any, loc: Path_, registry: Registry) -> lis
                 current = cls.Config if cls else None
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
+            return None
         info = current.model_fields.get(str(part))
         if info is None:
-            return []
+            return None
         skip_key = typing.get_origin(info.annotation) is dict
         current = _model_of(info.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
-        return sorted(current.model_fields)
-    return []
+        return current
+    return None
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
