@@ -1,7 +1,14 @@
 """Test helpers for relayd and its plugins: a fake service manager and a daemon runner.
 
 Shipped in the package (as mitmproxy ships its addon test context) so that third-party
-plugin authors can start a real relayd around their component in their own tests.
+plugin authors can start a real relayd around their component in their own tests:
+
+* :class:`FakeServiceManager`: the $NOTIFY_SOCKET end (path or ``@abstract``), reading
+  sender pids from SCM_CREDENTIALS as systemd does;
+* :func:`start_relayd`: a relayd subprocess on a config directory, ready when READY=1
+  arrives; ``activate=`` passes sockets made by the test (:func:`listening_socket`) through
+  :func:`activator_command`, ``systemd_activate=`` runs it under ``systemd-socket-activate``;
+* :func:`write_config`, :func:`free_port`.
 """
 
 from __future__ import annotations
