@@ -53,7 +53,7 @@ def test_full_config_converts_and_lists_what_it_dropped(tmp_path):
                                            "client_secret": "s3cret",
                                            "audience": "0f2a5b61-1111-4222-8333-444455556666"}
     assert data["components"]["edge"] == {"kind": "relay", "listener": "edge", "auth": "edge_globus",
-                                          "max_message_bytes": 16384, "current_clients_interval": 30,
+                                          "max_message_bytes": 16384 - 49, "current_clients_interval": 30,
                                           "current_clients_limit": 8}
     assert data["logging"]["loggers"] == {"relayd.relay.edge": "warning"}
     for word in ("log_dir", "websockets_level", "default_log_level", "connected_client_logging_limit",

@@ -26,6 +26,7 @@ _DOC_TYPOS = {
     "connected_client_logging_limit": "current_client_limit",
 }
 _LEVELS = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
+_GETSIZEOF_ASCII_OVERHEAD = 49  # sys.getsizeof("") on CPython 3.11-3.13 (64-bit)
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 
@@ -131,9 +132,12 @@ def convert(text: str, name: str = "relay") -> Imported:
 
     out += [f"[components.{name}]", 'kind = "relay"', f"listener = {_q(name)}", f"auth = {_q(auth_name)}"]
     if max_bytes is not None:
-        out.append(f"max_message_bytes = {max_bytes}")
-        notes.append("max_message_bytes: proxystore-relay compared sys.getsizeof(str) (characters + 49 "
-                     "for ASCII); relayd counts UTF-8 bytes, so the same number allows ~49 bytes less")
+        # proxystore-relay compared sys.getsizeof(str): 49 + the length for the ASCII text its
+        # clients send (ensure_ascii JSON). The same cut-off in UTF-8 bytes is 49 less.
+        equivalent = max(1, max_bytes - _GETSIZEOF_ASCII_OVERHEAD)
+        out.append(f"max_message_bytes = {equivalent}  # proxystore-relay: {max_bytes} (sys.getsizeof)")
+        notes.append(f"max_message_bytes: {max_bytes} by sys.getsizeof in proxystore-relay is {equivalent} "
+                     "UTF-8 bytes for the ASCII JSON clients send; relayd counts UTF-8 bytes")
     for key in sorted(set(logging_) - _LOGGING):
         hint = f" (did you mean {_DOC_TYPOS[key]!r}? proxystore-relay silently ignored it)" \
             if key in _DOC_TYPOS else " (ignored by proxystore-relay)"
