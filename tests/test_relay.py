@@ -356,7 +356,7 @@ def test_status_metrics_and_periodic_log(daemon):
             text = daemon.ctl("metrics").stdout
             assert 'relayd_relay_clients{component="relay"} 1.0' in text
             assert 'relayd_relay_forwarded_total{component="relay"}' in text
-            assert wait_until(lambda: f"logged uuid={c.uuid}" in daemon.log)
+            assert wait_until(lambda: f"'logged' uuid={c.uuid}" in daemon.log)
             assert "Connected clients: 1" in daemon.log
             table = daemon.ctl("clients", "relay").stdout
             assert "logged" in table and str(c.uuid) in table

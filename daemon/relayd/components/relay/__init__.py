@@ -52,7 +52,7 @@ class RelayComponent(Component):
             clients = self.server.core.clients()
             lines = [f"Connected clients: {len(clients)}"]
             if limit is not None and 0 < len(clients) < limit:
-                lines += [f"  {c.name} uuid={c.uuid} identity={c.identity_label} address={c.address} "
+                lines += [f"  {c.name!r} uuid={c.uuid} identity={c.identity_label} address={c.address} "
                           f"since={_iso(c.connected_at)} in={c.messages_in} out={c.messages_out}"
                           for c in clients]
             self.log.info("\n".join(lines))

@@ -142,7 +142,7 @@ class RelayServer:
         finally:
             core.disconnect(client)
             if client.uuid is not None:
-                self.log.info("unregistered client %s (%s), close code %s", client.uuid, client.name,
+                self.log.info("unregistered client %s (%r), close code %s", client.uuid, client.name,
                               ws.close_code)
             if conn.timer:
                 conn.timer.cancel()
@@ -163,7 +163,7 @@ class RelayServer:
                 code, reason = p.TRY_AGAIN_LATER, exc.message
             else:
                 code, reason = p.FORBIDDEN, f"ForbiddenError: {exc.message}"
-            self.log.info("registration of %s (%s) from %s refused: %s", request.uuid, request.name,
+            self.log.info("registration of %s (%r) from %s refused: %s", request.uuid, request.name,
                           client.address, reason)
             return self.core.auth_failed(client, code, reason)
         except Exception:
@@ -176,7 +176,7 @@ class RelayServer:
             if client.conn.timer:
                 client.conn.timer.cancel()
                 client.conn.timer = None
-            self.log.info("registered client %s (%s) of %s from %s", request.uuid, request.name, label,
+            self.log.info("registered client %s (%r) of %s from %s", request.uuid, request.name, label,
                           client.address)
         return actions
 
@@ -223,7 +223,7 @@ class RelayServer:
             return
         transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if transport.get_write_buffer_size() > self.config.send_buffer_bytes:
-            self.log.warning("closing %s (%s) at %s: send buffer full, it does not read", client.uuid,
+            self.log.warning("closing %s (%r) at %s: send buffer full, it does not read", client.uuid,
                              client.name, client.address)
             self.close_peer(self.core.close(client, p.SLOW_RECEIVER, p.REASON_SLOW_RECEIVER))
 
