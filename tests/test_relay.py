@@ -424,8 +424,11 @@ def test_reload_keeps_an_unchanged_relays_connections(relayd, tmp_path: Path):
     async def main():
         a = RelayClient(f"ws://127.0.0.1:{ports['open']}", client_name="a", reconnect_task=False)
         changed = RelayClient(f"ws://127.0.0.1:{ports['limited']}", client_name="c", reconnect_task=False)
+        auto = RelayClient(f"ws://127.0.0.1:{ports['limited']}", client_name="auto")  # reconnects by itself
         await a.connect()
         await changed.connect()
+        await auto.connect()
+        kept = a._websocket
         conf = daemon.config_dir / "relayd.toml"
         conf.write_text(conf.read_text().replace("max_message_bytes = 300", "max_message_bytes = 400"))
         result = daemon.ctl("reload")
@@ -436,9 +439,15 @@ def test_reload_keeps_an_unchanged_relays_connections(relayd, tmp_path: Path):
         assert (await a.recv()).description == "still here"
         await changed._websocket.wait_closed()
         assert changed._websocket.protocol.close_rcvd.code == 1001
+        assert a._websocket is kept
+        # RelayClient's own reconnect task registers again with the new relay on the same port
+        assert await asyncio.to_thread(wait_until, lambda: registered_uuid(daemon, "limited", str(auto.uuid)))
         again = RelayClient(f"ws://127.0.0.1:{ports['limited']}", client_uuid=changed.uuid, reconnect_task=False)
         await again.connect()
+        await again.send(offer(again, auto.uuid, "after reload"))
+        assert (await auto.recv()).description == "after reload"
         await again.close()
+        await auto.close()
         await a.close()
 
     run(main())
