@@ -172,3 +172,24 @@ def test_fuzz_core_never_crashes_and_never_keeps_a_closed_client(script):
     for key, c in core.by_uuid.items():
         assert not c.closed and c.uuid == key and c in core.connections
     assert all(not c.closed for c in core.connections)
+
+
+_ws = st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\ufeff", max_size=3)
+_json_texts = st.one_of(
+    st.builds(lambda a, v, b: a + json.dumps(v) + b, _ws, st.recursive(
+        st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        max_leaves=5), _ws),
+    st.text(max_size=12), st.sampled_from(["", " ", "{} {}", "1 2", "\ufeff{}", "[1,]", "NaN", " -Infinity "]))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_json_texts)
+def test_parse_json_is_exactly_json_loads(text):
+    def outcome(parse):
+        try:
+            return ("ok", repr(parse(text)))
+        except (ValueError, RecursionError):
+            return ("error",)
+
+    assert outcome(p.parse_json) == outcome(json.loads)

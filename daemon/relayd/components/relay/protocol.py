@@ -17,6 +17,7 @@ another identity's UUID cannot be taken over.
 from __future__ import annotations
 
 import json
+import json.scanner
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _enc  # the C encoder json.dumps uses
@@ -87,6 +88,30 @@ _DESCRIPTION_TYPES = frozenset({"offer", "answer"})
 
 class BadMessage(Exception):
     """The text is not a message a client may send (close 4000)."""
+
+
+# json.loads without its Python-level wrapping (about half its time for a 200-byte message):
+# the same C scanner, with json.loads's rules for surrounding whitespace (" \t\n\r") and a BOM.
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())
+_JSON_WS = " \t\n\r"
+
+
+def parse_json(text: str) -> Any:
+    """Exactly json.loads(text) for a str, raising ValueError (or RecursionError) on bad input."""
+    try:
+        obj, end = _scan_once(text, 0)
+    except StopIteration:
+        stripped = text.lstrip(_JSON_WS)
+        if stripped is text or not stripped:
+            raise ValueError("not JSON") from None
+        text = stripped
+        try:
+            obj, end = _scan_once(text, 0)
+        except StopIteration:
+            raise ValueError("not JSON") from None
+    if end != len(text) and text[end:].strip(_JSON_WS):
+        raise ValueError("extra data")
+    return obj
 
 
 def canonical_uuid(value: Any) -> str:
@@ -234,7 +259,7 @@ class RelayCore:
                 len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit):
             return [self.close(client, TOO_LONG, REASON_TOO_LONG)]
         try:
-            obj = json.loads(text)
+            obj = parse_json(text)
         except (ValueError, RecursionError):
             return [self.close(client, BAD_MESSAGE, REASON_BAD_MESSAGE)]
         if type(obj) is not dict:
