@@ -746,3 +746,77 @@ def test_http10_client_gets_chunked_responses_dechunked(relayd, port):
             assert (b"Transfer-Encoding: chunked" in head) == expect_chunked
             if not expect_chunked:
                 assert body == b"one two three"
+
+
+class RawUpstream:
+    """A hand-written HTTP/1.1 server: answers the first request of each connection, then closes
+    the connection when a second request arrives (as an upstream whose keep-alive just expired)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            line = data.split(b"\r\n", 1)[0]
+            method, target = line.split(b" ")[:2]
+            if target.endswith(b"/empty"):
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nX-Kind: empty\r\n\r\n")
+            elif method == b"HEAD":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            data = data.split(b"\r\n\r\n", 1)[1]
+            while b"\r\n\r\n" not in data:  # the next request: drop the connection unanswered
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_reused_upstream_connection_that_died_is_retried_and_bodyless_responses(relayd, port):
+    raw = RawUpstream()
+    try:
+        relayd(proxy_config(port, f"http://127.0.0.1:{raw.port}"))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for _ in range(4):
+            conn.request("GET", "/acme/x")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"ok")
+        conn.request("HEAD", "/acme/x")
+        response = conn.getresponse()
+        assert response.status == 200 and response.headers["Content-Length"] == "100"
+        assert response.read() == b""
+        conn.request("GET", "/acme/empty")
+        response = conn.getresponse()
+        assert response.status == 204 and response.headers["X-Kind"] == "empty" and response.read() == b""
+        conn.request("GET", "/acme/x")  # the client connection is still in sync
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"ok")
+        conn.close()
+        assert raw.connections >= 2
+    finally:
+        raw.close()

@@ -74,8 +74,13 @@ class HttpProxy(Component):
             for listener in self._listener_names():
                 await self._serve(listener)
             if cfg.management:
+                listener = self.context.listener(cfg.management.listener)
+                if not listener.is_loopback:
+                    # The API creates users and reads billing data: never on a public address.
+                    raise ValueError(f"management listener {cfg.management.listener!r} must be loopback "
+                                     f"or a unix socket (it is {', '.join(listener.addresses)})")
                 self.mgmt_http = HttpService(self._handle_management)
-                await self.mgmt_http.serve(self.context.listener(cfg.management.listener))
+                await self.mgmt_http.serve(listener)
         except BaseException:
             await self._close_everything()
             raise
