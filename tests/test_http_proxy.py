@@ -7,6 +7,7 @@ import base64
 import hashlib
 import http.client
 import json
+import os
 import socket
 import sqlite3
 import ssl
@@ -32,6 +33,7 @@ SEED_ACME = {
     "cert": {"path": "/secure/acme/certs/server.cert", "keyPath": "/secure/acme/certs/server.key"},
 }
 CHUNK = 1 << 20
+PATTERN = (bytes(range(251)) * (CHUNK // 251 + 1))[:CHUNK]  # misplaced bytes change the hash
 
 
 # -- a real upstream ---------------------------------------------------------------------------
@@ -65,7 +67,7 @@ class Upstream:
         size = int(request.query["n"])
         response = web.StreamResponse(headers={"Content-Length": str(size)})
         await response.prepare(request)
-        block = b"x" * CHUNK
+        block = PATTERN
         sent = 0
         while sent < size:
             piece = block[: min(CHUNK, size - sent)]
@@ -542,8 +544,10 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
     raise AssertionError(field)
 
 
-def test_large_bodies_stream_with_flat_memory(relayd, port, upstream):
-    daemon = relayd(proxy_config(port, upstream.url, service_extra="max_body = 0"))
+@pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
+def test_large_bodies_stream_with_flat_memory(relayd, port, upstream, use_splice):
+    daemon = relayd(proxy_config(port, upstream.url, service_extra="max_body = 0",
+                                 extra=f"splice = {str(use_splice).lower()}"))
     size = 1 << 30
     assert request(port, "GET", "/acme/big?n=1000")[0] == 200  # warm up
     # VmHWM is the process's peak resident size: it catches a transient buffer of a whole body.
@@ -553,10 +557,18 @@ def test_large_bodies_stream_with_flat_memory(relayd, port, upstream):
     response = conn.getresponse()
     assert response.status == 200 and int(response.headers["Content-Length"]) == size
     received = 0
+    digest, expected = hashlib.sha256(), hashlib.sha256()
     while piece := response.read(CHUNK):
         received += len(piece)
+        digest.update(piece)
+    for _ in range(size // CHUNK):
+        expected.update(PATTERN)
+    assert received == size and digest.hexdigest() == expected.hexdigest()
+    # The same client connection (and the pooled upstream one) still work after the body.
+    conn.request("GET", "/acme/after")
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read())["path"] == "/after"
     conn.close()
-    assert received == size
 
     def upload():
         block = b"u" * CHUNK
@@ -820,3 +832,23 @@ def test_reused_upstream_connection_that_died_is_retried_and_bodyless_responses(
         assert raw.connections >= 2
     finally:
         raw.close()
+
+
+def test_client_leaving_in_the_middle_of_a_large_body(relayd, port, upstream):
+    daemon = relayd(proxy_config(port, upstream.url))
+    assert request(port, "GET", "/acme/warm")[0] == 200
+    fds = lambda: len(os.listdir(f"/proc/{daemon.process.pid}/fd"))  # noqa: E731
+    baseline = fds()
+    for _ in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/acme/big?n={1 << 30}")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert len(response.read(8 * CHUNK)) == 8 * CHUNK
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    assert request(port, "GET", "/acme/still-fine")[0] == 200
+    deadline = time.monotonic() + 10
+    while fds() > baseline + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the fd table with a deadline
+    assert fds() <= baseline + 2  # the pooled upstream connection may stay

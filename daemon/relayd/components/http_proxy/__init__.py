@@ -59,7 +59,8 @@ class HttpProxy(Component):
         self.db_path = cfg.state_db or Path(self.context.state_dir) / f"http_proxy-{self.name}.sqlite3"
         self.counters = Counters(Store(self.db_path), cfg.max_endpoints_per_user)
         await self.counters.start(cfg.flush_interval)
-        self.core = Core(loop, self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl, cfg.upstream_idle)
+        self.core = Core(loop, self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl, cfg.upstream_idle,
+                         cfg.splice)
         self.servers: list[tuple[str, asyncio.AbstractServer]] = []
         self.routers: dict[str, Router] = {}
         self.services: dict[str, Service] = {}

@@ -130,6 +130,8 @@ class HttpProxyConfig(ComponentConfig):
     auth_cache_ttl: Seconds = Field(10.0, description="seconds a successful basic-auth password check is reused "
                                     "for the same credentials; 0 = ask the user database every time")
     keepalive_timeout: Seconds = Field(75.0, description="seconds an idle client connection is kept open")
+    splice: bool = Field(True, description="forward large fixed-length response bodies between plain "
+                         "(non-TLS) sockets with splice(2), inside the kernel")
     upstream_idle: int = Field(64, ge=0, description="idle upstream connections kept per upstream")
 
     @field_validator("services")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from relayd.auth.base import AuthError, AuthFailure, Identity
 
-from . import h1
+from . import h1, splice
 from .h1 import HOP_BY_HOP, Framer, ProtocolError
 from .mapping import has_dot_segment, map_target, matches
 
@@ -68,7 +68,7 @@ class Exchange:
     __slots__ = ("route", "identity", "user", "method", "target", "endpoint", "keep_alive", "upgrade",
                  "req_framer", "resp_framer", "upstream", "head", "bytes_in", "bytes_out", "status",
                  "started", "last_io", "timer", "reused", "resp_keep_alive", "finished", "head_request",
-                 "counted", "tunnel", "resp_head", "connection", "http10")
+                 "counted", "tunnel", "resp_head", "connection", "http10", "splicer")
 
     def __init__(self, route: Route, method: bytes, target: str, keep_alive: bool) -> None:
         self.route = route
@@ -98,6 +98,7 @@ class Exchange:
         self.resp_head = b""
         self.connection: bytes | None = None
         self.http10 = False  # the client speaks HTTP/1.0: no chunked responses
+        self.splicer: Any = None  # a Splicer moving the response body in the kernel
 
 
 class ClientConnection(asyncio.Protocol):
@@ -147,7 +148,8 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writing_paused = False
         ex = self.ex
-        if ex and ex.upstream and ex.upstream.transport and not ex.upstream.transport.is_closing():
+        if ex and ex.splicer is None and ex.upstream and ex.upstream.transport \
+                and not ex.upstream.transport.is_closing():
             ex.upstream.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -691,7 +693,19 @@ class ClientConnection(asyncio.Protocol):
             return
         self._attach(ex, conn)
 
+    def _maybe_splice(self, ex: Exchange, conn: UpstreamConnection, framer: Framer) -> None:
+        """Hand the rest of a large fixed-length body to splice(2) when both ends allow it."""
+        if (framer.remaining >= splice.MIN_BODY and self.core.splice and not framer.chunked
+                and not framer.until_close and not self.tls and not ex.route.tls and ex.splicer is None
+                and not self.closed and self.transport.get_write_buffer_size() == 0):  # type: ignore[union-attr]
+            try:
+                ex.splicer = splice.Splicer(self, conn, ex, framer.remaining)
+            except OSError as exc:  # e.g. out of file descriptors: the copying path still works
+                log.debug("splice unavailable: %s", exc)
+
     def _finish(self, ex: Exchange, reusable: bool, keep_client: bool | None = None) -> None:
+        if ex.splicer is not None:
+            ex.splicer.cancel()
         ex.finished = True
         if ex.timer:
             ex.timer.cancel()
@@ -805,6 +819,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if n < len(data):
                     ex.resp_keep_alive = False  # junk after the response
                 client.response_done(ex)
+            elif framer.remaining >= splice.MIN_BODY:
+                client._maybe_splice(ex, self, framer)
             return
         self._read_head(ex, client, self.buffer + data if self.buffer else data)
 
@@ -860,6 +876,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if n < len(rest):
                     ex.resp_keep_alive = False
                 client.response_done(ex)
+            elif framer.remaining >= splice.MIN_BODY:
+                client._maybe_splice(ex, self, framer)
             return
 
 

@@ -24,8 +24,11 @@ class Core:
     """What every connection of one component shares."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, counters: Counters, keepalive_timeout: float,
-                 auth_cache_ttl: float, upstream_idle: int) -> None:
+                 auth_cache_ttl: float, upstream_idle: int, use_splice: bool = True) -> None:
+        from . import splice
+
         self.loop = loop
+        self.splice = use_splice and splice.AVAILABLE
         self.counters = counters
         self.keepalive_timeout = keepalive_timeout
         self.auth_cache_ttl = auth_cache_ttl
