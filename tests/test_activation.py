@@ -246,3 +246,16 @@ def test_a_tcp_socket_passed_as_control_is_refused(tmp_path):
         web.close()
         tcp_control.close()
         daemon.kill()
+
+
+def test_a_control_socket_in_use_by_another_relayd_is_a_clear_error(relayd, tmp_path):
+    first = relayd(ACTIVATED.replace('fd_name = "web"', f'bind = "127.0.0.1:{free_port()}"'))
+    config = write_config(tmp_path / "second", ACTIVATED.replace('fd_name = "web"',
+                                                                  f'bind = "127.0.0.1:{free_port()}"'))
+    second = start_relayd(tmp_path / "second", config, control_socket=first.control_socket, wait_ready=False)
+    try:
+        assert second.process.wait(30) == 1
+        assert f"control socket: {first.control_socket} is in use by another process" in second.log
+        assert first.ctl("status").returncode == 0  # the first one's socket was left alone
+    finally:
+        second.kill()

@@ -59,6 +59,9 @@ def bind_socket(bind: str, backlog: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ListenerError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+    except ListenerError:  # from the stale-socket check: do not leak the fd (a reload may retry)
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
