@@ -1,7 +1,9 @@
 """The data plane: per session port, an asyncio server forwarding each connection to its target.
 
-Protocol-level I/O (no StreamReader copy loop): ``data_received`` hands the bytes object
-straight to the peer transport's ``write``. Backpressure: when the peer's write buffer passes
+Protocol-level I/O (no StreamReader copy loop), as ``asyncio.BufferedProtocol``: the event
+loop receives straight into a 256 KiB buffer of ours and we hand a view of it to the peer
+transport's ``write``, so a chunk is not copied on its way through (a new buffer is taken only
+while the peer still queues part of the previous one). Backpressure: when the peer's write buffer passes
 ``buffer_size`` it calls ``pause_writing`` and we stop reading from this side until
 ``resume_writing``, so a slow reader never makes memory grow. The session's rate limit pauses
 reading the same way, for as long as the token bucket is in debt.
@@ -28,6 +30,7 @@ log = logging.getLogger("relayd.stream.data")
 
 # Reasons a side is not reading; it reads again only when none is left.
 BACKPRESSURE, RATE, LINKING = 1, 2, 4
+READ_SIZE = 256 * 1024
 
 
 class Totals:
@@ -41,7 +44,7 @@ class Totals:
         self.connect_failures = 0
 
 
-class Side(asyncio.Protocol):
+class Side(asyncio.BufferedProtocol):
     """One TCP/TLS connection of a forwarded pair; what it reads is written to `peer`."""
 
     def __init__(self, conn: Connection, to_target: bool) -> None:
@@ -54,6 +57,7 @@ class Side(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.early: list[bytes] = []
+        self.view = memoryview(bytearray(READ_SIZE))
 
     # -- flow control ------------------------------------------------------------------------
 
@@ -85,10 +89,20 @@ class Side(asyncio.Protocol):
             self.pause(LINKING)
             self.conn.accepted(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and peer.transport.get_write_buffer_size():
+            # the peer's transport may still hold a view of this buffer: never overwrite it
+            self.view = memoryview(bytearray(READ_SIZE))
+        return self.view
+
+    def buffer_updated(self, n: int) -> None:
+        self.data_received(self.view[:n])
+
+    def data_received(self, data: memoryview | bytes) -> None:
         peer = self.peer
         if peer is None:  # only if the transport delivers despite pause_reading
-            self.early.append(data)
+            self.early.append(bytes(data))
             return
         n = len(data)
         peer.transport.write(data)  # type: ignore[union-attr]
