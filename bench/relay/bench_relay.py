@@ -130,7 +130,18 @@ def flood(target: Target, procs: int, pairs: int, seconds: float) -> dict:
             "load_cpu_pct": 100 * load_cpu / wall, "loadavg_1min": os.getloadavg()[0]}
 
 
+def settle(pid: int, timeout: float = 10.0) -> None:
+    """Wait until the relay has worked off the flood's backlog (< 2% CPU over 200 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(0.2)
+        if cpu_seconds(pid) - before < 0.004:
+            return
+
+
 def latency(target: Target, count: int = 2000) -> float:
+    settle(target.proc.pid)
     out = subprocess.run([PY, LOAD, "latency", str(target.port), str(count)], capture_output=True,
                          text=True, timeout=120, check=True).stdout
     return statistics.median(json.loads(out)["latency_us"])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import json.scanner
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _enc  # the C encoder json.dumps uses
 from typing import Any, NamedTuple
 
@@ -188,7 +188,6 @@ class Client:
     closed: bool = False
     tokens: float = 0.0
     refilled_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         return {"name": self.name, "uuid": self.uuid, "identity": self.identity_label,
