@@ -37,14 +37,22 @@ class Splicer:
         self.closed = False
         src = upstream.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
         dst = client.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        opened: list[int] = []
         try:
-            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            opened += [self.pipe_r, self.pipe_w]
+            try:
+                fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # the default 64 KiB pipe still works, with more round trips
+            self.capacity = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+            self.src = os.dup(src)
+            opened.append(self.src)
+            self.dst = os.dup(dst)
         except OSError:
-            pass  # the default 64 KiB pipe still works, with more round trips
-        self.capacity = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
-        self.src = os.dup(src)
-        self.dst = os.dup(dst)
+            for fd in opened:
+                os.close(fd)
+            raise
         upstream.transport.pause_reading()  # type: ignore[union-attr]
         self._read_on()
 
