@@ -51,6 +51,7 @@ def relay_config(ports: dict[str, int], extra: str = "") -> str:
         auth = "open"
         max_clients = 2
         register_timeout = "300ms"
+        open_timeout = "300ms"
         [components.slow]
         kind = "relay"
         listener = "slow"
@@ -278,6 +279,15 @@ def test_client_limit_is_4007_and_unregistered_sockets_time_out_with_4008(daemon
         assert (await closed_with(a))[0] == 4008  # never registered
         assert b.close_code is None  # registered: no timeout
         await b.close()
+
+    run(main())
+
+
+def test_connections_that_never_handshake_are_dropped(daemon):
+    async def main():
+        reader, writer = await asyncio.open_connection("127.0.0.1", PORTS["tight"])
+        assert await asyncio.wait_for(reader.read(), 20) == b""  # closed by relayd after open_timeout
+        writer.close()
 
     run(main())
 

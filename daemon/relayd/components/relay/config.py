@@ -40,6 +40,11 @@ class RelayConfig(ComponentConfig):
         description="ping a client after this long without traffic; one that does not answer within half "
         "of it is dropped (unset: no pings)",
     )
+    open_timeout: Seconds = Field(
+        10.0, gt=0,
+        description="a new connection must complete its WebSocket handshake within this long, else it is "
+        "dropped (like proxystore-relay's open_timeout)",
+    )
     register_timeout: Seconds | None = Field(
         30.0, description="close connections that have not registered after this long with 4008 (unset: never)"
     )

@@ -61,7 +61,9 @@ class RelayServer:
         self.log = log
         self.core = p.RelayCore(max_message_bytes=config.max_message_bytes, max_clients=config.max_clients,
                                 max_messages_per_second=config.max_messages_per_second)
-        self.http = HttpService(self.handle)
+        # aiohttp's keep-alive timer also runs before the first request, and is cancelled by the
+        # upgrade: it is our handshake deadline against connections that never speak.
+        self.http = HttpService(self.handle, keepalive_timeout=config.open_timeout)
         self.handlers: set[asyncio.Task] = set()
         self.dirty: list[p.Client] = []  # clients with frames queued for this loop iteration
         self.stopping = False
