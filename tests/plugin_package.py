@@ -11,7 +11,8 @@ a package installed from PyPI:
     without printing it); ``POST /hold`` answers ``started`` at once, then reads the whole
     request body and echoes it: a request that stays in flight as long as the client wants;
     with ``auth = "NAME"`` every path needs that auth method's approval; ``fail = "init"`` or
-    ``"start"`` makes it raise there.
+    ``"start"`` makes it raise there; ``start_gate = PATH`` makes start() create
+    ``PATH.started`` and wait until PATH exists.
   - auth method ``token``: ``Authorization: Bearer <token>`` where ``token`` is a Secret.
   - component ``dupe`` (also registered by the rival distribution).
   - component ``broken``, whose module fails to import.
@@ -30,8 +31,10 @@ import pytest
 TINYPLUGIN = '''
 """A third-party relayd plugin used by relayd's tests."""
 
+import asyncio
 import hashlib
 import hmac
+from pathlib import Path
 from typing import Literal
 
 from aiohttp import web
@@ -51,6 +54,7 @@ class EchoConfig(ComponentConfig):
     passphrase: Secret | None = Field(None, description="a secret whose name does not say so")
     auth: AuthRef | None = Field(None, description="auth method guarding every path")
     fail: Literal["init", "start"] | None = Field(None, description="raise in __init__ or start()")
+    start_gate: str | None = Field(None, description="start() creates PATH.started, then waits for PATH")
 
 
 class EchoComponent(Component):
@@ -62,6 +66,11 @@ class EchoComponent(Component):
             raise ValueError("told to fail in __init__")
 
     async def start(self):
+        if self.config.start_gate:  # a slow start-up the test controls
+            gate = Path(self.config.start_gate)
+            Path(f"{gate}.started").touch()
+            while not gate.exists():
+                await asyncio.sleep(0.01)
         if self.config.fail == "start":
             raise OSError(98, "Address already in use (told to fail in start)")
         self.http = HttpService(self.handle)

@@ -6,8 +6,11 @@ import logging
 import os
 import signal
 import socket
+import time
 
 import pytest
+
+from plugin_package import plugin_site  # noqa: F401  (session fixture)
 
 from relayd.systemd import Notifier, listen_fds, monotonic_usec, parse_listen_env, watchdog_interval
 from relayd.testing import FakeServiceManager
@@ -183,3 +186,48 @@ def test_notify_socket_refusing_messages_does_not_stop_relayd(relayd, port, tmp_
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(30) == 0
     assert "sd_notify to" in daemon.log
+
+
+# -- signals during a slow start-up ----------------------------------------------------------
+
+def slow_start(relayd, plugin_site, tmp_path, port):
+    gate = tmp_path / "gate"
+    daemon = relayd(f"""
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+        [components.slow]
+        kind = "echo"
+        listener = "web"
+        start_gate = "{gate}"
+    """, env={"PYTHONPATH": str(plugin_site)}, wait_ready=False)
+    started = tmp_path / "gate.started"
+    deadline = time.monotonic() + 30
+    while not started.exists():  # relayd is inside the component's start()
+        assert daemon.process.poll() is None, daemon.log
+        assert time.monotonic() < deadline, "start() never began"
+        daemon.manager.receive(0.01)
+    return daemon, gate
+
+
+def test_sigterm_during_start_up_stops_cleanly(relayd, plugin_site, tmp_path, port):
+    daemon, _ = slow_start(relayd, plugin_site, tmp_path, port)
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(30) == 0  # not killed by the signal's default action
+    daemon.manager.drain()
+    assert any(n.fields.get("STOPPING") == "1" for n in daemon.manager.received)
+    assert not any("READY" in n.fields for n in daemon.manager.received)
+    assert "stop requested during start-up" in daemon.log
+
+
+def test_sighup_during_start_up_reloads_once_started(relayd, plugin_site, tmp_path, port):
+    daemon, gate = slow_start(relayd, plugin_site, tmp_path, port)
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "SIGHUP during start-up: will reload once started" not in daemon.log:
+        assert time.monotonic() < deadline, daemon.log
+        daemon.manager.receive(0.01)  # (nothing expected: a poll interval)
+    gate.touch()
+    assert daemon.manager.wait_for("READY", "1").fields["STATUS"].startswith("generation 1:")
+    daemon.manager.wait_for("RELOADING", "1")
+    assert daemon.manager.wait_for("READY", "1").fields["STATUS"].startswith("generation 2:")
+    assert daemon.process.poll() is None

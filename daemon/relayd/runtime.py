@@ -92,6 +92,7 @@ class Daemon:
         self._draining: set[asyncio.Task] = set()
         self.retiring: set[str] = set()  # "components.NAME" of replaced objects still draining
         self._shutdown = asyncio.Event()
+        self._reload_after_start = False
         self.control = None
 
     # -- configuration ---------------------------------------------------------------------
@@ -368,8 +369,24 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # Handlers first: `systemctl stop` (or reload) during a slow start-up must not kill
+        # relayd with the default SIGTERM/SIGHUP action.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._shutdown.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        starting = loop.create_task(self.start())
+        stop_requested = loop.create_task(self._shutdown.wait())
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stop requested during start-up")
+            self.notifier.stopping()
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            self.pool.close_all()
+            return 0
+        stop_requested.cancel()
         try:
-            await self.start()
+            starting.result()
         except ConfigError as exc:
             log.error("configuration rejected:\n  %s", "\n  ".join(str(p) for p in exc.problems))
             self.notifier.notify(STATUS=f"configuration rejected: {exc.problems[0]}", ERRNO=22)
@@ -378,12 +395,11 @@ class Daemon:
             log.error("%s", exc)
             self.notifier.notify(STATUS=str(exc))
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._shutdown.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         watchdog = self._start_watchdog()
         log.info("relayd %s ready: %s", __version__, self.status_line())
         self.notifier.ready(self.status_line())
+        if self._reload_after_start:
+            self._on_sighup()
         await self._shutdown.wait()
         await self.shutdown()
         if watchdog:
@@ -391,6 +407,12 @@ class Daemon:
         return 0
 
     def _on_sighup(self) -> None:
+        if self.generation is None:
+            # Still starting: the files may have changed after they were read, so reload
+            # once the start-up is done.
+            log.info("SIGHUP during start-up: will reload once started")
+            self._reload_after_start = True
+            return
         log.info("SIGHUP: reloading configuration")
         task = asyncio.get_running_loop().create_task(self.reload())
         self._draining.add(task)
