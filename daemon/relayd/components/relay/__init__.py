@@ -29,7 +29,11 @@ class RelayComponent(Component):
 
     async def start(self) -> None:
         self.server = RelayServer(self.config, self.context.auth_method(self.config.auth), self.log)
-        await self.server.start(self.context.listener(self.config.listener))
+        listener = self.context.listener(self.config.listener)
+        await self.server.start(listener)
+        scheme = "wss" if listener.ssl_context else "ws"
+        self.log.info("relay listening on %s (auth %s)",
+                      ", ".join(f"{scheme}://{a}" for a in listener.addresses), self.config.auth)
         self._logger: asyncio.Task | None = None
         if self.config.current_clients_interval:
             self._logger = asyncio.get_running_loop().create_task(self._log_clients())
