@@ -523,3 +523,11 @@ def test_origins_quote_keys_with_dots(tmp_path):
     text = write(tmp_path / "relayd.toml", '[logging.loggers]\n"relayd.relay" = "debug"\n')
     rows = {key: origin for key, _, origin in load(tmp_path).with_origins()}
     assert rows['logging.loggers."relayd.relay"'] == f"{tmp_path / 'relayd.toml'}:{line_of(text, 'relayd.relay')}"
+
+
+def test_relayctl_config_toml_round_trips_the_shipped_example():
+    """Every component's config shape (lists, inline tables...) prints as TOML that reads back."""
+    from relayd.cli.ctl import _to_toml
+
+    effective = load(REPO / "etc" / "relayd").effective()
+    assert tomllib.loads(_to_toml(effective)) == drop_nulls(effective)
