@@ -531,3 +531,18 @@ def test_relayctl_config_toml_round_trips_the_shipped_example():
 
     effective = load(REPO / "etc" / "relayd").effective()
     assert tomllib.loads(_to_toml(effective)) == drop_nulls(effective)
+
+
+def test_relayctl_config_toml_escapes_what_json_would_get_wrong():
+    from relayd.cli.ctl import _to_toml
+
+    data = {
+        "text": 'quote " backslash \\ newline \n tab \t bell \x07 é 😀',
+        "huge": float("inf"),
+        "items": [1, "two", {"k": "v", "gone": None}],
+        "empty": {},
+        "nested": {"deeper": {}, "x": 1},
+        "dotted.key": {"ünïcode": True},
+        "nothing": None,
+    }
+    assert tomllib.loads(_to_toml(data)) == drop_nulls(data)
