@@ -546,3 +546,14 @@ def test_relayctl_config_toml_escapes_what_json_would_get_wrong():
         "nothing": None,
     }
     assert tomllib.loads(_to_toml(data)) == drop_nulls(data)
+
+
+def test_relayctl_with_an_unreadable_config_is_a_clear_error(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+    result = subprocess.run([str(BIN / "relayctl"), "--config", str(tmp_path / "nowhere"), "status"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == (f"relayctl: cannot find the control socket from --config:\n"
+                             f"  {tmp_path / 'nowhere'}: configuration path does not exist\n")

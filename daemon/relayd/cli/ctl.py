@@ -55,7 +55,7 @@ def _duration(seconds: float) -> str:
 
 def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
     status, body = client.request("GET", "/v1/status")
-    if status != 200:
+    if status != 200 or not isinstance(body, dict):
         return die(f"status failed: HTTP {status}: {body}")
     if args.json:
         _print_json(body)
@@ -190,6 +190,8 @@ def cmd_plugins(args: argparse.Namespace, client: ControlClient | None) -> int:
         rows = Registry.discover().describe()
     else:
         status, body = client.request("GET", "/v1/plugins")
+        if status != 200 or not isinstance(body, dict):
+            return die(f"plugins failed: HTTP {status}: {body}")
         rows = body["plugins"]
     if args.json:
         _print_json(rows)
@@ -267,9 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "no_daemon", False):
         return args.func(args, None)
+    from relayd.config import ConfigError
+
     try:
         client = ControlClient(socket_path(args), args.timeout)
         return args.func(args, client)
+    except ConfigError as exc:  # --config names a file relayctl could not read
+        return die("cannot find the control socket from --config:\n  " + "\n  ".join(
+            str(p) for p in exc.problems), 2)
     except Unreachable as exc:
         if getattr(args, "offline_ok", False):
             return args.func(args, None)
