@@ -67,7 +67,7 @@ class Exchange:
 
     __slots__ = ("route", "identity", "user", "method", "target", "endpoint", "keep_alive", "upgrade",
                  "req_framer", "resp_framer", "upstream", "head", "bytes_in", "bytes_out", "status",
-                 "started", "last_io", "timer", "reused", "resp_keep_alive", "finished", "head_request",
+                 "started", "last_io", "reused", "resp_keep_alive", "finished", "head_request",
                  "counted", "tunnel", "resp_head", "connection", "http10", "splicer")
 
     def __init__(self, route: Route, method: bytes, target: str, keep_alive: bool) -> None:
@@ -88,7 +88,6 @@ class Exchange:
         self.status = 0
         self.started = 0.0
         self.last_io = 0.0
-        self.timer: asyncio.TimerHandle | None = None
         self.reused = False
         self.resp_keep_alive = True
         self.finished = False
@@ -114,7 +113,12 @@ class ClientConnection(asyncio.Protocol):
         self.buffer = b""
         self.ex: Exchange | None = None
         self.closed = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        # One timer per connection, for every deadline (idle, read, total): it is re-armed only
+        # when a deadline comes earlier than the one it waits for, and when it fires it checks
+        # the real deadlines. A request therefore costs no timer operations (~5 us each).
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_when = 0.0
+        self.idle_since = 0.0
         self._paused_for_upstream = False  # upstream write buffer full (request body backpressure)
         self._paused_waiting = False  # a request is being served; later bytes wait
         self._reading_paused = False
@@ -128,13 +132,14 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
         transport.set_write_buffer_limits(_HIGH_WATER)  # type: ignore[attr-defined]
         self.core.connections.add(self)
-        self._arm_idle()
+        self._mark_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.core.connections.discard(self)
-        if self.idle_timer:
-            self.idle_timer.cancel()
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
         ex = self.ex
         if ex is not None and not ex.finished:
             self._finish(ex, reusable=False)
@@ -204,15 +209,43 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.transport.resume_reading()
 
-    def _arm_idle(self) -> None:
-        timeout = self.core.keepalive_timeout
-        if timeout > 0:
-            self.idle_timer = self.core.loop.call_later(timeout, self._idle_expired)
+    def _mark_idle(self) -> None:
+        self.idle_since = now = self.core.loop.time()
+        if self.core.keepalive_timeout > 0:
+            self._wake_at(now + self.core.keepalive_timeout)
 
-    def _idle_expired(self) -> None:
-        self.idle_timer = None
-        if self.ex is None and self.transport:
-            self.transport.close()
+    def _wake_at(self, when: float) -> None:
+        timer = self.timer
+        if timer is not None:
+            if self.timer_when <= when:
+                return  # it fires earlier and will look at the real deadlines then
+            timer.cancel()
+        self.timer_when = when
+        self.timer = self.core.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        now = self.core.loop.time()
+        ex = self.ex
+        if ex is None:
+            keepalive = self.core.keepalive_timeout
+            if keepalive > 0:
+                if now >= self.idle_since + keepalive:
+                    self.transport.close()  # type: ignore[union-attr]
+                else:
+                    self._wake_at(self.idle_since + keepalive)
+            return
+        if ex.finished or ex.tunnel or ex.upstream is None:
+            return  # tunnels may idle; before the upstream is reached, connect_timeout applies
+        cfg = ex.route.config
+        if cfg.total_timeout and now >= ex.started + cfg.total_timeout:
+            self._fail(ex, 504, "upstream did not complete the response in time")
+        elif cfg.read_timeout and now >= ex.last_io + cfg.read_timeout:
+            self._fail(ex, 504, "upstream did not answer in time")
+        else:
+            self._watch(ex)
 
     def _next_request(self) -> None:
         buffer = self.buffer
@@ -224,9 +257,6 @@ class ClientConnection(asyncio.Protocol):
         if self.core.stopping:
             self.transport.close()  # type: ignore[union-attr]
             return
-        if self.idle_timer:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         head = buffer[:end]
         self.buffer = buffer[end + 4:]
         try:
@@ -474,7 +504,7 @@ class ClientConnection(asyncio.Protocol):
         if self._writing_paused:
             transport.pause_reading()
         ex.last_io = self.core.loop.time()
-        self._arm_timer(ex)
+        self._watch(ex)
         transport.write(ex.head)
         framer = ex.req_framer
         if framer is not None and not framer.done:
@@ -511,27 +541,14 @@ class ClientConnection(asyncio.Protocol):
 
     # -- timers ----------------------------------------------------------------------------------
 
-    def _arm_timer(self, ex: Exchange) -> None:
+    def _watch(self, ex: Exchange) -> None:
         cfg = ex.route.config
         when = ex.last_io + cfg.read_timeout if cfg.read_timeout else None
         if cfg.total_timeout:
             total = ex.started + cfg.total_timeout
             when = total if when is None else min(when, total)
         if when is not None:
-            ex.timer = self.core.loop.call_at(when, self._check_timer, ex)
-
-    def _check_timer(self, ex: Exchange) -> None:
-        ex.timer = None
-        if ex.finished or ex.tunnel:  # WebSocket tunnels may idle (the peers ping if they care)
-            return
-        cfg = ex.route.config
-        now = self.core.loop.time()
-        if cfg.total_timeout and now >= ex.started + cfg.total_timeout:
-            self._fail(ex, 504, "upstream did not complete the response in time")
-        elif cfg.read_timeout and now >= ex.last_io + cfg.read_timeout:
-            self._fail(ex, 504, "upstream did not answer in time")
-        else:
-            self._arm_timer(ex)
+            self._wake_at(when)
 
     # -- responses -------------------------------------------------------------------------------
 
@@ -550,7 +567,7 @@ class ClientConnection(asyncio.Protocol):
             ex.bytes_out += len(body)
             self._finish(ex, reusable=False, keep_client=keep_alive)
         elif keep_alive:
-            self._arm_idle()
+            self._mark_idle()
             if self.buffer:
                 self._next_request()
         else:
@@ -602,9 +619,6 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"\r\n".join(out) + b"\r\n\r\n")  # type: ignore[union-attr]
             ex.tunnel = True
             ex.resp_keep_alive = False
-            if ex.timer:
-                ex.timer.cancel()
-                ex.timer = None
             if self._paused_waiting:
                 self._paused_waiting = False
                 self._update_reading()
@@ -672,9 +686,6 @@ class ClientConnection(asyncio.Protocol):
             # A pooled connection closed by the upstream just as it was reused: retry once.
             ex.upstream = None
             ex.reused = False
-            if ex.timer:
-                ex.timer.cancel()
-                ex.timer = None
             self._spawn(self._retry(ex))
             return
         self._fail(ex, 502, "upstream closed the connection" + (f": {_oserror(exc)}" if exc else ""))
@@ -707,9 +718,6 @@ class ClientConnection(asyncio.Protocol):
         if ex.splicer is not None:
             ex.splicer.cancel()
         ex.finished = True
-        if ex.timer:
-            ex.timer.cancel()
-            ex.timer = None
         if ex.counted:
             self.core.counters.record(ex.route.name, ex.user, ex.endpoint, ex.bytes_in, ex.bytes_out, ex.status)
         conn = ex.upstream
@@ -733,7 +741,7 @@ class ClientConnection(asyncio.Protocol):
         if self.buffer:
             self._next_request()
         else:
-            self._arm_idle()
+            self._mark_idle()
 
 
 class UpstreamConnection(asyncio.Protocol):
