@@ -57,7 +57,7 @@ class Side(asyncio.BufferedProtocol):
         self.eof = False
         self.closed = False
         self.early: list[bytes] = []
-        self.view = memoryview(bytearray(READ_SIZE))
+        self.view: memoryview | None = None  # allocated at the first read: idle sides cost nothing
 
     # -- flow control ------------------------------------------------------------------------
 
@@ -91,13 +91,14 @@ class Side(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         peer = self.peer
-        if peer is not None and peer.transport is not None and peer.transport.get_write_buffer_size():
-            # the peer's transport may still hold a view of this buffer: never overwrite it
+        if self.view is None or (peer is not None and peer.transport is not None
+                                 and peer.transport.get_write_buffer_size()):
+            # the peer's transport may still hold a view of the old buffer: never overwrite it
             self.view = memoryview(bytearray(READ_SIZE))
         return self.view
 
     def buffer_updated(self, n: int) -> None:
-        self.data_received(self.view[:n])
+        self.data_received(self.view[:n])  # type: ignore[index]
 
     def data_received(self, data: memoryview | bytes) -> None:
         peer = self.peer
