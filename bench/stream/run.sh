@@ -9,8 +9,11 @@ for tool in haproxy stunnel4 iperf3; do command -v "$tool" >/dev/null 2>&1 || mi
 if [ -n "$missing" ]; then
     apt-get update -qq
     # the packages' services are not wanted: policy-rc.d 101 keeps them from starting
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    ours=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && ours=1
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
-    rm -f /usr/sbin/policy-rc.d
+    [ -z "$ours" ] || rm -f /usr/sbin/policy-rc.d
 fi
 exec .venv/bin/python bench/stream/run.py "$@"
