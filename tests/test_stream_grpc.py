@@ -338,3 +338,27 @@ def test_shutdown_ends_sessions_and_frees_ports(tmp_path):
         app.close()
         channel.close()
         daemon.kill()
+
+
+def test_reload_keeps_or_replaces_the_component(tmp_path):
+    """An unchanged table keeps the component and its sessions; a changed one replaces it: the
+    old sessions end (ports freed) and the new component serves on the same control listener."""
+    ctl, (first, last) = free_port(), port_range(4)
+    text = "drain_timeout = 1\n" + stream_config(ctl, (first, last), auth=auth_none())
+    daemon = start(tmp_path, "reload", text)
+    channel, control = stub(ctl)
+    try:
+        _, upd = open_session(control, "kept", "PROD", 2, ["127.0.0.1:9"])
+        out = daemon.ctl("reload")
+        assert out.returncode == 0, out.stderr
+        assert "kept" in daemon.ctl("sessions", "s2cs").stdout
+        (daemon.config_dir / "relayd.toml").write_text(text + "hello_timeout = 30\n")
+        out = daemon.ctl("reload")
+        assert out.returncode == 0 and "components.s2cs" in out.stdout, out.stdout + out.stderr
+        assert "no sessions" in daemon.ctl("sessions", "s2cs").stdout
+        wait_bindable([int(l.rsplit(":", 1)[1]) for l in upd.listeners])
+        _, again = open_session(control, "after", "PROD", 4, ["127.0.0.1:9"])  # the whole range again
+        assert len(again.listeners) == 4
+    finally:
+        channel.close()
+        daemon.kill()

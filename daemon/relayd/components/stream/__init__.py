@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,31 @@ from relayd.components.stream.service import ControlService
 from relayd.listeners import make_server_ssl_context
 
 __all__ = ["StreamComponent", "StreamConfig"]
+
+
+class _Server(Server):
+    """grpclib's Server, remembering its HTTP/2 connections: ``Server.close()`` leaves them
+    open, and a stopped or replaced component must not keep answering calls on them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocols: weakref.WeakSet = weakref.WeakSet()
+
+    def _protocol_factory(self):  # type: ignore[no-untyped-def]
+        protocol = super()._protocol_factory()
+        self.protocols.add(protocol)
+        return protocol
+
+    def close_connections(self) -> None:
+        """GOAWAY then close: clients open a new connection (to the next generation) for new calls."""
+        for protocol in list(self.protocols):
+            connection = getattr(protocol, "connection", None)
+            if connection is None or connection.is_closing():
+                continue
+            with contextlib.suppress(Exception):
+                connection._connection.close_connection()  # h2 GOAWAY, NO_ERROR
+                connection.flush()
+            protocol.processor.close("relayd stopped this stream component")
 
 
 class StreamComponent(Component):
@@ -55,9 +81,9 @@ class StreamComponent(Component):
             # Our own context (not the listener's shared one): gRPC clients require ALPN "h2".
             ssl_context = make_server_ssl_context(listener.config.tls)
             ssl_context.set_alpn_protocols(["h2"])
-        self.servers: list[Server] = []
+        self.servers: list[_Server] = []
         for sock in listener.serving_sockets():
-            server = Server([self.service])
+            server = _Server([self.service])
             await server.start(sock=sock, ssl=ssl_context)
             self.servers.append(server)
         self.state = "serving"
@@ -68,6 +94,8 @@ class StreamComponent(Component):
         for server in self.servers:
             server.close()  # also cancels RPCs in progress (a req waiting for its hello)
         self.manager.stop_accepting()
+        for server in self.servers:
+            server.close_connections()
         if self.plane.totals.connections:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_timeout):
