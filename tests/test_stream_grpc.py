@@ -273,6 +273,23 @@ def test_tls_control_channel_with_grpcio(tmp_path):
         bad_channel, bad = stub(ctl, root_cert=trustme.CA().cert_pem.bytes())
         assert _err(bad.release, pb.Release(uid="t")).code() == Code.UNAVAILABLE
         bad_channel.close()
+        # relayctl's errors: exit 2 when the server cannot be talked to, 1 for bad input
+        s2cs = f"127.0.0.1:{ctl}"
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        cases = [
+            (["release", "--insecure", "x"], 2, "closed the connection"),
+            (["release", "--server_cert", str(tmp_path / "server.pem").replace("server", "nope"), "x"], 1,
+             "--server_cert"),
+            (["release", "x"], 2, "CERTIFICATE_VERIFY_FAILED"),  # system CAs do not know trustme's
+            (["release", "--server_cert", str(tmp_path / "ca.pem"), "x"], 1, "NOT_FOUND: no session with uid x"),
+            (["inbound-request", "--server_cert", str(tmp_path / "ca.pem"), "--receiver_ports", "1,x"], 1,
+             "--receiver_ports"),
+        ]
+        for args, code, text in cases:
+            out = daemon.ctl("stream", args[0], "--s2cs", s2cs, "--no-auth", *args[1:])
+            assert out.returncode == code and text in out.stderr, (args, out.returncode, out.stderr)
+        out = daemon.ctl("stream", "release", "--s2cs", "nohostport", "--no-auth", "x")
+        assert out.returncode == 1 and "--s2cs" in out.stderr
     finally:
         channel.close()
         daemon.kill()

@@ -55,7 +55,10 @@ def _token(args: argparse.Namespace) -> str | None:
 def _client(args: argparse.Namespace) -> Any:
     from relayd.components.stream.client import ControlClient, client_ssl
 
-    context = None if args.insecure else client_ssl(args.server_cert)
+    try:
+        context = None if args.insecure else client_ssl(args.server_cert)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise CommandError(f"--server_cert {args.server_cert}: {exc}") from None
     try:
         return ControlClient(args.s2cs, ssl_context=context, token=_token(args), timeout=args.rpc_timeout)
     except ValueError as exc:
@@ -96,7 +99,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_stream(args: argparse.Namespace, _client_unused: Any) -> int:
     from grpclib.const import Status
-    from grpclib.exceptions import GRPCError
+    from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
     try:
         out = asyncio.run(_run(args))
@@ -113,6 +116,10 @@ def cmd_stream(args: argparse.Namespace, _client_unused: Any) -> int:
         return 1
     except (OSError, asyncio.TimeoutError) as exc:
         print(f"relayctl: cannot reach {args.s2cs}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
+    except (StreamTerminatedError, ProtocolError) as exc:
+        hint = " (a TLS server? drop --insecure)" if args.insecure else ""
+        print(f"relayctl: {args.s2cs} closed the connection: {exc}{hint}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(out, indent=2))
