@@ -382,6 +382,8 @@ class Daemon:
             self.notifier.stopping()
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
+            if self.control:
+                await self.control.stop()
             self.pool.close_all()
             return 0
         stop_requested.cancel()
