@@ -852,3 +852,21 @@ def test_client_leaving_in_the_middle_of_a_large_body(relayd, port, upstream):
     while fds() > baseline + 2 and time.monotonic() < deadline:
         time.sleep(0.05)  # polling the fd table with a deadline
     assert fds() <= baseline + 2  # the pooled upstream connection may stay
+
+
+@pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
+def test_slow_client_is_not_an_upstream_timeout(relayd, port, upstream, use_splice):
+    relayd(proxy_config(port, upstream.url, service_extra="read_timeout = 1",
+                        extra=f"splice = {str(use_splice).lower()}"))
+    size = 64 * CHUNK
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", f"/acme/big?n={size}")
+    response = conn.getresponse()
+    assert response.status == 200
+    time.sleep(3)  # the client stalls (the behaviour under test), far beyond read_timeout
+    received = len(response.read(CHUNK))
+    time.sleep(1.5)
+    while piece := response.read(CHUNK):
+        received += len(piece)
+    assert received == size
+    conn.close()

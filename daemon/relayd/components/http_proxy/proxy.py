@@ -153,6 +153,8 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writing_paused = False
         ex = self.ex
+        if ex is not None:
+            ex.last_io = self.core.loop.time()  # upstream silence counts from when we read again
         if ex and ex.splicer is None and ex.upstream and ex.upstream.transport \
                 and not ex.upstream.transport.is_closing():
             ex.upstream.transport.resume_reading()
@@ -243,7 +245,11 @@ class ClientConnection(asyncio.Protocol):
         if cfg.total_timeout and now >= ex.started + cfg.total_timeout:
             self._fail(ex, 504, "upstream did not complete the response in time")
         elif cfg.read_timeout and now >= ex.last_io + cfg.read_timeout:
-            self._fail(ex, 504, "upstream did not answer in time")
+            if self._writing_paused or (ex.splicer is not None and ex.splicer.writing):
+                ex.last_io = now  # the client is the slow one: the upstream waits for it
+                self._watch(ex)
+            else:
+                self._fail(ex, 504, "upstream did not answer in time")
         else:
             self._watch(ex)
 
@@ -580,6 +586,8 @@ class ClientConnection(asyncio.Protocol):
         """The exchange failed: answer with status if nothing was sent yet, else cut."""
         if ex.finished:
             return
+        if status >= 500:
+            log.info("%s %s %s: %d %s", ex.route.name, ex.method.decode(), ex.target[:200], status, message)
         if ex.status == 0 and not self.closed:
             if ex.upstream is not None:
                 ex.upstream.drop()

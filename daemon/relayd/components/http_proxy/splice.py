@@ -12,12 +12,14 @@ over again: the upstream connection can be pooled, the client can send its next 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .proxy import ClientConnection, Exchange, UpstreamConnection
 
+log = logging.getLogger("relayd.http_proxy")
 AVAILABLE = hasattr(os, "splice")
 MIN_BODY = 256 * 1024  # below this the Python path is as fast (setting up costs ~4 syscalls)
 PIPE_SIZE = 1 << 20
@@ -105,6 +107,7 @@ class Splicer:
         if self.writing:
             self.loop.remove_writer(self.dst)
             self.writing = False
+            self.ex.last_io = self.loop.time()  # upstream silence counts from when we read again
         if self.to_read == 0:
             self._done()
         else:
@@ -138,5 +141,6 @@ class Splicer:
         self.client.response_done(self.ex)
 
     def _fail(self, why: str) -> None:
+        log.info("%s %s: body cut: %s", self.ex.route.name, self.ex.target[:200], why)
         self._close()
         self.client._abort(self.ex)
