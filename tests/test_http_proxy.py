@@ -870,3 +870,4 @@ def test_slow_client_is_not_an_upstream_timeout(relayd, port, upstream, use_spli
         received += len(piece)
     assert received == size
     conn.close()
+

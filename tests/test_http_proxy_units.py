@@ -131,3 +131,29 @@ def test_dechunking_for_http10_clients():
         f.feed(body[:cut])
         f.feed(body[cut:])
         assert f.done and b"".join(f.payload) == b"hello world", cut
+
+
+def test_pooled_upstream_connections_read_again():
+    """An upstream connection paused for a slow client just as its response ended must be
+    reading when it goes back to the pool (found by the 1 GiB test: the next request hung)."""
+    from types import SimpleNamespace
+
+    from relayd.components.http_proxy.proxy import UpstreamConnection
+    from relayd.components.http_proxy.routes import Route
+
+    class Transport:
+        reading = False
+
+        def resume_reading(self):
+            self.reading = True
+
+        def abort(self):
+            pass
+
+    route = Route.__new__(Route)
+    route.idle = []
+    route.core = SimpleNamespace(upstream_idle=4, stopping=False)
+    conn = UpstreamConnection()
+    conn.transport = Transport()  # type: ignore[assignment]
+    route.pool_put(conn)
+    assert route.idle == [conn] and conn.transport.reading

@@ -130,6 +130,9 @@ class Route:
             return
         if len(self.idle) < self.core.upstream_idle and not self.core.stopping:
             conn.buffer = b""
+            # It may have been paused for a slow client in the exchange's last moments; an idle
+            # connection must read (to notice the upstream closing it) and be ready for reuse.
+            conn.transport.resume_reading()  # type: ignore[union-attr]
             self.idle.append(conn)
         else:
             conn.drop()
