@@ -738,14 +738,15 @@ class ClientConnection(asyncio.Protocol):
                 conn.drop()
         self.ex = None
         keep = ex.keep_alive if keep_client is None else keep_client
+        # The upstream connection is detached: its flow-control callbacks no longer reach us.
+        self._paused_for_upstream = False
         if self.closed:
             return
         if not keep:
             self.transport.close()  # type: ignore[union-attr]
             return
-        if self._paused_waiting:
-            self._paused_waiting = False
-            self._update_reading()
+        self._paused_waiting = False
+        self._update_reading()
         if self.buffer:
             self._next_request()
         else:
