@@ -1,7 +1,7 @@
 """The data plane: per session port, an asyncio server forwarding each connection to its target.
 
 Protocol-level I/O (no StreamReader copy loop), as ``asyncio.BufferedProtocol``: the event
-loop receives straight into a 256 KiB buffer of ours and we hand a view of it to the peer
+loop receives straight into a 1 MiB buffer of ours and we hand a view of it to the peer
 transport's ``write``, so a chunk is not copied on its way through (a new buffer is taken only
 while the peer still queues part of the previous one). Backpressure: when the peer's write buffer passes
 ``buffer_size`` it calls ``pause_writing`` and we stop reading from this side until
@@ -30,7 +30,7 @@ log = logging.getLogger("relayd.stream.data")
 
 # Reasons a side is not reading; it reads again only when none is left.
 BACKPRESSURE, RATE, LINKING = 1, 2, 4
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 
 
 class Totals:
