@@ -137,7 +137,8 @@ def request(port: int, method: str, path: str, headers: dict[str, str] | None = 
     else:
         conn = http.client.HTTPSConnection(host, port, timeout=30, context=context)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        chunked = any(k.lower() == "transfer-encoding" for k in (headers or {}))
+        conn.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
         response = conn.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
