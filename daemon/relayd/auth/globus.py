@@ -31,11 +31,11 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
 from relayd.config.types import Secret, Seconds
@@ -49,6 +49,16 @@ MAX_TOKEN = 4096
 def _default_base_url() -> str:
     # globus-sdk's documented override, so one variable points relayd and relayctl at a test fake.
     return os.environ.get("GLOBUS_SDK_SERVICE_URL_AUTH") or DEFAULT_AUTH_BASE_URL
+
+
+def _check_base_url(value: str) -> str:
+    if not value.startswith(("https://", "http://")):
+        raise ValueError("expected an http(s) URL")
+    return value.rstrip("/")
+
+
+# Shared by the globus and globus_login methods.
+AuthBaseUrl = Annotated[str, AfterValidator(_check_base_url)]
 
 
 class GlobusAuthConfig(AuthConfig):
@@ -72,16 +82,9 @@ class GlobusAuthConfig(AuthConfig):
     cache_size: int = Field(10000, ge=0, description="maximum number of remembered tokens")
     timeout: Seconds = Field(10.0, gt=0, description="introspection request timeout")
     clock_skew: Seconds = Field(5.0, description="tolerance for nbf/exp against Globus's clock")
-    auth_base_url: str = Field(
+    auth_base_url: AuthBaseUrl = Field(
         default_factory=_default_base_url,
         description="Globus Auth base URL; default $GLOBUS_SDK_SERVICE_URL_AUTH or https://auth.globus.org")
-
-    @field_validator("auth_base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError("expected an http(s) URL")
-        return value.rstrip("/")
 
     @field_validator("client_id", "client_secret")
     @classmethod

@@ -31,19 +31,14 @@ from typing import Any, Literal
 from urllib.parse import urlencode
 
 import aiohttp
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
+from relayd.auth.globus import AuthBaseUrl, _default_base_url
 from relayd.config.types import Secret, Seconds
 
 _MAX_PENDING = 10000
 _PENDING_TTL = 600.0
-
-
-def _default_base_url() -> str:
-    import os
-
-    return os.environ.get("GLOBUS_SDK_SERVICE_URL_AUTH", "https://auth.globus.org").rstrip("/")
 
 
 class GlobusLoginConfig(AuthConfig):
@@ -64,16 +59,9 @@ class GlobusLoginConfig(AuthConfig):
     allowed_domains: list[str] = Field(default_factory=list,
                                        description="if set, only usernames at these identity-provider domains")
     timeout: Seconds = Field(10.0, gt=0, description="timeout of each request to Globus Auth")
-    auth_base_url: str = Field(default_factory=_default_base_url,
+    auth_base_url: AuthBaseUrl = Field(default_factory=_default_base_url,
                                description="Globus Auth base URL; default $GLOBUS_SDK_SERVICE_URL_AUTH "
                                "or https://auth.globus.org")
-
-    @field_validator("auth_base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError("expected an http(s) URL")
-        return value.rstrip("/")
 
 
 @dataclass
