@@ -226,6 +226,18 @@ def cmd_metrics(args: argparse.Namespace, client: ControlClient) -> int:
     return 0 if status == 200 else 1
 
 
+def import_group(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """`relayctl import FORMAT ...`, shared by every component's importer (first one creates it)."""
+    parser = subparsers.choices.get("import")
+    if parser is None:
+        parser = subparsers.add_parser("import", help="convert other tools' configuration to relayd's")
+        parser.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("the 'import' command has no sub-commands")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relayctl", description="control a running relayd")
     p.add_argument("--socket", help=f"control socket (default: $RELAYD_CONTROL__SOCKET or {DEFAULT_SOCKET})")

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from relayd.cli.control_client import ControlClient
+from relayd.cli.ctl import import_group
 
 
 def _die(message: str, code: int = 1) -> int:
@@ -122,18 +123,6 @@ def cmd_import_http_auth(args: argparse.Namespace, client: None) -> int:
     return 0
 
 
-def _import_subparsers(sub: Any) -> Any:
-    """The `import` group is shared with other components' importers."""
-    parser = sub.choices.get("import")
-    if parser is None:
-        parser = sub.add_parser("import", help="convert other tools' configuration to relayd's")
-        parser.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("the 'import' command has no sub-commands")
-
-
 def register(sub: Any) -> None:
     s = sub.add_parser("stats", help="http_proxy usage counters [SERVICE [USER]]")
     s.add_argument("service", nargs="?")
@@ -149,7 +138,7 @@ def register(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_service)
 
-    s = _import_subparsers(sub).add_parser(
+    s = import_group(sub).add_parser(
         "http-auth", help="ya-runtime-http-auth service JSON -> configuration fragment (no daemon needed)")
     s.add_argument("file", help="service definition (JSON)")
     s.add_argument("--component", default="http", help="http_proxy component name (default: http)")

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from relayd.cli.ctl import import_group
+
 
 def cmd_import(args: argparse.Namespace, client: object) -> int:
     from relayd.components.relay.importer import ImportError_, convert
@@ -44,21 +46,8 @@ def cmd_import(args: argparse.Namespace, client: object) -> int:
     return 0
 
 
-def _import_group(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """`relayctl import FORMAT ...` is shared by every component's importer; whoever registers
-    first creates it."""
-    parser = subparsers.choices.get("import")
-    if parser is None:
-        parser = subparsers.add_parser("import", help="convert other tools' configuration to relayd's")
-        parser.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("the 'import' command has no sub-commands")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = _import_group(subparsers).add_parser(
+    p = import_group(subparsers).add_parser(
         "proxystore-relay", help="proxystore-relay TOML -> configuration fragment (no daemon needed)")
     p.add_argument("file", help="the TOML file proxystore-relay was given with --config")
     p.add_argument("--name", default="relay", help="name of the relay component, listener and auth (default: relay)")

@@ -437,19 +437,25 @@ class ClientConnection(asyncio.Protocol):
         ex.counted = True
         return True
 
-    async def _connect_and_send(self, ex: Exchange, headers: list, host: bytes | None) -> None:
+    async def _connect(self, ex: Exchange) -> UpstreamConnection | None:
+        """A new upstream connection, or None after answering 502/504 (or if the client left)."""
         try:
             conn = await ex.route.connect()
         except asyncio.TimeoutError:
             self._fail(ex, 504, "upstream connect timed out")
-            return
+            return None
         except (OSError, ssl.SSLError) as exc:
             self._fail(ex, 502, f"upstream refused the connection: {_oserror(exc)}")
-            return
+            return None
         if self.closed:
-            conn.transport.close()  # type: ignore[union-attr]
-            return
-        self._send(ex, conn, headers, host)
+            conn.drop()
+            return None
+        return conn
+
+    async def _connect_and_send(self, ex: Exchange, headers: list, host: bytes | None) -> None:
+        conn = await self._connect(ex)
+        if conn is not None:
+            self._send(ex, conn, headers, host)
 
     # -- sending the request upstream ------------------------------------------------------------
 
@@ -699,18 +705,9 @@ class ClientConnection(asyncio.Protocol):
         self._fail(ex, 502, "upstream closed the connection" + (f": {_oserror(exc)}" if exc else ""))
 
     async def _retry(self, ex: Exchange) -> None:
-        try:
-            conn = await ex.route.connect()
-        except asyncio.TimeoutError:
-            self._fail(ex, 504, "upstream connect timed out")
-            return
-        except (OSError, ssl.SSLError) as exc:
-            self._fail(ex, 502, f"upstream refused the connection: {_oserror(exc)}")
-            return
-        if self.closed:
-            conn.drop()
-            return
-        self._attach(ex, conn)
+        conn = await self._connect(ex)
+        if conn is not None:
+            self._attach(ex, conn)
 
     def _maybe_splice(self, ex: Exchange, conn: UpstreamConnection, framer: Framer) -> None:
         """Hand the rest of a large fixed-length body to splice(2) when both ends allow it."""
