@@ -361,8 +361,15 @@ def registered_uuid(daemon, component: str, client_uuid: str) -> bool:
 def test_status_metrics_and_periodic_log(daemon):
     async def main():
         async with RelayClient(url(), client_name="logged", reconnect_task=False) as c:
-            status = json.loads(daemon.ctl("status", "--json").stdout)["components"]["relay"]
-            assert status["clients"] == 1 and status["connections"] == 1
+            def relay_status():
+                return json.loads(daemon.ctl("status", "--json").stdout)["components"]["relay"]
+
+            # The daemon is shared by this module: earlier tests' clients may still be closing.
+            def only_this_client():
+                status = relay_status()
+                return status["clients"] == 1 and status["connections"] == 1
+
+            assert wait_until(only_this_client), relay_status()
             text = daemon.ctl("metrics").stdout
             assert 'relayd_relay_clients{component="relay"} 1.0' in text
             assert 'relayd_relay_forwarded_total{component="relay"}' in text
