@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import urllib.request
 
 import pytest
 
-from relayd.testing import free_port, have, listening_socket, start_relayd, write_config
+from relayd.testing import free_port, get_text as get, have, listening_socket, start_relayd, write_config
 
 ACTIVATED = """
     [listeners.web]
@@ -18,11 +17,6 @@ ACTIVATED = """
     kind = "status"
     listener = "web"
 """
-
-
-def get(url: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.status, response.read().decode()
 
 
 def test_python_activator_passes_listener_and_control_socket(tmp_path):

@@ -8,8 +8,6 @@ import json
 import os
 import sqlite3
 import stat
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import bcrypt
@@ -21,6 +19,7 @@ from relayd.auth.base import AuthError, AuthFailure
 from relayd.auth.basic import BasicAuth, BasicAuthConfig, parse_basic
 from relayd.auth.users import BadUsername, UnknownUser, UserExists, UserStore
 from relayd.component import Context
+from relayd.testing import get_json as get
 
 
 def basic(user: str, password: str) -> str:
@@ -153,15 +152,6 @@ def config(port: int) -> str:
         listener = "web"
         auth = "users"
     """
-
-
-def get(url: str, authorization: str | None = None) -> tuple[int, dict, dict]:
-    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
 def test_relayctl_users_against_a_real_relayd(relayd, port):

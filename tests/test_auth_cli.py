@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from relayd.testing import BIN
+from relayd.testing import get_json as get
 
 
 def relay_scope(fake) -> str:
@@ -136,15 +137,6 @@ def globus_relayd_config(fake, port: int, secret: str | None = None) -> str:
         listener = "web"
         auth = "globus"
     """
-
-
-def get(url: str, authorization: str | None = None) -> tuple[int, dict, object]:
-    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
 def test_login_by_server_uses_discovery_then_relayd_accepts_the_token(fake_globus, client_env, relayd, port):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.request
 
 from relayd.systemd import monotonic_usec
+from relayd.testing import get_text as get
 
 
 def status_config(port: int) -> str:
@@ -18,11 +18,6 @@ def status_config(port: int) -> str:
         kind = "status"
         listener = "web"
     """
-
-
-def get(url: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.status, response.read().decode()
 
 
 def test_ready_reload_stop_notifications(relayd, port):

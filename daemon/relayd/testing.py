@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -300,6 +301,28 @@ def start_relayd(
         raise AssertionError(f"relayd did not become ready (exit status {process.returncode}); "
                              f"log:\n{daemon.log}")
     return daemon
+
+
+def get_text(url: str) -> tuple[int, str]:
+    """(status, body) of a GET that must succeed."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def get_json(url: str, authorization: str | None = None) -> tuple[int, dict, Any]:
+    """(status, headers, decoded JSON body) of a GET, error statuses included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
 def have(tool: str) -> bool:
