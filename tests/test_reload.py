@@ -188,7 +188,7 @@ def test_twenty_reloads_under_load(relayd):
             assert now["last_reload"]["ok"] is False
             assert now["last_reload"]["errors"][0].startswith(location + message)
             text = daemon.ctl("status").stdout
-            assert f"last reload: REJECTED at " in text and f"{location}{message}" in text
+            assert "last reload: REJECTED at " in text and f"{location}{message}" in text
         else:
             generation += 1
             if not via_signal:
