@@ -495,9 +495,9 @@ def test_https_upstream_verification_failure_is_502(relayd, port, ca, tmp_path):
 
 
 def test_import_seed_acme_service(relayd, tmp_path, upstream, ca):
-    from relayd.testing import BIN
-
     import subprocess
+
+    from relayd.testing import BIN
 
     seed = tmp_path / "acme-service.json"
     seed.write_text(json.dumps(SEED_ACME))
@@ -612,11 +612,22 @@ def test_chunked_request_and_pipelining(relayd, port, upstream):
     assert b'"path": "/second"' in reply
 
 
-def test_early_reply_to_a_request_with_a_body_closes_the_connection(relayd, port, upstream):
+def test_early_reply_skips_a_framed_body_and_closes_on_an_unfinished_one(relayd, port, upstream):
     relayd(proxy_config(port, upstream.url))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        # 404 before the body was read: the body must not be parsed as the next request.
-        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n"
+        # 404 for a request whose body arrived whole: llhttp framed the body, so it is skipped
+        # (never parsed as a request) and the connection serves the next request.
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n"
+                     b"GET /acme/smuggled HTTP/1.1\r\n\r\n"
+                     b"GET /acme/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 404 ") and reply.count(b"HTTP/1.1 ") == 2
+    assert b"smuggled" not in reply and b'"path": "/next"' in reply
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # 404 while the body is still arriving: answered at once, then the connection closes.
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
                      b"GET /acme/smuggled HTTP/1.1\r\n\r\n")
         reply = b""
         while chunk := sock.recv(65536):
@@ -838,7 +849,7 @@ def test_reused_upstream_connection_that_died_is_retried_and_bodyless_responses(
 def test_client_leaving_in_the_middle_of_a_large_body(relayd, port, upstream):
     daemon = relayd(proxy_config(port, upstream.url))
     assert request(port, "GET", "/acme/warm")[0] == 200
-    fds = lambda: len(os.listdir(f"/proc/{daemon.process.pid}/fd"))  # noqa: E731
+    fds = lambda: len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
     baseline = fds()
     for _ in range(3):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

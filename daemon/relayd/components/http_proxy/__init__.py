@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
 
+from relayd.accept_gate import GatedServer, serve_gated
 from relayd.component import Component
 from relayd.httpserve import HttpService
 from relayd.listeners import ListenerError, make_server_ssl_context
@@ -30,6 +31,7 @@ from .routes import Core, Route, Router
 from .store import COLUMNS, Store
 
 __all__ = ["HttpProxy", "HttpProxyConfig"]
+FIRST_REQUEST_GRACE = 2.0  # seconds a connection accepted just before a stop has to send its request
 
 
 @dataclass
@@ -61,7 +63,9 @@ class HttpProxy(Component):
         await self.counters.start(cfg.flush_interval)
         self.core = Core(loop, self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl, cfg.upstream_idle,
                          cfg.splice)
-        self.servers: list[tuple[str, asyncio.AbstractServer]] = []
+        names = cfg.identity_headers
+        self.core.protected_headers = frozenset({names.user.lower().encode(), names.email.lower().encode()})
+        self.servers: list[tuple[str, GatedServer]] = []
         self.routers: dict[str, Router] = {}
         self.services: dict[str, Service] = {}
         self.mgmt_http: HttpService | None = None
@@ -182,10 +186,9 @@ class HttpProxy(Component):
             router = self.routers[lname] = Router(self.core, lname, _discovery)
         tls = listener.ssl_context is not None
         context = self._server_ssl(lname) if tls else None
-        loop = asyncio.get_running_loop()
-        for sock in listener.serving_sockets():
-            server = await loop.create_server(lambda: ClientConnection(router, tls), sock=sock, ssl=context)
-            self.servers.append((lname, server))
+        # Under the listener's max_connections: the gate sets each connection's on_closed.
+        server = await serve_gated(listener, lambda: _Connection(router, tls), ssl=context)
+        self.servers.append((lname, server))
 
     # -- TLS: certificates are re-read on every reload ---------------------------------------
 
@@ -251,16 +254,22 @@ class HttpProxy(Component):
         core.stopping = True
         for _, server in self.servers:
             server.close()
+        # Connections finish what they were asked and close; one accepted just before the stop
+        # is served its first request (the client sent it to us) rather than dropped.
         for conn in list(core.connections):
-            if conn.ex is None and conn.transport:
-                conn.transport.close()
+            conn.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
-        while any(c.ex is not None for c in core.connections) and loop.time() < deadline:
-            await asyncio.sleep(0.05)  # draining: poll in-flight exchanges until the deadline
+        grace = loop.time() + min(drain_timeout, FIRST_REQUEST_GRACE)
+        while core.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # draining: poll until the connections are gone or the deadline
+            if loop.time() >= grace:  # connections that never asked anything are not waited for
+                for conn in list(core.connections):
+                    if conn.ex is None and not conn.queue and conn.transport:
+                        conn.transport.close()
         for conn in list(core.connections):
             if conn.ex is not None:
-                conn._abort(conn.ex)  # records its counters
+                conn.abort(conn.ex)  # records its counters
             elif conn.transport:
                 conn.transport.abort()
         await self._close_everything()
@@ -343,6 +352,27 @@ class HttpProxy(Component):
             return web.json_response({"message": "a valid 'Authorization: Bearer <token>' is required"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="relayd"'})
         return await self.api.handle(request, request.path.lstrip("/"))  # type: ignore[arg-type]
+
+
+if hasattr(ClientConnection, "on_closed"):
+    _Connection = ClientConnection
+else:
+    class _Connection(ClientConnection):  # type: ignore[no-redef]
+        """Until the engine calls ``on_closed`` itself: call it once the connection is lost.
+
+        relayd.accept_gate sets ``on_closed`` on every plain (non-TLS) client connection to
+        release its slot under the listener's max_connections.
+        """
+
+        on_closed = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            try:
+                super().connection_lost(exc)
+            finally:
+                on_closed, self.on_closed = self.on_closed, None
+                if on_closed is not None:
+                    on_closed()
 
 
 def _tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:

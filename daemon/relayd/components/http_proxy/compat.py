@@ -18,7 +18,7 @@ class CompatError(ValueError):
 
 
 def rfc3339(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _addresses(value: Any, key: str) -> list[str]:

@@ -48,3 +48,49 @@ def has_dot_segment(path: str) -> bool:
         if s in (".", ".."):
             return True
     return False
+
+
+class PathError(ValueError):
+    """A request target the proxy refuses (400)."""
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Percent-encodings refused outright: they would mean a different path to an upstream that
+# decodes them ("/", "\", NUL), or, after one more decoding, a dot segment or a separator.
+_REFUSED = {"2F": "an encoded '/'", "5C": "an encoded '\\'", "00": "an encoded NUL"}
+_DOUBLE = ("2E", "2F", "5C")
+
+
+def normalize_path(path: str) -> str:
+    """The routed and forwarded form of a request path, or PathError.
+
+    Percent-encoded unreserved characters are decoded once (RFC 3986 section 6.2.2.2), the
+    hex of the others upper-cased; then a path is refused if it holds an encoded '/', '\\' or
+    NUL, a raw '\\', a '.' or '..' segment, or a '%25' that would decode to one of those. So
+    routing sees the path the upstream will see, and no form of '..' leaves the `to` path
+    (the policy Envoy calls UNESCAPE_AND_REJECT for slashes, applied to dot segments too).
+    """
+    if "%" not in path and "\\" not in path and "/." not in path:
+        return path  # the common case: nothing to decode or check
+    if "\\" in path:
+        raise PathError("'\\' is not allowed in paths")
+    if "%" in path:
+        parts = path.split("%")
+        out = [parts[0]]
+        for part in parts[1:]:
+            code = part[:2]
+            if len(code) < 2 or code[0] not in _HEX or code[1] not in _HEX:
+                raise PathError("invalid percent-encoding in the path")
+            code = code.upper()
+            if code in _REFUSED:
+                raise PathError(f"{_REFUSED[code]} is not allowed in paths")
+            if code == "25" and part[2:4].upper() in _DOUBLE:
+                raise PathError("a double-encoded '.', '/' or '\\' is not allowed in paths")
+            char = chr(int(code, 16))
+            out.append((char if char in _UNRESERVED else "%" + code) + part[2:])
+        path = "".join(out)
+    for segment in path.split("/"):
+        if segment in (".", ".."):
+            raise PathError("'.' and '..' path segments are not allowed")
+    return path

@@ -11,8 +11,9 @@ from urllib.parse import urlsplit
 from relayd.auth.base import AuthMethod, Identity
 
 from .config import ServiceConfig
-from .h1 import HOP_BY_HOP
-from .proxy import _REPLACED, UpstreamConnection
+from .exchange import REPLACED
+from .http1 import HOP_BY_HOP
+from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .counters import Counters
@@ -38,6 +39,8 @@ class Core:
         self.members: set[tuple[str, str]] = set()
         self.auth_caches: dict[str, dict[bytes, tuple[Identity, float]]] = {}
         self.stopping = False
+        # Lower-case names of the identity headers: a client's Connection header may not list them.
+        self.protected_headers: frozenset[bytes] = frozenset()
 
     def forget_credentials(self) -> None:
         """Users changed through the management API: ask the auth method again."""
@@ -67,7 +70,7 @@ class Route:
         user_h, email_h = identity_headers
         self.user_header = user_h.encode() + b": "
         self.email_header = email_h.encode() + b": "
-        self.strip_headers = HOP_BY_HOP | _REPLACED | {b"authorization", user_h.lower().encode(),
+        self.strip_headers = HOP_BY_HOP | REPLACED | {b"authorization", user_h.lower().encode(),
                                                        email_h.lower().encode()}
         self.hsts = b"Strict-Transport-Security: max-age=%d" % int(config.hsts) if config.hsts else b""
         self.idle: list[UpstreamConnection] = []
@@ -129,7 +132,6 @@ class Route:
         if conn.closed:
             return
         if len(self.idle) < self.core.upstream_idle and not self.core.stopping:
-            conn.buffer = b""
             # It may have been paused for a slow client in the exchange's last moments; an idle
             # connection must read (to notice the upstream closing it) and be ready for reuse.
             conn.transport.resume_reading()  # type: ignore[union-attr]

@@ -17,7 +17,9 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .proxy import ClientConnection, Exchange, UpstreamConnection
+    from .exchange import Exchange
+    from .proxy import ClientConnection
+    from .upstream import UpstreamConnection
 
 log = logging.getLogger("relayd.http_proxy")
 AVAILABLE = hasattr(os, "splice")
@@ -131,16 +133,16 @@ class Splicer:
 
     def _done(self) -> None:
         self._close()
-        framer = self.ex.resp_framer
-        assert framer is not None
-        framer.remaining = 0
-        framer.done = True
         transport = self.upstream.transport
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
-        self.client.response_done(self.ex)
+        # The body ended where its Content-Length said; the reader that framed the head is
+        # dropped with the exchange (the next exchange on this connection gets a new one).
+        reader = self.upstream.reader
+        reusable = reader is not None and reader.head is not None and reader.head.keep_alive
+        self.client.response_done(self.ex, reusable=reusable)
 
     def _fail(self, why: str) -> None:
         log.info("%s %s: body cut: %s", self.ex.route.name, self.ex.target[:200], why)
         self._close()
-        self.client._abort(self.ex)
+        self.client.abort(self.ex)

@@ -1,0 +1,376 @@
+"""Reading HTTP/1.1 messages: llhttp (Node.js's parser, through httptools) does the parsing.
+
+Sans-I/O: a reader takes bytes and returns events; it never touches a socket. llhttp runs in
+its strict mode (every lenient flag off): it refuses obs-fold, bare CR or LF, invalid tokens,
+invalid or duplicate Content-Length, Content-Length with Transfer-Encoding, malformed chunk
+sizes and extensions. On top of it these readers enforce what llhttp leaves to its user:
+head size and header count limits however the bytes arrive, the HTTP versions we speak,
+exactly one valid ``Host`` (RFC 9112 section 3.2), ``Transfer-Encoding`` that is exactly
+``chunked`` (other codings would reach the upstream undecoded), and a ``Connection`` header
+that may not declare framing, ``Host`` or identity headers hop-by-hop.
+
+Bodies come out decoded (chunk payloads without their framing): the proxy frames every
+message it forwards itself, from what was parsed, never from the headers it received.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httptools
+
+MAX_HEAD = 32 * 1024
+MAX_HEADERS = 100
+
+# Event kinds returned by ``feed``.
+HEAD, INTERIM, BODY, END, UPGRADE, ERROR = range(6)
+
+# RFC 9110 section 7.6.1 plus the legacy proxy names; never forwarded in either direction.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",
+})
+# A Connection header naming one of these is an attack on the framing or on routing.
+_NEVER_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# uri-host [ ":" port ] (RFC 3986 section 3.2.2): IP-literal, or reg-name/IPv4 without "%".
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(?::[0-9]{1,5})?\Z")
+
+
+def valid_host(value: bytes) -> bool:
+    return _HOST.match(value) is not None
+
+
+class ProtocolError(Exception):
+    """A message that must not be forwarded; ``status`` is the answer (502 for responses)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _StopAfterHead(Exception):
+    """Raised inside llhttp's callback to end a HEAD response at its head."""
+
+
+class RequestHead:
+    __slots__ = (
+        "authorization",
+        "chunked",
+        "connection",
+        "cookie",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "length",
+        "method",
+        "target",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.http10 = False
+        self.headers: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
+        self.host: bytes | None = None
+        self.authorization: bytes | None = None
+        self.cookie: bytes | None = None
+        self.connection: frozenset[bytes] = frozenset()  # lower-case tokens
+        self.upgrade: bytes | None = None
+        self.length: int | None = None  # Content-Length; None when absent or chunked
+        self.chunked = False
+        self.keep_alive = True
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.length)
+
+
+class ResponseHead:
+    __slots__ = ("chunked", "headers", "keep_alive", "length", "reason", "status")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.length: int | None = None  # None: chunked, until close, or no body
+        self.chunked = False
+        self.keep_alive = True
+
+
+def _tokens(values: list[bytes]) -> frozenset[bytes]:
+    out = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip(b" \t").lower()
+            if token:
+                out.add(token)
+    return frozenset(out)
+
+
+def _single_chunked(values: list[bytes]) -> bool:
+    return len(values) == 1 and values[0].strip(b" \t").lower() == b"chunked"
+
+
+class _Reader:
+    """What the request and response readers share: head accounting and error capture."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, object]] = []
+        self.in_head = False
+        self.head_size = 0
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.trailer_size = 0
+        self.stalled = 0  # bytes fed since the last event: an incomplete head or trailer section
+        self.failed = False
+
+    def _count(self, size: int, status: int) -> None:
+        self.head_size += size
+        if self.head_size > MAX_HEAD:
+            raise ProtocolError(f"head larger than {MAX_HEAD} bytes", status)
+
+    def _header(self, name: bytes, value: bytes, status: int) -> None:
+        if not self.in_head:  # a trailer field of a chunked body: counted, never forwarded
+            self.trailer_size += len(name) + len(value) + 4
+            if self.trailer_size > MAX_HEAD:
+                raise ProtocolError(f"trailer section larger than {MAX_HEAD} bytes", status)
+            return
+        self._count(len(name) + len(value) + 4, status)
+        if len(self.headers) >= MAX_HEADERS:
+            raise ProtocolError(f"more than {MAX_HEADERS} header fields", status)
+        self.headers.append((name.lower(), name, value.rstrip(b" \t")))
+
+    def _begin(self) -> None:
+        self.in_head = True
+        self.head_size = 0
+        self.trailer_size = 0
+        self.headers = []
+
+    def _run(self, parser: httptools.HttpParser, data: bytes, status: int) -> list[tuple[int, object]]:
+        events = self.events = []
+        if self.failed:
+            return events
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            events.append((UPGRADE, data[exc.args[0]:]))
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _StopAfterHead):
+                self.failed = True  # nothing after a HEAD response's head is read
+                return events
+            if not isinstance(cause, ProtocolError):
+                raise
+            self._error(cause)
+        except httptools.HttpParserError as exc:
+            self._error(ProtocolError(f"malformed {self.what}: {exc}", status))
+        if not self.failed:
+            if events:
+                self.stalled = 0
+            else:
+                self.stalled += len(data)
+                if self.stalled > MAX_HEAD:
+                    kind = "head" if self.in_head else "chunk or trailer section"
+                    self._error(ProtocolError(f"{kind} larger than {MAX_HEAD} bytes",
+                                              431 if status == 400 else status))
+        return events
+
+    what = "message"
+
+    def _error(self, error: ProtocolError) -> None:
+        self.failed = True
+        self.events.append((ERROR, error))
+
+
+class RequestReader(_Reader):
+    """Requests of one client connection, pipelined or not, in order.
+
+    ``protected`` are lower-case header names a ``Connection`` header may not list (the
+    identity headers the proxy sets).
+    """
+
+    what = "request"
+
+    def __init__(self, protected: frozenset[bytes] = frozenset()) -> None:
+        super().__init__()
+        self.protected = _NEVER_HOP_BY_HOP | protected
+        self.parser = httptools.HttpRequestParser(self)
+        self.target = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, object]]:
+        return self._run(self.parser, data, 400)
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begin()
+        self.target = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+        self._count(len(url), 414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header(name, value, 431)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.events.append((HEAD, self._head()))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append((BODY, body))
+
+    def on_message_complete(self) -> None:
+        self.events.append((END, None))
+
+    def _head(self) -> RequestHead:
+        parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ProtocolError(f"HTTP/{version} is not supported", 505)
+        head = RequestHead()
+        head.method = parser.get_method()
+        if head.method == b"CONNECT":
+            raise ProtocolError("CONNECT is not supported", 405)
+        head.target = self.target
+        head.http10 = version == "1.0"
+        head.headers = self.headers
+        hosts = 0
+        connection: list[bytes] = []
+        encodings: list[bytes] = []
+        for lname, _, value in self.headers:
+            if lname == b"host":
+                hosts += 1
+                head.host = value
+            elif lname == b"content-length":
+                head.length = int(value)  # llhttp accepted digits only, and only once
+            elif lname == b"transfer-encoding":
+                encodings.append(value)
+            elif lname == b"connection":
+                connection.append(value)
+            elif lname == b"authorization":
+                head.authorization = value
+            elif lname == b"cookie":
+                head.cookie = value if head.cookie is None else head.cookie + b"; " + value
+            elif lname == b"upgrade":
+                head.upgrade = value
+        if hosts > 1 or (hosts == 0 and not head.http10):
+            raise ProtocolError("exactly one Host header is required")
+        if head.host is not None and not _HOST.match(head.host):
+            raise ProtocolError("invalid Host header")
+        if encodings:
+            if not _single_chunked(encodings):
+                raise ProtocolError("Transfer-Encoding other than 'chunked' is not supported", 501)
+            head.chunked = True
+            head.length = None
+        head.connection = tokens = _tokens(connection)
+        listed = tokens & self.protected
+        if listed:
+            raise ProtocolError(f"Connection may not list {b', '.join(sorted(listed)).decode()}")
+        head.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():
+            if head.has_body or head.upgrade is None:
+                raise ProtocolError("an Upgrade request may not have a body")
+        else:
+            head.upgrade = None
+        return head
+
+
+class ResponseReader(_Reader):
+    """One upstream response (with any 1xx interim responses before it).
+
+    A new reader is used for every exchange, so nothing of one response can leak into the
+    next. ``extra`` turns true when bytes follow the end of the response: the connection
+    must then not be reused.
+    """
+
+    what = "response"
+
+    def __init__(self, head_request: bool, upgrade_requested: bool) -> None:
+        super().__init__()
+        self.head_request = head_request
+        self.upgrade_requested = upgrade_requested
+        self.parser = httptools.HttpResponseParser(self)
+        self.reason = b""
+        self.complete = False
+        self.extra = False
+        self.interim = False
+        self.head: ResponseHead | None = None
+        self.body_received = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, object]]:
+        if self.complete:
+            self.extra = True
+            return []
+        events = self._run(self.parser, data, 502)
+        if self.complete and self.failed and events and events[-1][0] == ERROR:
+            events.pop()  # junk after a complete response: not an error of this exchange
+            self.extra = True
+        return events
+
+    @property
+    def remaining(self) -> int:
+        """Body bytes of a Content-Length response not yet received."""
+        head = self.head
+        if head is None or head.length is None:
+            return 0
+        return head.length - self.body_received
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True
+        self._begin()
+        self.reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+        self._count(len(reason), 502)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header(name, value, 502)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        status = parser.get_status_code()
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise ProtocolError("upstream answered with an unsupported HTTP version", 502)
+        head = ResponseHead(status, self.reason, self.headers)
+        if 100 <= status < 200 and status != 101:
+            self.interim = True
+            self.events.append((INTERIM, head))
+            return
+        if status == 101 and not self.upgrade_requested:
+            raise ProtocolError("upstream switched protocols without being asked", 502)
+        encodings = [v for n, _, v in self.headers if n == b"transfer-encoding"]
+        for lname, _, value in self.headers:
+            if lname == b"content-length":
+                head.length = int(value)
+        no_body = self.head_request or status in (101, 204, 304)
+        if encodings and not no_body:
+            if not _single_chunked(encodings):
+                raise ProtocolError("upstream used a Transfer-Encoding other than 'chunked'", 502)
+            head.chunked = True
+            head.length = None
+        head.keep_alive = parser.should_keep_alive()
+        self.head = head
+        self.events.append((HEAD, head))
+        if self.head_request:
+            self.complete = True
+            head.keep_alive = False  # where a HEAD response ends cannot be checked: not reused
+            self.events.append((END, None))
+            raise _StopAfterHead
+
+    def on_body(self, body: bytes) -> None:
+        self.body_received += len(body)
+        self.events.append((BODY, body))
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+        self.events.append((END, None))
