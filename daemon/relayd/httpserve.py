@@ -1,16 +1,20 @@
 """Serve an aiohttp handler on a listener's sockets, with a drain-aware stop.
 
 aiohttp's low-level ``web.Server`` is a protocol factory, so it runs directly on the dup'd
-listening sockets the core hands out; closing those servers never closes the listener.
+listening sockets the core hands out; closing those servers never closes the listener. The
+servers are relayd.accept_gate GatedServers: they stop accepting while the listener is at its
+max_connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
+from relayd.accept_gate import GatedServer, Release, serve_gated
 from relayd.listeners import Listener
 
 # How long a retiring server waits for the first request of a just-accepted connection.
@@ -19,13 +23,32 @@ FIRST_REQUEST_GRACE = 1.0
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+class _WebServer(web.Server):
+    """aiohttp's registry of connections, telling the accept gate when one closes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_closed: dict[Any, Release] = {}  # RequestHandler -> release its slot
+
+    def attach(self, handler: Any, release: Release) -> None:
+        self.on_closed[handler] = release
+
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        try:
+            super().connection_lost(handler, exc)
+        finally:
+            release = self.on_closed.pop(handler, None)
+            if release is not None:
+                release()
+
+
 class HttpService:
     def __init__(self, handler: Handler, **server_kwargs: object) -> None:
         self._handler = handler
         self._busy: dict[object, int] = {}  # connection (RequestHandler) -> handlers running
         self._changed = asyncio.Event()
-        self.web_server = web.Server(self._track, access_log=None, **server_kwargs)  # type: ignore[arg-type]
-        self.servers: list[asyncio.AbstractServer] = []
+        self.web_server = _WebServer(self._track, access_log=None, **server_kwargs)  # type: ignore[arg-type]
+        self.servers: list[GatedServer] = []
 
     async def _track(self, request: web.BaseRequest) -> web.StreamResponse:
         conn = request.protocol
@@ -39,10 +62,9 @@ class HttpService:
             self._changed.set()
 
     async def serve(self, listener: Listener) -> None:
-        loop = asyncio.get_running_loop()
-        for sock in listener.serving_sockets():
-            server = await loop.create_server(self.web_server, sock=sock, ssl=listener.ssl_context)
-            self.servers.append(server)
+        server = await serve_gated(listener, self.web_server, ssl=listener.ssl_context,
+                                   attach=self.web_server.attach)
+        self.servers.append(server)
 
     @property
     def connections(self) -> int:

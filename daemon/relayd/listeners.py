@@ -14,9 +14,11 @@ import os
 import socket
 import ssl
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from relayd.accept_gate import UNLIMITED, AcceptGate
 from relayd.config.model import ListenerConfig, TLSConfig
 
 log = logging.getLogger("relayd.listeners")
@@ -118,6 +120,13 @@ class Listener:
     sockets: list[socket.socket]
     ssl_context: ssl.SSLContext | None
     activated: bool  # passed by systemd rather than bound by relayd
+    # Connection count and cap, shared by every generation serving these sockets (SocketPool);
+    # a Listener made outside a pool gets its own, capped only by an explicit max_connections.
+    gate: AcceptGate | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate is None:
+            self.gate = AcceptGate(self.name, self.config.max_connections or UNLIMITED, self.sockets)
 
     def serving_sockets(self) -> list[socket.socket]:
         """Fresh dups of the listening sockets for one server to own and close."""
@@ -127,6 +136,23 @@ class Listener:
             dup.setblocking(False)
             dups.append(dup)
         return dups
+
+    @property
+    def backlog(self) -> int:
+        """The listen(2) backlog to serve with: asyncio and uvloop call listen() again on the
+        (shared) socket when they serve on it, with 100 unless told otherwise. A socket-activated
+        TCP socket keeps its unit's Backlog= (Linux reports it in tcp_info.tcpi_sacked)."""
+        if self.activated:
+            for sock in self.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_INFO"):
+                    try:
+                        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+                    except OSError:
+                        break
+                    if len(info) >= 32 and (current := struct.unpack_from("I", info, 28)[0]) > 0:
+                        return current
+                    break
+        return self.config.backlog
 
     @property
     def addresses(self) -> list[str]:
@@ -153,6 +179,7 @@ class SocketPool:
     def __init__(self, activated: dict[str, list[socket.socket]] | None = None) -> None:
         self.activated = activated or {}
         self._bound: dict[tuple[str, int], list[socket.socket]] = {}
+        self.gates: dict[tuple[str, object], AcceptGate] = {}
 
     def resolve(self, config: ListenerConfig) -> tuple[tuple[str, object], list[socket.socket], bool]:
         """(key, sockets, activated) for a listener config; binds if needed."""
@@ -169,13 +196,20 @@ class SocketPool:
             self._bound[key] = [bind_socket(config.bind, config.backlog)]  # type: ignore[index]
         return key, self._bound[key], False  # type: ignore[index]
 
-    def build(self, name: str, config: ListenerConfig) -> tuple[tuple[str, object], Listener]:
+    def build(self, name: str, config: ListenerConfig, limit: int = UNLIMITED) -> tuple[tuple[str, object], Listener]:
+        """`limit` applies to sockets opened now; those already open keep theirs until the
+        daemon applies the new generation's limits (AcceptGate.set_limit) after the swap."""
         key, sockets, activated = self.resolve(config)
         context = make_server_ssl_context(config.tls) if config.tls else None
-        return key, Listener(name, config, sockets, context, activated)
+        gate = self.gates.get(key)
+        if gate is None:
+            gate = self.gates[key] = AcceptGate(name, limit, sockets)
+        return key, Listener(name, config, sockets, context, activated, gate)
 
     def release_unused(self, in_use: set[tuple[str, object]]) -> None:
         """Close sockets relayd bound that no generation uses any more."""
+        for key in [k for k in self.gates if k not in in_use and k[0] != "fd"]:
+            del self.gates[key]
         for key in [k for k in self._bound if k not in in_use]:
             for sock in self._bound.pop(key):
                 _close_bound(sock)

@@ -38,6 +38,22 @@ class DaemonCollector:
         for name, component in (gen.components.items() if gen else ()):
             up.add_metric([name, component.kind], 1 if component.state == "serving" else 0)
         yield up
+        connections = GaugeMetricFamily("relayd_listener_connections",
+                                        "Open client connections per listener", labels=["listener"])
+        limits = GaugeMetricFamily("relayd_listener_max_connections",
+                                   "max_connections of each listener", labels=["listener"])
+        reached = CounterMetricFamily("relayd_listener_limit_reached",
+                                      "Times a listener reached max_connections and stopped accepting",
+                                      labels=["listener"])
+        for name, listener in (gen.listeners.items() if gen else ()):
+            gate = listener.gate
+            if gate is None:
+                continue
+            if gate.enforced:
+                connections.add_metric([name], gate.open)
+            limits.add_metric([name], gate.limit)
+            reached.add_metric([name], gate.reached)
+        yield from (connections, limits, reached)
         for name, component in (gen.components.items() if gen else ()):
             try:
                 yield from component.metrics()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from relayd import __version__
+from relayd.accept_gate import LimitPlan, nofile_limit, plan_limits, raise_nofile_limit
 from relayd.auth.base import AuthMethod
 from relayd.component import Component, Context
 from relayd.config import ConfigError, LoadedConfig, Problem, load_config
@@ -45,6 +46,7 @@ class Generation:
     auth: dict[str, AuthMethod]
     components: dict[str, Component]
     fingerprints: dict[str, str]  # "auth.NAME" / "components.NAME" -> fingerprint
+    limits: LimitPlan  # max_connections of each listener
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -112,9 +114,10 @@ class Daemon:
         listeners: dict[str, Listener] = {}
         listener_keys: dict[str, tuple[str, object]] = {}
         problems = []
+        limits = plan_limits({n: l.max_connections for n, l in settings.listeners.items()}, nofile_limit())
         for name, lconf in settings.listeners.items():
             try:
-                listener_keys[name], listeners[name] = self.pool.build(name, lconf)
+                listener_keys[name], listeners[name] = self.pool.build(name, lconf, limits.limits[name])
             except ListenerError as exc:
                 problems.append(Problem(str(exc), config.origins.get(("listeners", name)), f"listeners.{name}"))
         if problems:
@@ -172,14 +175,16 @@ class Daemon:
             ) from None
         removed = [f"components.{n}" for n in (old.components if old else {}) if n not in components]
         removed += [f"auth.{n}" for n in (old.auth if old else {}) if n not in auth]
-        generation = Generation(number, config, listeners, listener_keys, auth, components, fingerprints)
+        generation = Generation(number, config, listeners, listener_keys, auth, components, fingerprints, limits)
         return generation, changed + [f"{r} (removed)" for r in removed]
 
     def _component_fingerprint(self, settings: Any, name: str, cconf: Any, fps: dict[str, str]) -> str:
         refs = []
         for _path, table, target in iter_refs(cconf):
             if table == "listeners":
-                refs.append((table, target, settings.listeners[target].model_dump(mode="json")))
+                # Not max_connections: the listener's gate applies a new one in place.
+                refs.append((table, target, settings.listeners[target].model_dump(
+                    mode="json", exclude={"max_connections"})))
             elif table == "auth":
                 refs.append((table, target, fps.get(f"auth.{target}")))
             else:
@@ -264,6 +269,7 @@ class Daemon:
             if new.config.settings.control != old.config.settings.control:
                 log.warning("[control] changes take effect at the next restart, not on reload")
             self.generation = new
+            self._apply_limits(new)
             self._retire(old, new)
             result = ReloadResult(True, new.number, f"generation {new.number} serving", [], changed)
             self.reload_counts["ok"] += 1
@@ -300,6 +306,19 @@ class Daemon:
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
 
+    def _apply_limits(self, gen: Generation) -> None:
+        """Set each listener's max_connections (gates outlive generations), warn if too many."""
+        plan = gen.limits
+        for name, listener in gen.listeners.items():
+            assert listener.gate is not None
+            listener.gate.set_limit(plan.limits[name], name)
+        log.debug("max_connections: %s (RLIMIT_NOFILE %d, %d reserved)",
+                  ", ".join(f"{n}={v}" for n, v in plan.limits.items()) or "no listeners",
+                  plan.nofile, plan.reserved)
+        warning = plan.warning()
+        if warning:
+            log.warning("%s", warning)
+
     # -- status ----------------------------------------------------------------------------
 
     def status_line(self) -> str:
@@ -329,7 +348,8 @@ class Daemon:
             "last_reload": self.last_reload.as_dict() if self.last_reload else None,
             "reloads": dict(self.reload_counts),
             "listeners": {
-                n: {"addresses": l.addresses, "tls": l.ssl_context is not None, "activated": l.activated}
+                n: {"addresses": l.addresses, "tls": l.ssl_context is not None, "activated": l.activated,
+                    **l.gate.status()}  # type: ignore[union-attr]
                 for n, l in gen.listeners.items()
             },
             "components": components,
@@ -357,7 +377,11 @@ class Daemon:
     async def start(self) -> None:
         config = await asyncio.to_thread(self.load)
         configure_logging(config.settings.logging)
+        before, now = raise_nofile_limit()
+        if now != before:
+            log.info("raised the open file limit (RLIMIT_NOFILE) from %d to %d", before, now)
         self.generation, _ = await self._build(config, None)
+        self._apply_limits(self.generation)
         from relayd.control import ControlServer
 
         self.control = ControlServer(self)

@@ -73,6 +73,10 @@ def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
     for name, info in body["listeners"].items():
         extra = " tls" if info["tls"] else ""
         extra += " (socket-activated)" if info["activated"] else ""
+        if info.get("max_connections") is not None:
+            open_ = info.get("connections")
+            extra += f"  connections {'-' if open_ is None else open_}/{info['max_connections']}"
+            extra += "" if info.get("accepting", True) else " (AT LIMIT: not accepting)"
         print(f"  {name:16} {', '.join(info['addresses'])}{extra}")
     print("components:")
     for name, info in body["components"].items():

@@ -41,7 +41,13 @@ class ListenerConfig(Strict):
         description="FileDescriptorName= of a systemd socket unit; preferred over bind when passed",
     )
     tls: TLSConfig | None = Field(None, description="serve TLS with this certificate")
-    backlog: int = Field(1024, ge=1, description="listen(2) backlog when relayd binds")
+    backlog: int = Field(1024, ge=1, description="listen(2) backlog when relayd binds (and for "
+                         "socket-activated unix sockets)")
+    max_connections: int | None = Field(
+        None, ge=1,
+        description="open client connections at most; at the limit relayd stops accepting (new "
+        "connections wait in the backlog) until some close. Default: a share of RLIMIT_NOFILE",
+    )
 
     @field_validator("bind")
     @classmethod

@@ -187,7 +187,7 @@ class HttpProxy(Component):
         tls = listener.ssl_context is not None
         context = self._server_ssl(lname) if tls else None
         # Under the listener's max_connections: the gate sets each connection's on_closed.
-        server = await serve_gated(listener, lambda: _Connection(router, tls), ssl=context)
+        server = await serve_gated(listener, lambda: ClientConnection(router, tls), ssl=context)
         self.servers.append((lname, server))
 
     # -- TLS: certificates are re-read on every reload ---------------------------------------
@@ -352,27 +352,6 @@ class HttpProxy(Component):
             return web.json_response({"message": "a valid 'Authorization: Bearer <token>' is required"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="relayd"'})
         return await self.api.handle(request, request.path.lstrip("/"))  # type: ignore[arg-type]
-
-
-if hasattr(ClientConnection, "on_closed"):
-    _Connection = ClientConnection
-else:
-    class _Connection(ClientConnection):  # type: ignore[no-redef]
-        """Until the engine calls ``on_closed`` itself: call it once the connection is lost.
-
-        relayd.accept_gate sets ``on_closed`` on every plain (non-TLS) client connection to
-        release its slot under the listener's max_connections.
-        """
-
-        on_closed = None
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            try:
-                super().connection_lost(exc)
-            finally:
-                on_closed, self.on_closed = self.on_closed, None
-                if on_closed is not None:
-                    on_closed()
 
 
 def _tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
