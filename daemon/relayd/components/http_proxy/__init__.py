@@ -265,11 +265,11 @@ class HttpProxy(Component):
             await asyncio.sleep(0.05)  # draining: poll until the connections are gone or the deadline
             if loop.time() >= grace:  # connections that never asked anything are not waited for
                 for conn in list(core.connections):
-                    if conn.ex is None and not conn.queue and conn.transport:
+                    if conn.idle and conn.transport:
                         conn.transport.close()
         for conn in list(core.connections):
             if conn.ex is not None:
-                conn.abort(conn.ex)  # records its counters
+                conn.state.abort(conn.ex)  # records its counters
             elif conn.transport:
                 conn.transport.abort()
         await self._close_everything()
@@ -312,8 +312,8 @@ class HttpProxy(Component):
             ex = conn.ex
             out.append({
                 "peer": conn.peer, "listener": conn.router.listener, "tls": conn.tls,
-                "service": ex.route.name if ex else "", "user": ex.user if ex else "",
-                "request": f"{ex.method.decode()} {ex.target}"[:120] if ex else "(idle)",
+                "service": ex.route.name if ex and ex.route else "", "user": ex.user if ex else "",
+                "request": f"{ex.req.method.decode()} {ex.target}"[:120] if ex else "(idle)",
                 "websocket": bool(ex and ex.tunnel),
             })
         return out

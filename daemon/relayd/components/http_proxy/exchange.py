@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .http1 import HOP_BY_HOP, RequestHead, ResponseHead
+from .http1 import HOP_BY_HOP, RequestHead, ResponseHead, ResponseReader
 
 if TYPE_CHECKING:
     from relayd.auth.base import Identity
 
     from .routes import Route
-    from .upstream import UpstreamConnection
 
 REASONS = {
     100: "Continue", 101: "Switching Protocols", 103: "Early Hints",
@@ -72,7 +71,8 @@ class Exchange:
         "target",
         "tunnel",
         "upstream",
-        "upstream_keep_alive",
+        "reader",
+        "received",
         "user",
     )
 
@@ -85,7 +85,7 @@ class Exchange:
         self.target = ""  # the normalized path and query
         self.endpoint = ""
         self.keep_alive = req.keep_alive
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: Any = None  # the shell's upstream connection while it carries this exchange
         self.pending: list[bytes] = []  # request body bytes (framed for the upstream) not yet sent
         self.pending_size = 0
         self.request_complete = False
@@ -102,8 +102,9 @@ class Exchange:
         self.resp_head = b""  # the response head, written together with the first body bytes
         self.body_mode = NO_BODY
         self.splicer: Any = None  # a Splicer moving the response body in the kernel
-        self.upstream_keep_alive = False
         self.head_sent = False  # the upstream request head was written
+        self.reader: ResponseReader | None = None  # a new one for every upstream response
+        self.received = 0  # bytes of the response seen (a retry is only safe at 0)
 
 
 def chunk(data: bytes) -> bytes:

@@ -136,13 +136,9 @@ class Splicer:
         transport = self.upstream.transport
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
-        # The body ended where its Content-Length said; the reader that framed the head is
-        # dropped with the exchange (the next exchange on this connection gets a new one).
-        reader = self.upstream.reader
-        reusable = reader is not None and reader.head is not None and reader.head.keep_alive
-        self.client.response_done(self.ex, reusable=reusable)
+        self.client.state.splice_done(self.ex)  # type: ignore[union-attr]
 
     def _fail(self, why: str) -> None:
         log.info("%s %s: body cut: %s", self.ex.route.name, self.ex.target[:200], why)
         self._close()
-        self.client.abort(self.ex)
+        self.client.state.abort(self.ex)  # type: ignore[union-attr]

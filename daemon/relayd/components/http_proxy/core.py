@@ -1,0 +1,564 @@
+"""The exchange core of one client connection: a state machine without I/O.
+
+It is fed events (bytes from the client, auth decided, upstream connected, bytes from the
+upstream, the upstream gone, a timer) and answers with actions on ``io``, the thin asyncio
+shell in ``proxy.py`` (send to the client, pause reading, authenticate, connect, send
+upstream, release the upstream connection, count). Tests drive it with a recording ``io``,
+playbook style, without sockets (tests/test_http_proxy_core.py).
+
+Requests: llhttp (``http1.RequestReader``) turns client bytes into heads, body pieces and
+ends. Each head becomes an ``Exchange``; exchanges are served one at a time in arrival order
+(pipelining), from a loop, never by recursion; the requests behind the current one wait in
+``queue``, and reading pauses while that backlog is long. Responses: each exchange gets a
+fresh ``http1.ResponseReader``; the upstream connection is released as reusable only when
+both messages ended exactly at their framing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import exchange as xc
+from .exchange import ANONYMOUS, Exchange, chunk, json_message, simple_response
+from .http1 import (
+    BODY,
+    END,
+    ERROR,
+    HEAD,
+    INTERIM,
+    UPGRADE,
+    ProtocolError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    valid_host,
+)
+from .mapping import PathError, map_target, normalize_path
+
+if TYPE_CHECKING:
+    from relayd.auth.base import Identity
+
+    from .routes import Router
+
+log = logging.getLogger("relayd.http_proxy")
+
+HIGH_WATER = 1 << 20  # request bytes kept for exchanges not yet connected, before reading pauses
+MAX_QUEUE = 128  # pipelined requests waiting behind the one being served, before reading pauses
+
+
+class ProxyIO(Protocol):
+    """The actions the core asks of its shell."""
+
+    def now(self) -> float: ...
+    def send(self, *parts: bytes) -> None: ...  # to the client
+    def close(self) -> None: ...  # the client connection, after what was sent
+    def abort(self) -> None: ...
+    def set_reading(self, on: bool) -> None: ...
+    def wake_at(self, when: float) -> None: ...
+    def authenticate(self, ex: Exchange) -> None: ...  # later: auth_result / auth_refused
+    def browser_endpoint(self, ex: Exchange, method: Any, target: str) -> None: ...  # later: reply
+    def connect(self, ex: Exchange, pooled: bool) -> None: ...  # later: upstream_ready / _failed
+    def send_upstream(self, ex: Exchange, *parts: bytes) -> None: ...
+    def release_upstream(self, ex: Exchange, reusable: bool) -> None: ...
+    def splice(self, ex: Exchange, length: int) -> bool: ...  # the rest of a body, in the kernel
+    def record(self, ex: Exchange) -> None: ...  # usage counters
+
+
+class ClientCore:
+    def __init__(self, router: Router, io: ProxyIO, *, tls: bool, peer: str) -> None:
+        self.router = router
+        self.io = io
+        self.tls = tls
+        self.scheme = b"https" if tls else b"http"
+        self.peer = peer.encode()
+        self.reader: RequestReader | None = RequestReader(router.core.protected_headers)
+        self.ex: Exchange | None = None  # the exchange being served
+        self.last: Exchange | None = None  # the exchange whose request bytes are arriving
+        self.queue: deque[Exchange] = deque()
+        self.queued_bytes = 0  # request bytes kept for exchanges not connected yet
+        self.closed = False
+        self.draining = False  # the component stops: close after the current response
+        self.served = 0
+        self.idle_since = 0.0
+        self.upstream_full = False  # the upstream's write buffer is full: stop reading the client
+        self.writing_paused = False  # the client's write buffer is full (the shell says so)
+        self._reading = True
+        self._advancing = False
+
+    # -- events from the client ----------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        reader = self.reader
+        if reader is None:
+            if self.last is not None:  # after an Upgrade request: bytes of the protocol switched to
+                self._request_bytes(self.last, data)
+                self._update_reading()
+            return  # after a framing error nothing more is read
+        for kind, value in reader.feed(data):
+            if kind == BODY:
+                self._body(self.last, value)  # type: ignore[arg-type]
+            elif kind == HEAD:
+                ex = self.last = Exchange(value)  # type: ignore[arg-type]
+                self.queue.append(ex)
+            elif kind == END:
+                self._request_end(self.last)  # type: ignore[arg-type]
+            elif kind == UPGRADE:
+                self.reader = None
+                if value:
+                    self._request_bytes(self.last, value)  # type: ignore[arg-type]
+            elif kind == ERROR:
+                self._request_error(value)  # type: ignore[arg-type]
+        self._advance()
+        self._update_reading()
+
+    def client_lost(self) -> None:
+        self.closed = True
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            self._finish(ex, reusable=False, keep_client=False)
+        self.queue.clear()
+
+    def drain(self) -> None:
+        """The component stops: finish what was asked, then close (no new request is read)."""
+        self.draining = True
+        if self.ex is None and not self.queue and self.served and not self.closed:
+            self.closed = True
+            self.io.close()
+
+    def timer(self) -> None:
+        """A deadline may have passed: idle keep-alive, upstream silence, total time."""
+        if self.closed:
+            return
+        now = self.io.now()
+        ex = self.ex
+        if ex is None:
+            keepalive = self.router.core.keepalive_timeout
+            if keepalive > 0:
+                if now >= self.idle_since + keepalive:
+                    self.closed = True
+                    self.io.close()
+                else:
+                    self.io.wake_at(self.idle_since + keepalive)
+            return
+        if ex.finished or ex.tunnel or ex.upstream is None:
+            return  # tunnels may idle; before the upstream is reached, connect_timeout applies
+        cfg = ex.route.config  # type: ignore[union-attr]
+        if cfg.total_timeout and now >= ex.started + cfg.total_timeout:
+            self.fail(ex, 504, "upstream did not complete the response in time")
+        elif cfg.read_timeout and now >= ex.last_io + cfg.read_timeout:
+            if self.writing_paused or (ex.splicer is not None and ex.splicer.writing):
+                ex.last_io = now  # the client is the slow one: the upstream waits for it
+                self._watch(ex)
+            else:
+                self.fail(ex, 504, "upstream did not answer in time")
+        else:
+            self._watch(ex)
+
+    def set_upstream_full(self, full: bool) -> None:
+        self.upstream_full = full
+        self._update_reading()
+
+    # -- reading requests ----------------------------------------------------------------------
+
+    def _body(self, ex: Exchange, data: bytes) -> None:
+        ex.bytes_in += len(data)
+        if ex.finished:
+            return  # answered early (and closing): the rest of the body is read and dropped
+        route = ex.route
+        limit = route.config.max_body if route is not None else 0
+        if limit and ex.bytes_in > limit:
+            self.fail(ex, 413, f"request body larger than {limit} bytes")
+            return
+        self._request_bytes(ex, chunk(data) if ex.req.chunked else data)
+
+    def _request_end(self, ex: Exchange) -> None:
+        ex.request_complete = True
+        if ex.req.chunked and not ex.finished:
+            self._request_bytes(ex, xc.LAST_CHUNK)
+
+    def _request_bytes(self, ex: Exchange, data: bytes) -> None:
+        """Bytes for the upstream: sent now if the exchange has its upstream, else kept."""
+        # Bytes after an Upgrade request wait for the upstream's 101 (it may refuse to switch).
+        if ex.head_sent and ex is self.ex and not ex.finished and (ex.tunnel or ex.req.upgrade is None):
+            ex.last_io = self.io.now()
+            if ex.tunnel:
+                ex.bytes_in += len(data)
+            self.io.send_upstream(ex, data)
+        elif not ex.finished:
+            ex.pending.append(data)
+            ex.pending_size += len(data)
+            self.queued_bytes += len(data)
+
+    def _request_error(self, error: ProtocolError) -> None:
+        last = self.last
+        # Nothing after a framing error can be trusted: stop reading, answer in order, close.
+        self.reader = None
+        self.last = None
+        if last is not None and not last.request_complete:
+            # The body of a request in progress is malformed: it must not be forwarded further.
+            if last is self.ex:
+                self.fail(last, error.status, str(error))
+            else:
+                last.error = error
+        else:
+            self.queue.append(Exchange(RequestHead(), error))
+
+    def _update_reading(self) -> None:
+        if self.closed:
+            return
+        paused = self.upstream_full or self.queued_bytes > HIGH_WATER or len(self.queue) > MAX_QUEUE \
+            or (self.reader is None and self.last is None)
+        if paused == self._reading:
+            self._reading = not paused
+            self.io.set_reading(not paused)
+
+    # -- serving exchanges in order -------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Start queued exchanges while none is in progress; a loop, so pipelines cannot recurse."""
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            while self.ex is None and self.queue and not self.closed:
+                ex = self.ex = self.queue.popleft()
+                self._start(ex)
+        finally:
+            self._advancing = False
+        if self.ex is None and not self.closed:
+            if self.draining or (self.reader is None and self.last is None):
+                self.closed = True
+                self.io.close()
+            else:
+                self.mark_idle()
+
+    def mark_idle(self) -> None:
+        self.idle_since = now = self.io.now()
+        keepalive = self.router.core.keepalive_timeout
+        if keepalive > 0:
+            self.io.wake_at(now + keepalive)
+
+    def _start(self, ex: Exchange) -> None:
+        ex.started = self.io.now()
+        if ex.error is not None:
+            self.reply(ex, ex.error.status, json_message(str(ex.error)), close=True)
+            return
+        req = ex.req
+        try:
+            target, host = _origin_form(req)
+            path, sep, query = target.partition("?")
+            path = normalize_path(path)
+        except (ProtocolError, PathError) as exc:
+            self.reply(ex, 400, json_message(str(exc)), close=True)
+            return
+        target = path + sep + query
+        hostname = _hostname(host)
+        router = self.router
+        if path == "/.well-known/relayd" and req.method in (b"GET", b"HEAD"):
+            self.reply(ex, 200, router.discovery(hostname))
+            return
+        browser = router.browser_paths.get(path) if router.browser_paths else None
+        if browser is not None:
+            self.io.browser_endpoint(ex, browser, target)
+            return
+        route = router.find(hostname, target)
+        if route is None:
+            self.reply(ex, 404, json_message("no service at this address"))
+            return
+        ex.route = route
+        ex.target = target
+        ex.endpoint = path
+        cfg = route.config
+        if not self.tls and cfg.redirect_https and route.https_port:
+            port = "" if route.https_port == 443 else f":{route.https_port}"
+            location = f"https://{hostname or route.default_host}{port}{target}".encode()
+            self.reply(ex, 308, b"", [b"Location: " + location])
+            return
+        if cfg.max_body and max(req.length or 0, ex.bytes_in) > cfg.max_body:
+            self.reply(ex, 413, json_message(f"request body larger than {cfg.max_body} bytes"), close=True)
+            return
+        if req.upgrade is not None and not cfg.websocket:
+            self.reply(ex, 501, json_message("WebSocket is not enabled for this service"), close=True)
+            return
+        if route.browser:
+            identity = route.auth.session_identity(req.cookie)  # type: ignore[attr-defined]
+            if identity is None:
+                if req.method in (b"GET", b"HEAD"):
+                    where = (host or route.default_host.encode()).decode("latin-1")
+                    location, cookies = route.auth.start_login(self.scheme.decode(), where, target)  # type: ignore[attr-defined]
+                    self.reply(ex, 302, b"", [b"Location: " + location.encode(), *cookies])
+                else:
+                    self.reply(ex, 401, json_message("log in with a web browser first"))
+                return
+        else:
+            identity = route.cached_identity(req.authorization)
+        if identity is None:
+            self.io.authenticate(ex)
+        else:
+            self.auth_result(ex, identity)
+
+    # -- events from auth and the upstream side ------------------------------------------------
+
+    def auth_result(self, ex: Exchange, identity: Identity) -> None:
+        if self.closed or ex.finished:
+            return
+        route = ex.route
+        assert route is not None
+        user = identity.username or identity.sub
+        if route.config.members_only and not identity.anonymous and (route.name, user) not in route.core.members:
+            route.core.counters.rejected(route.name)
+            self.reply(ex, 403, json_message(f"user {user!r} may not use service {route.name!r}"))
+            return
+        ex.identity = identity
+        ex.user = ANONYMOUS if identity.anonymous else user
+        ex.counted = True
+        self.io.connect(ex, pooled=True)
+
+    def upstream_ready(self, ex: Exchange, conn: Any, reused: bool) -> None:
+        """``conn`` (the shell's upstream connection) now carries this exchange."""
+        route = ex.route
+        assert route is not None
+        ex.upstream = conn
+        ex.reused = reused
+        ex.reader = ResponseReader(ex.req.method == b"HEAD", ex.req.upgrade is not None)
+        ex.received = 0
+        ex.last_io = self.io.now()
+        self._watch(ex)
+        head = xc.upstream_head(ex, map_target(route.prefix, ex.target, route.to_path), self.peer, self.scheme)
+        ex.head_sent = True
+        if ex.pending and ex.req.upgrade is None:
+            pending = ex.pending
+            self._sent_pending(ex)
+            self.io.send_upstream(ex, head, *pending)
+        else:
+            self.io.send_upstream(ex, head)
+
+    def upstream_failed(self, ex: Exchange, status: int, message: str) -> None:
+        self.fail(ex, status, message)
+
+    def upstream_data(self, ex: Exchange, data: bytes) -> None:
+        if ex.finished:
+            return
+        ex.received += len(data)
+        ex.last_io = self.io.now()
+        if ex.tunnel:
+            self._to_client(ex, data)
+            return
+        reader = ex.reader
+        assert reader is not None
+        for kind, value in reader.feed(data):
+            if kind == BODY:
+                self._response_body(ex, value)  # type: ignore[arg-type]
+            elif kind == HEAD:
+                self._response_head(ex, value)  # type: ignore[arg-type]
+            elif kind == END:
+                self._response_done(ex, reusable=reader.head.keep_alive and not reader.extra)  # type: ignore[union-attr]
+            elif kind == INTERIM:
+                if not ex.req.http10:  # no 1xx to HTTP/1.0 clients (RFC 9110 section 15.2)
+                    self.io.send(xc.interim_head(value))  # type: ignore[arg-type]
+            elif kind == UPGRADE:
+                self._to_client(ex, value)  # type: ignore[arg-type]
+            elif kind == ERROR:
+                self.fail(ex, 502, f"invalid response from upstream: {value}")
+            if ex.finished:
+                return
+        remaining = reader.remaining
+        if remaining and ex.body_mode == xc.FIXED and not ex.resp_head and ex.splicer is None:
+            self.io.splice(ex, remaining)
+
+    def splice_done(self, ex: Exchange) -> None:
+        """The shell moved the rest of the body; it ended where its Content-Length said."""
+        reader = ex.reader
+        self._response_done(ex, reusable=reader is not None and reader.head is not None
+                            and reader.head.keep_alive)
+
+    def upstream_lost(self, ex: Exchange, error: str) -> None:
+        if ex.finished:
+            return
+        if ex.tunnel:
+            self._finish(ex, reusable=False, keep_client=False)
+            return
+        reader = ex.reader
+        head = reader.head if reader is not None else None
+        if head is not None and head.length is None and not head.chunked and ex.body_mode != xc.NO_BODY:
+            self._response_done(ex, reusable=False)  # a body delimited by the connection's close
+            return
+        if (ex.status == 0 and ex.received == 0 and ex.reused and not ex.retried
+                and ex.req.method in xc.IDEMPOTENT and ex.bytes_in == 0):
+            # A pooled connection the upstream closed as it was reused, before any byte of a
+            # response: an idempotent request without a body may go once more (RFC 9110 9.2.2).
+            self.io.release_upstream(ex, reusable=False)
+            ex.upstream = None
+            ex.retried = True
+            ex.head_sent = False
+            self.io.connect(ex, pooled=False)
+            return
+        self.fail(ex, 502, "upstream closed the connection" + (f": {error}" if error else ""))
+
+    # -- responses -----------------------------------------------------------------------------
+
+    def _response_head(self, ex: Exchange, head: ResponseHead) -> None:
+        ex.status = head.status
+        # An Upgrade the upstream declined leaves bytes of another protocol behind: close after.
+        closing = self.draining or not ex.request_complete or ex.req.upgrade is not None
+        ex.resp_head = xc.client_head(ex, head, self.tls, closing)
+        if head.status == 101:
+            ex.tunnel = True
+            self._flush_head(ex)
+            if ex.pending:  # client bytes that arrived before the switch
+                pending = ex.pending
+                self._sent_pending(ex)
+                ex.bytes_in += sum(map(len, pending))
+                self.io.send_upstream(ex, *pending)
+
+    def _flush_head(self, ex: Exchange, body: bytes = b"") -> None:
+        head, ex.resp_head = ex.resp_head, b""
+        if body:
+            self.io.send(head, body)  # one write for head and body: on loopback a send costs much
+        elif head:
+            self.io.send(head)
+
+    def _response_body(self, ex: Exchange, data: bytes) -> None:
+        if ex.body_mode == xc.NO_BODY:
+            return
+        ex.bytes_out += len(data)
+        if ex.body_mode == xc.CHUNKED:
+            data = chunk(data)
+        if ex.resp_head:
+            self._flush_head(ex, data)
+        else:
+            self.io.send(data)
+
+    def _to_client(self, ex: Exchange, data: bytes) -> None:
+        ex.bytes_out += len(data)
+        self.io.send(data)
+
+    def _response_done(self, ex: Exchange, reusable: bool) -> None:
+        if ex.tunnel or ex.finished:
+            return
+        self._flush_head(ex, xc.LAST_CHUNK if ex.body_mode == xc.CHUNKED else b"")
+        if not ex.request_complete:
+            # The upstream answered before the whole request body was read: the rest of the body
+            # cannot be sent to this upstream connection, so neither connection is reused.
+            self._finish(ex, reusable=False, keep_client=False)
+        else:
+            self._finish(ex, reusable=reusable)
+
+    def reply(self, ex: Exchange, status: int, body: bytes, headers: list[bytes] | None = None,
+              close: bool = False, content_type: bytes = b"application/json") -> None:
+        """A response of the proxy's own, before anything of the exchange was forwarded."""
+        if ex.finished:
+            return
+        # A body still arriving is not worth reading to keep the connection: close after.
+        keep = ex.keep_alive and ex.request_complete and not close and not self.draining
+        if not self.closed:
+            self.io.send(simple_response(status, body, headers, not keep, content_type))
+        ex.status = status
+        ex.bytes_out += len(body)
+        self._finish(ex, reusable=False, keep_client=keep)
+
+    def auth_refused(self, ex: Exchange, status: int, message: str, headers: list[bytes]) -> None:
+        self.reply(ex, status, json_message(message), headers)
+
+    def fail(self, ex: Exchange, status: int, message: str) -> None:
+        """The exchange failed: answer with status if nothing was sent yet, else cut."""
+        if ex.finished:
+            return
+        if status >= 500 and ex.route is not None:
+            log.info("%s %s %s: %d %s", ex.route.name, ex.req.method.decode(), ex.target[:200], status,
+                     message)
+        if ex.upstream is not None:
+            self.io.release_upstream(ex, reusable=False)
+            ex.upstream = None
+        if (ex.status == 0 or ex.resp_head) and not self.closed:  # nothing of a response written yet
+            ex.resp_head = b""
+            self.reply(ex, status, json_message(message), close=True)
+        else:
+            self.abort(ex)
+
+    def abort(self, ex: Exchange) -> None:
+        if not ex.finished:
+            self._finish(ex, reusable=False, keep_client=False, abort=True)
+
+    def _sent_pending(self, ex: Exchange) -> None:
+        self.queued_bytes -= ex.pending_size
+        ex.pending = []
+        ex.pending_size = 0
+        self._update_reading()
+
+    def _finish(self, ex: Exchange, reusable: bool, keep_client: bool | None = None,
+                abort: bool = False) -> None:
+        if ex.finished:
+            return
+        ex.finished = True
+        self.served += 1
+        if ex.counted:
+            self.io.record(ex)
+        if ex.upstream is not None:
+            self.io.release_upstream(ex, reusable and ex.request_complete and not ex.tunnel)
+            ex.upstream = None
+        self._sent_pending(ex)
+        self.upstream_full = False  # the upstream connection is released: its flow control too
+        keep = ex.keep_alive if keep_client is None else keep_client
+        if ex is self.ex:
+            self.ex = None
+        if self.closed:
+            return
+        if abort or not keep:
+            self.closed = True
+            self.queue.clear()
+            self.reader = None
+            self.last = None
+            if abort:
+                self.io.abort()
+            else:
+                self.io.close()
+            return
+        if not self._advancing:
+            self._advance()
+            self._update_reading()
+
+    def _watch(self, ex: Exchange) -> None:
+        cfg = ex.route.config  # type: ignore[union-attr]
+        when = ex.last_io + cfg.read_timeout if cfg.read_timeout else None
+        if cfg.total_timeout:
+            total = ex.started + cfg.total_timeout
+            when = total if when is None else min(when, total)
+        if when is not None:
+            self.io.wake_at(when)
+
+
+def _origin_form(req: RequestHead) -> tuple[str, bytes | None]:
+    """(path and query, host) of a request target in origin or absolute form (RFC 9112 3.2)."""
+    try:
+        target = req.target.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("request target must be ASCII") from None
+    host = req.host
+    if target[:1] != "/":
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            raise ProtocolError("request target must be a path or an http(s) URL")
+        authority, slash, path = rest.partition("/")
+        path, qmark, query = (slash + path).partition("?") if slash else rest.partition("?")
+        if not slash:  # "http://host?query"
+            authority, path = path, ""
+        if not valid_host(authority.encode()):
+            raise ProtocolError("invalid authority in the request target")
+        host = authority.encode()  # the target's authority wins over Host (RFC 9112 3.2.2)
+        target = (path or "/") + qmark + query
+    if "#" in target:
+        raise ProtocolError("a fragment is not allowed in the request target")
+    return target, host
+
+
+def _hostname(host: bytes | None) -> str:
+    if not host:
+        return ""
+    text = host.decode("ascii", "replace").lower()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if ":" in text else text
