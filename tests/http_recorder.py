@@ -459,9 +459,9 @@ class RawClient:
         h = self.h
         if h.our_state is h11.MUST_CLOSE or h.their_state in (h11.MUST_CLOSE, h11.CLOSED):
             return self._expect_closed_here()
-        version = "1.0" if http10 else "1.1"
-        h.send(h11.Request(method=method, target="/", headers=[] if http10 else [("Host", "x")],
-                           http_version=version))
+        # h11 only writes HTTP/1.1: an HTTP/1.0 request is told as one that closes after its answer.
+        h.send(h11.Request(method=method, target="/",
+                           headers=[("Host", "x"), ("Connection", "close")] if http10 else [("Host", "x")]))
         h.send(h11.EndOfMessage())
         start = len(self.received) - len(h.trailing_data[0])
         status = 0
