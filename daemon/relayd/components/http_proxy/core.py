@@ -255,6 +255,7 @@ class ClientCore:
             self.reply(ex, 400, json_message(str(exc)), close=True)
             return
         target = path + sep + query
+        ex.host = host
         hostname = _hostname(host)
         router = self.router
         if path == "/.well-known/relayd" and req.method in (b"GET", b"HEAD"):

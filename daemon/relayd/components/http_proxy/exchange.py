@@ -54,6 +54,7 @@ class Exchange:
         "error",
         "finished",
         "head_sent",
+        "host",
         "identity",
         "keep_alive",
         "last_io",
@@ -83,6 +84,7 @@ class Exchange:
         self.identity: Identity | None = None
         self.user = ""
         self.target = ""  # the normalized path and query
+        self.host = req.host  # Host, or the authority of an absolute-form target
         self.endpoint = ""
         self.keep_alive = req.keep_alive
         self.upstream: Any = None  # the shell's upstream connection while it carries this exchange
@@ -141,7 +143,7 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
     assert route is not None
     cfg = route.config
     req = ex.req
-    host = req.host
+    host = ex.host
     out = [b"%s %s HTTP/1.1" % (req.method, upstream_target.encode())]
     strip = route.strip_headers
     if req.connection:
