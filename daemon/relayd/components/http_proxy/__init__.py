@@ -254,10 +254,14 @@ class HttpProxy(Component):
         core.stopping = True
         for _, server in self.servers:
             server.close()
-        # Connections finish what they were asked and close; one accepted just before the stop
-        # is served its first request (the client sent it to us) rather than dropped.
+        # On a reload, idle connections move to the component that replaces this one (with
+        # whatever part of a request they hold); the others finish what they were asked and
+        # close. On a stop, one accepted just before is still served its first request.
+        successor = self._successor()
         for conn in list(core.connections):
-            conn.drain()
+            router = successor.routers.get(conn.router.listener) if successor else None
+            if router is None or not conn.handover(router):
+                conn.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         grace = loop.time() + min(drain_timeout, FIRST_REQUEST_GRACE)
@@ -274,6 +278,15 @@ class HttpProxy(Component):
                 conn.transport.abort()
         await self._close_everything()
         self.state = "stopped"
+
+    def _successor(self) -> HttpProxy | None:
+        """The http_proxy of the same name in the generation serving now, if not this one."""
+        daemon = self.context.daemon
+        generation = daemon.generation if daemon is not None else None
+        other = generation.components.get(self.name) if generation is not None else None
+        if isinstance(other, HttpProxy) and other is not self and hasattr(other, "core"):
+            return other
+        return None
 
     async def _close_everything(self) -> None:
         for _, server in self.servers:

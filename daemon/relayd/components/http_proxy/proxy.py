@@ -118,6 +118,19 @@ class ClientConnection(asyncio.Protocol):
         if self.state is not None:
             self.state.drain()
 
+    def handover(self, router: Router) -> bool:
+        """Move an idle connection to the component replacing ours (a reload); False if busy."""
+        state = self.state
+        if state is None or not self.idle or state.closed or self.transport is None \
+                or self.transport.is_closing():
+            return False
+        self.core.connections.discard(self)
+        self.router = state.router = router
+        self.core = router.core
+        self.core.connections.add(self)
+        state.mark_idle()  # the new component's keep-alive timeout
+        return True
+
     @property
     def ex(self) -> Exchange | None:
         return self.state.ex if self.state else None
