@@ -42,6 +42,7 @@ class Recorded:
     headers: list[tuple[str, str]]  # (name as sent, value), in order; latin-1 decoded
     body: bytes
     scripted: bool = False
+    trailers: list[tuple[str, str]] = field(default_factory=list)  # of a chunked body
 
     def values(self, name: str) -> list[str]:
         """All values of a header (case-insensitive name)."""
@@ -68,7 +69,7 @@ class Broken:
     conn: int
     kind: str
     error: str
-    data: bytes  # everything this connection received
+    data: bytes  # the last bytes this connection received (up to 4 KiB)
 
 
 @dataclass
@@ -208,6 +209,8 @@ class Recorder:
         if data:
             with self.cond:
                 conn.received += data
+                if len(conn.received) > 1 << 16:
+                    del conn.received[:-8192]
                 self.raw += data
         return data
 
@@ -232,7 +235,7 @@ class Recorder:
             except h11.RemoteProtocolError as exc:
                 with self.cond:
                     self.broken.append(Broken(conn.serial, "incomplete" if eof else "invalid", str(exc),
-                                              bytes(conn.received)))
+                                              bytes(conn.received[-4096:])))
                     self.cond.notify_all()
                 if not eof:  # tell the peer, as a server would; it is not recorded as a response
                     _send(conn.sock, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -258,6 +261,7 @@ class Recorder:
             if not isinstance(event, h11.EndOfMessage):
                 continue
             assert request is not None
+            trailers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items()]
             target = request.target.decode("latin-1")
             with self.cond:
                 script = next((s for m, s in self.scripts.items() if m in target), None)
@@ -269,7 +273,7 @@ class Recorder:
                     method=request.method.decode("latin-1"), target=target,
                     http_version=request.http_version.decode("latin-1"),
                     headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers.raw_items()],
-                    body=bytes(body), scripted=script is not None)
+                    body=bytes(body), scripted=script is not None, trailers=trailers)
                 self.requests.append(rec)
                 self.cond.notify_all()
             index += 1

@@ -56,6 +56,10 @@ class Env:
     def new_id(self, tag: str = "r") -> str:
         return f"{tag}-{next(self.ids)}"
 
+    def smug_id(self) -> str:
+        """As long as the SMUG placeholder, so that lengths computed around it stay right."""
+        return f"smug-{next(self.ids):011d}"
+
 
 def _config(port: int, rec: Recorder, files_port: int) -> str:
     return f"""
@@ -206,7 +210,8 @@ def assert_own(r: Response | None, rid: str, status: int = 200) -> None:
 
 
 def with_ids(raw: bytes, rid: str, smug: str, env: Env) -> bytes:
-    return (raw.replace(b"RID", rid.encode()).replace(b"SMUG", smug.encode())
+    assert len(smug) == len(SMUG)
+    return (raw.replace(b"RID", rid.encode()).replace(SMUG, smug.encode())
             .replace(b"PORT", str(env.port).encode()).replace(b"UPSTREAM", str(env.rec.port).encode()))
 
 
@@ -215,7 +220,7 @@ def with_ids(raw: bytes, rid: str, smug: str, env: Env) -> bytes:
 @dataclass
 class Reject:
     id: str
-    raw: bytes  # RID: this request's id, SMUG: a smuggled request's id, PORT: the proxy's port
+    raw: bytes  # RID: this request's id, SMUG(GLED-REQUEST): a smuggled request's id, PORT: the proxy's port
     statuses: frozenset[int]
     rule: str
     body_level: bool = False  # found in the body: its head may have gone upstream (aborted)
@@ -229,7 +234,8 @@ S400_505 = frozenset({400, 505})
 RL = b"GET /acme/x HTTP/1.1\r\n"
 HOST = b"Host: a\r\n"
 ID = b"X-Request-Id: RID\r\n"
-TAIL = b"GET /acme/smuggled HTTP/1.1\r\nHost: a\r\nX-Request-Id: SMUG\r\n\r\n"
+SMUG = b"SMUGGLED-REQUEST"  # replaced by Env.smug_id() (same length)
+TAIL = b"GET /acme/smuggled HTTP/1.1\r\nHost: a\r\nX-Request-Id: " + SMUG + b"\r\n\r\n"
 
 
 def head(*lines: bytes, line: bytes = RL, host: bytes = HOST) -> bytes:
@@ -452,7 +458,7 @@ REJECTS = _cases()
 
 
 def run_reject(env: Env, case: Reject, prefix: bool, segment: int | None = None) -> None:
-    rid, smug, first = env.new_id("bad"), env.new_id("smuggled"), env.new_id("first")
+    rid, smug, first = env.new_id("bad"), env.smug_id(), env.new_id("first")
     data = with_ids(case.raw, rid, smug, env)
     if prefix:
         data = get(first, "/acme/first") + data
@@ -571,7 +577,7 @@ def served(env: Env, raw: bytes, *, method: str = "GET", http10: bool = False, s
            status: int = 200) -> tuple[Response, Recorded]:
     rid = env.new_id("ok")
     with client(env) as c:
-        c.send(with_ids(raw, rid, "SMUG", env), segment)  # a SMUG request stays one (never sent alone)
+        c.send(with_ids(raw, rid, SMUG.decode(), env), segment)  # the placeholder stays (never sent alone)
         r = c.response(method, http10=http10)
     assert r is not None, "closed without an answer"
     assert r.status == status and (method == "HEAD" or r.request_id == rid), (r.status, r.body[:500])
@@ -601,7 +607,7 @@ def test_absolute_form_authority_routes(env: Env) -> None:
                 b"GET http://127.0.0.1/named/n HTTP/1.1\r\nHost: named.test\r\nX-Request-Id: RID\r\n\r\n"):
         rid = env.new_id("notnamed")
         with client(env) as c:
-            c.send(with_ids(raw, rid, "none", env))
+            c.send(with_ids(raw, rid, SMUG.decode(), env))
             r = c.response()
         assert r is not None and r.status == 404, (raw, r)
     sentinel(env)
@@ -722,7 +728,7 @@ def test_pipelined_bodies_arrive_once_in_order(env: Env) -> None:
 def test_http10_transfer_encoding_is_never_smuggled(env: Env) -> None:
     """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request means faulty framing: close after.
     Whatever the status, the chunked-looking tail never becomes a request."""
-    rid, smug = env.new_id("te10"), env.new_id("smuggled")
+    rid, smug = env.new_id("te10"), env.smug_id()
     raw = with_ids(b"POST /acme/x HTTP/1.0\r\nX-Request-Id: RID\r\nTransfer-Encoding: chunked\r\n\r\n"
                    b"0\r\n\r\n" + TAIL, rid, smug, env)
     with client(env) as c:
@@ -735,6 +741,127 @@ def test_http10_transfer_encoding_is_never_smuggled(env: Env) -> None:
         assert c.closed()
     sentinel(env)
     assert smug.encode() not in env.rec.raw_bytes()
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"POST /priv/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nContent-Length: %d\r\n\r\n" % len(TAIL) + TAIL, 401),
+    (b"POST /priv/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nTransfer-Encoding: chunked\r\n\r\n"
+     + b"%x\r\n" % len(TAIL) + TAIL + b"\r\n0\r\n\r\n", 401),
+    (b"POST /nowhere HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nContent-Length: %d\r\n\r\n" % len(TAIL) + TAIL, 404),
+    (b"POST /nowhere HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nTransfer-Encoding: chunked\r\n\r\n"
+     + b"%x\r\n" % len(TAIL) + TAIL + b"\r\n0\r\n\r\n", 404),
+    (b"POST /acme/%2e%2e/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nContent-Length: " + b"%d" % len(TAIL)
+     + b"\r\n\r\n" + TAIL, 400),
+    (b"POST /acme/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nContent-Length: 2147483648\r\n\r\n" + TAIL, 413),
+], ids=["401-cl", "401-chunked", "404-cl", "404-chunked", "400-path-cl", "413-cl"])
+def test_early_answer_leaves_no_body_behind(env: Env, raw: bytes, status: int) -> None:
+    """Rule 6 (RFC 9112 §9.3, §6.3): a request answered before its body was read: the body is
+    discarded or the connection closed, never parsed as the next request."""
+    rid, smug, after = env.new_id("early"), env.smug_id(), env.new_id("after")
+    with client(env) as c:
+        c.send(with_ids(raw, rid, smug, env))
+        r = c.response("POST")
+        assert r is not None and r.status == status, r
+        c.send(get(after, "/acme/after"))
+        try:
+            r2 = c.response()
+        except Cut:
+            r2 = None
+        if r2 is not None:
+            assert_own(r2, after)
+    sentinel(env)
+    assert smug.encode() not in env.rec.raw_bytes(), "the body became a request"
+    assert not [x for x in env.rec.snapshot() if x.request_id == rid]
+
+
+@pytest.mark.parametrize("raw", [
+    post(b"Content-Length: 10\r\n", body=b"hello"),
+    post(b"Transfer-Encoding: chunked\r\n", body=b"5\r\nhel"),
+    post(b"Transfer-Encoding: chunked\r\n", body=b"5\r\nhello\r\n"),
+    post(b"Transfer-Encoding: chunked\r\n", body=b"5\r\nhello\r\n0\r\n"),
+    post(b"Transfer-Encoding: chunked\r\n", body=b"5\r\nhello\r\n0\r\nX-T: 1\r\n"),
+], ids=["cl-short", "mid-chunk", "before-last-chunk", "before-trailer-end", "mid-trailers"])
+def test_truncated_body_is_never_completed(env: Env, raw: bytes) -> None:
+    """Rule 6 (RFC 9112 §8): a client that stops mid-body (half-close) never gets a complete
+    request forwarded: the proxy must not finish the framing (CL or last-chunk) itself."""
+    rid = env.new_id("trunc")
+    with client(env) as c:
+        c.send(raw.replace(b"RID", rid.encode()))
+        c.sock.shutdown(socket.SHUT_WR)
+        try:
+            r = c.response("POST")
+        except Cut:
+            r = None
+        assert r is None or r.status >= 400, r
+    sentinel(env)
+    assert not [x for x in env.rec.snapshot() if x.request_id == rid], "a truncated body was completed"
+
+
+@pytest.mark.parametrize("first", [
+    b"GET /acme/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nConnection: close\r\n\r\n",
+    b"GET /acme/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: RID\r\nConnection: keep-alive, close\r\n\r\n",
+    b"GET /acme/x HTTP/1.0\r\nHost: a\r\nX-Request-Id: RID\r\n\r\n",
+], ids=["close", "keep-alive-close", "http10"])
+def test_no_request_is_processed_after_close(env: Env, first: bytes) -> None:
+    """RFC 9112 §9.6: after a request with "close" (or HTTP/1.0 without keep-alive) the server
+    processes no further request on that connection."""
+    rid, smug = env.new_id("closing"), env.smug_id()
+    with client(env) as c:
+        c.send(with_ids(first + TAIL, rid, smug, env))
+        assert_own(c.response(http10=b"HTTP/1.0" in first), rid)
+        assert c.closed()
+    sentinel(env)
+    assert smug.encode() not in env.rec.raw_bytes()
+
+
+def test_head_then_get_pipelined(env: Env) -> None:
+    """RFC 9110 §9.3.2, RFC 9112 §6.3: a HEAD response has no body even with Content-Length."""
+    ids = [env.new_id("hg") for _ in range(3)]
+    with client(env) as c:
+        c.send(get(ids[0], method=b"HEAD") + get(ids[1]) + get(ids[2], method=b"HEAD"))
+        r = c.response("HEAD")
+        assert r is not None and r.status == 200 and r.body == b"" and r.header("x-request-id") == ids[0], r
+        assert_own(c.response(), ids[1])
+        r = c.response("HEAD")
+        assert r is not None and r.status == 200 and r.header("x-request-id") == ids[2], r
+
+
+def test_upgrade_not_accepted_keeps_parsing_requests(env: Env) -> None:
+    """RFC 9110 §7.8: without a 101 the connection stays HTTP: what follows an Upgrade request
+    is a request, proxied (mapped to /base) like any other, never tunnelled raw."""
+    rid, tail = env.new_id("upg"), env.new_id("tail")
+    raw = (get(rid, "/acme/up", extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+           + b"GET /acme/after-upgrade HTTP/1.1\r\nHost: a\r\nX-Request-Id: " + tail.encode() + b"\r\n\r\n")
+    with client(env) as c:
+        c.send(raw)
+        assert_own(c.response(), rid)
+        try:
+            r = c.response()
+        except Cut:
+            r = None
+        if r is not None:
+            assert_own(r, tail)
+    sentinel(env)
+    for x in env.rec.snapshot():  # the autouse check also asserts every path starts with /base
+        assert x.target != "/acme/after-upgrade", "the tail went upstream raw"
+
+
+def test_trailer_fields_never_carry_framing(env: Env) -> None:
+    """RFC 9110 §6.5.1: framing, routing and identity fields in a trailer are never acted upon
+    nor forwarded (400, or served with such trailer fields dropped)."""
+    rid, smug = env.new_id("trailer"), env.smug_id()
+    raw = post(b"Transfer-Encoding: chunked\r\n", body=b"5\r\nhello\r\n0\r\nContent-Length: 61\r\n"
+               b"Transfer-Encoding: chunked\r\nHost: evil\r\nX-Forwarded-User: mallory\r\n\r\n" + TAIL)
+    with client(env) as c:
+        c.send(with_ids(raw, rid, smug, env))
+        r = c.response("POST")
+        assert r is not None and r.status in (200, 400), r
+    sentinel(env)
+    assert smug.encode() not in env.rec.raw_bytes()
+    for x in env.rec.snapshot():
+        names = {n.lower() for n, _ in x.trailers}
+        assert not names & {"content-length", "transfer-encoding", "host", "x-forwarded-user"}, x.trailers
 
 
 # -- rule 7: identity headers ----------------------------------------------------------------------
