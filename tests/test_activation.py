@@ -38,9 +38,11 @@ def test_python_activator_passes_listener_and_control_socket(tmp_path):
         result = daemon.ctl("status", "--json")
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)
-        assert status["listeners"]["web"] == {
+        web_status = status["listeners"]["web"]
+        assert {k: web_status[k] for k in ("addresses", "tls", "activated")} == {
             "addresses": [f"127.0.0.1:{port}"], "tls": False, "activated": True,
         }
+        assert web_status["max_connections"] > 0 and web_status["accepting"] is True
         assert "(socket-activated)" in daemon.ctl("status").stdout
         assert "control socket on systemd socket 'control'" in daemon.log
 

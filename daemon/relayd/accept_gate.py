@@ -186,7 +186,9 @@ class AcceptGate:
 
     @property
     def low_water(self) -> int:
-        """An episode at the limit ends when open connections drop to this (10% below)."""
+        """An episode at the limit ends when open connections drop to this (10% below) and no
+        connection waits in the backlog (when its length is known: TCP on Linux); until then,
+        accepting resumes and pauses again without a log line each time."""
         return self.limit - max(1, self.limit // 10)
 
     def set_limit(self, limit: int, name: str | None = None) -> None:
@@ -223,8 +225,8 @@ class AcceptGate:
             if self._episode_since is None:
                 self._begin_episode()
         elif self._episode_since is not None:
-            self._note_waiting()
-            if self.open <= self.low_water:
+            waiting = self._note_waiting()
+            if self.open <= self.low_water and not waiting:
                 self._end_episode()
 
     def _schedule_apply(self) -> None:
@@ -262,10 +264,11 @@ class AcceptGate:
                     "until some close (new connections wait in the listen backlog)",
                     self.name, self.open, self.limit)
 
-    def _note_waiting(self) -> None:
+    def _note_waiting(self) -> int | None:
         waiting = backlog_length(self.sockets)
         if waiting is not None:
             self._waited = max(self._waited or 0, waiting)
+        return waiting
 
     def _end_episode(self) -> None:
         since, self._episode_since = self._episode_since, None
