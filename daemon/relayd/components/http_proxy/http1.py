@@ -338,6 +338,8 @@ class ResponseReader(_Reader):
         status = parser.get_status_code()
         if parser.get_http_version() not in ("1.1", "1.0"):
             raise ProtocolError("upstream answered with an unsupported HTTP version", 502)
+        if not 100 <= status <= 599:  # llhttp reads any three digits (RFC 9110 section 15)
+            raise ProtocolError(f"upstream answered with status {status:03d}", 502)
         head = ResponseHead(status, self.reason, self.headers)
         if 100 <= status < 200 and status != 101:
             self.interim = True
