@@ -121,6 +121,17 @@ def test_stop_timeout_outlasts_drain() -> None:
     assert _seconds(service["TimeoutStopSec"][0]) > drain + 5
 
 
+def test_file_limit_leaves_every_listener_of_the_example_room() -> None:
+    from relayd.accept_gate import plan_limits
+
+    (nofile,) = settings("relayd.service")["LimitNOFILE"]
+    assert re.fullmatch(r"\d+", nofile), "one number: soft and hard limit alike"
+    config = tomllib.loads((ROOT / "etc/relayd/relayd.toml").read_text())
+    plan = plan_limits({name: l.get("max_connections") for name, l in config["listeners"].items()}, int(nofile))
+    assert plan.warning() is None
+    assert min(plan.limits.values()) >= 4096, plan.limits
+
+
 def test_control_socket_agrees_with_defaults() -> None:
     control = settings("relayd-control.socket")
     assert control["ListenStream"] == [DEFAULT_SOCKET]
