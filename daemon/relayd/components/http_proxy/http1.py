@@ -125,21 +125,22 @@ class _Reader:
         self.stalled = 0  # bytes fed since the last event: an incomplete head or trailer section
         self.failed = False
 
-    def _count(self, size: int, status: int) -> None:
-        self.head_size += size
-        if self.head_size > MAX_HEAD:
-            raise ProtocolError(f"head larger than {MAX_HEAD} bytes", status)
-
     def _header(self, name: bytes, value: bytes, status: int) -> None:
-        if not self.in_head:  # a trailer field of a chunked body: counted, never forwarded
+        # Limits are checked when the head is complete: within one segment memory is bounded
+        # by the segment, across segments by ``stalled``.
+        if self.in_head:
+            self.head_size += len(name) + len(value) + 4
+            self.headers.append((name.lower(), name, value.rstrip(b" \t")))
+        else:  # a trailer field of a chunked body: counted, never forwarded
             self.trailer_size += len(name) + len(value) + 4
             if self.trailer_size > MAX_HEAD:
                 raise ProtocolError(f"trailer section larger than {MAX_HEAD} bytes", status)
-            return
-        self._count(len(name) + len(value) + 4, status)
-        if len(self.headers) >= MAX_HEADERS:
+
+    def _check_head(self, status: int) -> None:
+        if self.head_size > MAX_HEAD:
+            raise ProtocolError(f"head larger than {MAX_HEAD} bytes", status)
+        if len(self.headers) > MAX_HEADERS:
             raise ProtocolError(f"more than {MAX_HEADERS} header fields", status)
-        self.headers.append((name.lower(), name, value.rstrip(b" \t")))
 
     def _begin(self) -> None:
         self.in_head = True
@@ -209,13 +210,16 @@ class RequestReader(_Reader):
 
     def on_url(self, url: bytes) -> None:
         self.target += url
-        self._count(len(url), 414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header(name, value, 431)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if len(self.target) > MAX_HEAD:
+            raise ProtocolError(f"request target longer than {MAX_HEAD} bytes", 414)
+        self.head_size += len(self.target)
+        self._check_head(431)
         self.events.append((HEAD, self._head()))
 
     def on_body(self, body: bytes) -> None:
@@ -327,13 +331,14 @@ class ResponseReader(_Reader):
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
-        self._count(len(reason), 502)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header(name, value, 502)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.head_size += len(self.reason)
+        self._check_head(502)
         parser = self.parser
         status = parser.get_status_code()
         if parser.get_http_version() not in ("1.1", "1.0"):
