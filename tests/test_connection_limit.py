@@ -241,6 +241,39 @@ def test_gated_server_closed_while_paused_never_serves_again() -> None:
     uvloop.run(main())
 
 
+def test_aiohttp_components_count_their_connections_too() -> None:
+    from aiohttp import web
+
+    from relayd.httpserve import HttpService
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def main() -> None:
+        listener = make_listener(2)
+        gate = listener.gate
+        service = HttpService(handle)
+        await service.serve(listener)
+        port = listener.sockets[0].getsockname()[1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await until(lambda: gate.open == 2 and gate.paused, "2 idle connections at the limit")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await until(lambda: backlog_length(listener.sockets) == 1, "the request waiting in the backlog")
+        assert gate.open == 2
+        idle[0][1].close()
+        response = await asyncio.wait_for(reader.read(), DEADLINE)
+        assert response.startswith(b"HTTP/1.1 200 ") and response.endswith(b"ok\n")
+        writer.close()
+        await until(lambda: gate.open == 1, "the served connection uncounted")
+        await service.stop(0)
+        assert gate.open == 0 and not gate.servers
+        idle[1][1].close()
+        listener.sockets[0].close()
+
+    uvloop.run(main())
+
+
 # -- a real relayd: a flood of idle connections under a small RLIMIT_NOFILE -----------------------
 
 class _Handler(BaseHTTPRequestHandler):
