@@ -826,6 +826,26 @@ def test_head_then_get_pipelined(env: Env) -> None:
         assert r is not None and r.status == 200 and r.header("x-request-id") == ids[2], r
 
 
+@pytest.mark.parametrize("target,extra,status", [
+    ("/nowhere", b"", 404),
+    ("/priv/x", b"", 401),
+    ("/acme/%2e%2e/x", b"", 400),
+    ("/acme/x", b"Host: b\r\n", 400),
+    ("/acme/x", b"Connection: content-length\r\n", 400),
+], ids=["404", "401", "400-path", "400-two-hosts", "400-connection"])
+def test_proxy_answers_to_head_have_no_body(env: Env, target: str, extra: bytes, status: int) -> None:
+    """RFC 9110 §9.3.2, RFC 9112 §6.3: the proxy's own answer to HEAD ends at its head; content
+    after it would be read as the next response by a pipelining client."""
+    rid, nxt = env.new_id("head"), env.new_id("next")
+    with client(env) as c:
+        c.send(get(rid, target, extra=extra, method=b"HEAD") + get(nxt))
+        r = c.response("HEAD")
+        assert r is not None and r.status == status, r
+        rest = c.response()  # the GET's answer, or nothing if the proxy closed
+        if rest is not None:
+            assert_own(rest, nxt)
+
+
 def test_upgrade_not_accepted_keeps_parsing_requests(env: Env) -> None:
     """RFC 9110 §7.8: without a 101 the connection stays HTTP: what follows an Upgrade request
     is a request, proxied (mapped to /base) like any other, never tunnelled raw."""
