@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import exchange as xc
+from .admission import admit
 from .exchange import ANONYMOUS, Exchange, chunk, json_message, simple_response
 from .http1 import (
     BODY,
@@ -34,9 +35,8 @@ from .http1 import (
     RequestReader,
     ResponseHead,
     ResponseReader,
-    valid_host,
 )
-from .mapping import PathError, map_target, normalize_path
+from .mapping import map_target
 
 if TYPE_CHECKING:
     from relayd.auth.base import Identity
@@ -246,60 +246,16 @@ class ClientCore:
         if ex.error is not None:
             self.reply(ex, ex.error.status, json_message(str(ex.error)), close=True)
             return
-        req = ex.req
-        try:
-            target, host = _origin_form(req)
-            path, sep, query = target.partition("?")
-            path = normalize_path(path)
-        except (ProtocolError, PathError) as exc:
-            self.reply(ex, 400, json_message(str(exc)), close=True)
-            return
-        target = path + sep + query
-        ex.host = host
-        hostname = _hostname(host)
-        router = self.router
-        if path == "/.well-known/relayd" and req.method in (b"GET", b"HEAD"):
-            self.reply(ex, 200, router.discovery(hostname))
-            return
-        browser = router.browser_paths.get(path) if router.browser_paths else None
-        if browser is not None:
-            self.io.browser_endpoint(ex, browser, target)
-            return
-        route = router.find(hostname, target)
-        if route is None:
-            self.reply(ex, 404, json_message("no service at this address"))
-            return
-        ex.route = route
-        ex.target = target
-        ex.endpoint = path
-        cfg = route.config
-        if not self.tls and cfg.redirect_https and route.https_port:
-            port = "" if route.https_port == 443 else f":{route.https_port}"
-            location = f"https://{hostname or route.default_host}{port}{target}".encode()
-            self.reply(ex, 308, b"", [b"Location: " + location])
-            return
-        if cfg.max_body and max(req.length or 0, ex.bytes_in) > cfg.max_body:
-            self.reply(ex, 413, json_message(f"request body larger than {cfg.max_body} bytes"), close=True)
-            return
-        if req.upgrade is not None and not cfg.websocket:
-            self.reply(ex, 501, json_message("WebSocket is not enabled for this service"), close=True)
-            return
-        if route.browser:
-            identity = route.auth.session_identity(req.cookie)  # type: ignore[attr-defined]
-            if identity is None:
-                if req.method in (b"GET", b"HEAD"):
-                    where = (host or route.default_host.encode()).decode("latin-1")
-                    location, cookies = route.auth.start_login(self.scheme.decode(), where, target)  # type: ignore[attr-defined]
-                    self.reply(ex, 302, b"", [b"Location: " + location.encode(), *cookies])
-                else:
-                    self.reply(ex, 401, json_message("log in with a web browser first"))
-                return
+        decision = admit(self.router, ex, self.tls)
+        if decision.reply is not None:
+            status, body, headers, close = decision.reply
+            self.reply(ex, status, body, headers, close=close)
+        elif decision.browser is not None:
+            self.io.browser_endpoint(ex, decision.browser, ex.target)
+        elif decision.identity is not None:
+            self.auth_result(ex, decision.identity)
         else:
-            identity = route.cached_identity(req.authorization)
-        if identity is None:
             self.io.authenticate(ex)
-        else:
-            self.auth_result(ex, identity)
 
     # -- events from auth and the upstream side ------------------------------------------------
 
@@ -530,36 +486,3 @@ class ClientCore:
             when = total if when is None else min(when, total)
         if when is not None:
             self.io.wake_at(when)
-
-
-def _origin_form(req: RequestHead) -> tuple[str, bytes | None]:
-    """(path and query, host) of a request target in origin or absolute form (RFC 9112 3.2)."""
-    try:
-        target = req.target.decode("ascii")
-    except UnicodeDecodeError:
-        raise ProtocolError("request target must be ASCII") from None
-    host = req.host
-    if target[:1] != "/":
-        scheme, sep, rest = target.partition("://")
-        if not sep or scheme.lower() not in ("http", "https"):
-            raise ProtocolError("request target must be a path or an http(s) URL")
-        authority, slash, path = rest.partition("/")
-        path, qmark, query = (slash + path).partition("?") if slash else rest.partition("?")
-        if not slash:  # "http://host?query"
-            authority, path = path, ""
-        if not valid_host(authority.encode()):
-            raise ProtocolError("invalid authority in the request target")
-        host = authority.encode()  # the target's authority wins over Host (RFC 9112 3.2.2)
-        target = (path or "/") + qmark + query
-    if "#" in target:
-        raise ProtocolError("a fragment is not allowed in the request target")
-    return target, host
-
-
-def _hostname(host: bytes | None) -> str:
-    if not host:
-        return ""
-    text = host.decode("ascii", "replace").lower()
-    if text.startswith("["):
-        return text[1:text.find("]")] if "]" in text else text
-    return text.rsplit(":", 1)[0] if ":" in text else text
