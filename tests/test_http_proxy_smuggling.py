@@ -973,6 +973,7 @@ SERVED_PATHS = [
     ("/acme/x..", {"/base/x.."}),
     ("/acme/%2e%2e%2e", {"/base/..."}),
     ("/acme/a/b/c", {"/base/a/b/c"}),
+    ("/acme/a%0d%0aX-Injected:%20y", {"/base/a%0d%0aX-Injected:%20y", "/base/a%0D%0AX-Injected:%20y"}),
 ]
 
 
@@ -1106,6 +1107,14 @@ def _bad_responses() -> list[Bad]:
             "RFC 9110 §9.3.2 (a response to HEAD has no content)", method="HEAD", ok_body=b""),
         Bad("100-then-200", b"HTTP/1.1 100 Continue\r\n\r\n" + ok + b"Content-Length: 2\r\n\r\nok", "ok",
             "RFC 9110 §15.2 (interim responses precede the final one)"),
+        Bad("103-103-then-200", b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\n\r\n" + ok + b"Content-Length: 2\r\n\r\nok", "ok",
+            "RFC 9110 §15.2 (several interim responses)"),
+        Bad("head-response-chunked-no-body", ok + b"Transfer-Encoding: chunked\r\n\r\n" + SECOND, "ok",
+            "RFC 9112 §6.3 (1) (a response to HEAD ends at its head, whatever its framing fields)",
+            method="HEAD", ok_body=b""),
+        Bad("connection-close-then-junk", ok + b"Content-Length: 2\r\nConnection: close\r\n\r\nok" + SECOND, "ok",
+            "RFC 9112 §9.6 (after Connection: close the upstream connection is not reused)"),
         Bad("http10-until-close", b"HTTP/1.0 200 OK\r\n\r\nok", "ok",
             "RFC 9112 §6.3 (8) (no framing: the body ends at close)", close=True),
     ]
