@@ -241,6 +241,45 @@ def test_gated_server_closed_while_paused_never_serves_again() -> None:
     uvloop.run(main())
 
 
+def test_a_failure_to_accept_again_is_retried(monkeypatch, caplog) -> None:
+    import errno
+
+    from relayd import accept_gate
+
+    monkeypatch.setattr(accept_gate, "RETRY_DELAY", 0.05)
+
+    async def main() -> None:
+        Idle.instances = []
+        listener = make_listener(1)
+        gate = listener.gate
+        server = await serve_gated(listener, Idle)
+        port = listener.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        await until(lambda: gate.open == 1 and backlog_length(listener.sockets) == 1, "1 accepted")
+        real, failures = listener.serving_sockets, []
+
+        def out_of_descriptors() -> list[socket.socket]:
+            if len(failures) < 3:
+                failures.append(1)
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real()
+
+        monkeypatch.setattr(listener, "serving_sockets", out_of_descriptors)
+        Idle.instances[0].transport.close()  # type: ignore[union-attr]
+        await until(lambda: len(Idle.instances) == 2, "the waiting connection accepted after retries")
+        assert len(failures) == 3
+        errors = [r for r in caplog.records if "cannot accept again" in r.getMessage()]
+        assert [r.levelname for r in errors] == ["ERROR", "DEBUG", "DEBUG"]
+        assert any("accepting again after the error" in r.getMessage() for r in caplog.records)
+        server.close()
+        for client in clients:
+            client.close()
+        listener.sockets[0].close()
+
+    caplog.set_level("DEBUG", logger="relayd.listeners")
+    uvloop.run(main())
+
+
 def test_aiohttp_components_count_their_connections_too() -> None:
     from aiohttp import web
 

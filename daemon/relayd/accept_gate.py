@@ -346,6 +346,7 @@ class GatedServer:
         self._epoch = 0  # bumped by every stop: an open in progress must not keep its servers
         self._opening: asyncio.Task | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._failing = False  # reopening failed: logged once until it works again
 
     async def start(self) -> None:
         """Start serving (unless the listener is at its limit); errors propagate."""
@@ -434,10 +435,16 @@ class GatedServer:
         except Exception as exc:  # e.g. EMFILE on dup(): try again later rather than never
             self._stop_serving()
             if not self.closed:
-                log.error("listener %s: cannot accept again: %s; retrying in %.0fs",
-                          self.gate.name, exc, RETRY_DELAY)
+                log.log(logging.DEBUG if self._failing else logging.ERROR,
+                        "listener %s: cannot accept again: %s; retrying every %.0fs",
+                        self.gate.name, exc, RETRY_DELAY)
+                self._failing = True
                 assert self._loop is not None
                 self._retry = self._loop.call_later(RETRY_DELAY, self._retry_now)
+        else:
+            if self._failing and self.servers:
+                self._failing = False
+                log.info("listener %s: accepting again after the error above", self.gate.name)
         finally:
             self._opening = None
         if epoch != self._epoch and not self.closed and not self.gate.paused:
