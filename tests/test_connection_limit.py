@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 import uvloop
@@ -67,7 +68,7 @@ def test_explicit_limits_beyond_the_file_limit_are_warned_about() -> None:
 class Idle(asyncio.Protocol):
     """Holds its connection; reports its close through on_closed as the gate expects."""
 
-    instances: list[Idle] = []
+    instances: ClassVar[list[Idle]] = []
 
     def __init__(self) -> None:
         self.on_closed: Callable[[], None] | None = None
@@ -318,7 +319,7 @@ def test_aiohttp_components_count_their_connections_too() -> None:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = b"upstream ok\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

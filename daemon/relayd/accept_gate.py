@@ -131,7 +131,7 @@ def plan_limits(explicit: Mapping[str, int | None], nofile: int) -> LimitPlan:
     fixed = {name: value for name, value in explicit.items() if value is not None}
     derived = [name for name, value in explicit.items() if value is None]
     default = max(1, (capacity - sum(fixed.values())) // len(derived)) if derived else None
-    limits = {name: fixed[name] if name in fixed else default for name in explicit}
+    limits = {name: fixed.get(name, default) for name in explicit}
     return LimitPlan(nofile, reserved, capacity, limits, default, fixed)  # type: ignore[arg-type]
 
 
