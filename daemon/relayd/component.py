@@ -92,3 +92,27 @@ class Component:
     def listener_names(self) -> set[str]:
         """Names of the listeners this component serves on (for status)."""
         return set()
+
+    def warnings(self) -> list[str]:
+        """Risky settings in use, shown by `relayctl status` (like AUTH DISABLED)."""
+        return []
+
+    # -- configuration checks that need other tables (run by load_config, before any start) ----
+
+    @classmethod
+    def listener_claims(cls, config: ComponentConfig) -> Iterable[tuple[tuple[str | int, ...], str]]:
+        """(key path inside the component's table, listener name) of every listener on which this
+        component would accept connections. Two components never accept on one listener: the
+        configuration is refused. Default: every listener the table refers to."""
+        from relayd.config.model import iter_refs
+
+        for path, table, target in iter_refs(config):
+            if table == "listeners":
+                yield path, target
+
+    @classmethod
+    def config_problems(cls, name: str, config: ComponentConfig,
+                        settings: Any) -> Iterable[tuple[tuple[str | int, ...], str]]:
+        """(key path inside the component's table, message) of every problem that only shows
+        with the other tables (listeners, auth methods); `settings` is the validated whole."""
+        return ()

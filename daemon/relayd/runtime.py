@@ -370,6 +370,10 @@ class Daemon:
                         f"AUTH DISABLED: auth method {target!r} lets anyone in, on non-loopback "
                         f"listener(s) {', '.join(sorted(public))}"
                     )
+        try:
+            warnings += component.warnings()
+        except Exception:  # a broken plugin must not break `relayctl status`
+            log.exception("warnings of component %s failed", component.name)
         return warnings
 
     # -- lifecycle -------------------------------------------------------------------------

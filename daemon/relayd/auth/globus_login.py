@@ -31,7 +31,7 @@ from typing import Any, Literal
 from urllib.parse import urlencode
 
 import aiohttp
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
 from relayd.auth.globus import AuthBaseUrl, _default_base_url
@@ -62,6 +62,14 @@ class GlobusLoginConfig(AuthConfig):
     auth_base_url: AuthBaseUrl = Field(default_factory=_default_base_url,
                                description="Globus Auth base URL; default $GLOBUS_SDK_SERVICE_URL_AUTH "
                                "or https://auth.globus.org")
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> GlobusLoginConfig:
+        # Two methods on one listener must not share these either: checked where services use
+        # them (http_proxy), as only there is it known which methods meet on a listener.
+        if self.login_path == self.logout_path:
+            raise ValueError(f"login_path and logout_path must differ (both are {self.login_path!r})")
+        return self
 
 
 @dataclass

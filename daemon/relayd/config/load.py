@@ -31,7 +31,8 @@ class LoadedConfig:
 
     def effective(self) -> dict[str, Any]:
         """The merged configuration as JSON-able data; SecretStr values print as '**********'."""
-        return self.settings.model_dump(mode="json")
+        # By alias: keys as written in the files (`from`, not the attribute name `from_`).
+        return self.settings.model_dump(mode="json", by_alias=True)
 
     def with_origins(self) -> list[tuple[str, Any, str]]:
         """(key.path, value, origin) for every leaf of the effective configuration."""
@@ -105,6 +106,9 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(_explain(exc, layers, registry, model)) from None
     problems = _check_references(settings, layers)
+    if problems:
+        raise ConfigError(problems)
+    problems = _check_listener_claims(settings, layers, registry) + _check_components(settings, layers, registry)
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(settings, layers.origins, layers.files)
@@ -254,4 +258,79 @@ def _check_references(settings: CoreSettings, layers: Layers) -> list[Problem]:
                             dotted_key(path),
                         )
                     )
+    return problems
+
+
+def _socket_keys(listener: Any) -> set[tuple[str, str]]:
+    """What a listener's socket may be: the one bound for `bind`, or the one systemd passes as
+    `fd_name` (whichever is used at run time, two listeners with one of these in common may be
+    the same socket: the pool opens each once)."""
+    keys = set()
+    if listener.bind is not None:
+        keys.add(("bind", listener.bind))
+    if listener.fd_name is not None:
+        keys.add(("fd_name", listener.fd_name))
+    return keys
+
+
+def _check_listener_claims(settings: CoreSettings, layers: Layers, registry: Registry) -> list[Problem]:
+    """Two components accepting on one socket would each get a random share of its connections
+    (the kernel wakes either accept loop): refused, naming both."""
+    claims: list[tuple[str, str, Path_]] = []  # (component, listener, key path of the reference)
+    for cname, entry in settings.components.items():
+        cls = registry.usable("components").get(getattr(entry, "kind", None))
+        claim = getattr(cls, "listener_claims", None)
+        if claim is None:
+            continue
+        seen: set[str] = set()
+        for path, listener in claim(entry):
+            if listener not in seen and listener in settings.listeners:
+                seen.add(listener)
+                path = tuple(path)
+                while path and isinstance(path[-1], int):  # listeners.0: name the list, as written
+                    path = path[:-1]
+                claims.append((cname, listener, ("components", cname) + path))
+    problems = []
+    reported: set[frozenset] = set()
+    for i, (comp_a, lis_a, path_a) in enumerate(claims):
+        for comp_b, lis_b, path_b in claims[i + 1:]:
+            if lis_a == lis_b:
+                if comp_a == comp_b:
+                    continue
+                pair = frozenset({("c", comp_a), ("c", comp_b), ("l", lis_a)})
+                message = (f"listener {lis_a!r} is used by both components.{comp_a} and components.{comp_b}: "
+                           "two components cannot accept connections on one listener "
+                           "(give each its own listener)")
+            else:
+                shared = _socket_keys(settings.listeners[lis_a]) & _socket_keys(settings.listeners[lis_b])
+                if not shared:
+                    continue
+                pair = frozenset({("c", comp_a), ("c", comp_b), ("l", lis_a), ("l", lis_b)})
+                how, value = sorted(shared)[0]
+                users = (f"both used by components.{comp_a}" if comp_a == comp_b
+                         else f"used by components.{comp_a} and components.{comp_b}")
+                message = (f"listeners {lis_a!r} and {lis_b!r} ({users}) have the same {how} {value!r}, "
+                           "so they are one socket: two servers would accept on it "
+                           "(give each listener its own address)")
+            if pair in reported:
+                continue
+            reported.add(pair)
+            where = _origin(layers, path_a)
+            first = f"{dotted_key(path_a)} ({where})" if where else dotted_key(path_a)
+            problems.append(Problem(f"{message}; the other reference is {first}",
+                                    _origin(layers, path_b), dotted_key(path_b)))
+    return problems
+
+
+def _check_components(settings: CoreSettings, layers: Layers, registry: Registry) -> list[Problem]:
+    """Each component kind's own checks across tables (Component.config_problems)."""
+    problems = []
+    for cname, entry in settings.components.items():
+        cls = registry.usable("components").get(getattr(entry, "kind", None))
+        check = getattr(cls, "config_problems", None)
+        if check is None:
+            continue
+        for path, message in check(cname, entry, settings):
+            full = ("components", cname) + tuple(path)
+            problems.append(Problem(message, _origin(layers, full), dotted_key(full)))
     return problems

@@ -23,7 +23,7 @@ from relayd.component import Component
 from relayd.httpserve import HttpService
 from relayd.listeners import ListenerError, make_server_ssl_context
 
-from .config import HttpProxyConfig, ServiceConfig, conflicts
+from .config import HttpProxyConfig, ServiceConfig, browser_clashes, config_problems, conflicts
 from .counters import Counters
 from .manage import ManagementAPI
 from .proxy import ClientConnection
@@ -137,6 +137,17 @@ class HttpProxy(Component):
         for other in self.services.values():
             if other.name != name and conflicts(scfg, other.config):
                 raise ValueError(f"Service '{other.name}' is already bound to '{other.config.from_}'")
+        # Browser logins (globus_login) of two methods on one listener must not share paths or cookies.
+        uses = []
+        others = [(s.name, s.config) for s in self.services.values() if s.name != name]
+        for sname, service in others + [(name, scfg)]:  # the new one last: the clash is reported on it
+            aname = service.auth or self.config.auth
+            method = self.context.auth.get(aname) if aname else None
+            if method is not None:
+                uses += [(lname, aname, method.config, ("services", sname)) for lname in service.listeners]
+        for path, message in browser_clashes(uses):
+            if path[:2] == ("services", name):
+                raise ValueError(message)
 
     def rebuild_routes(self) -> None:
         routers: dict[str, list[Route]] = {}
@@ -303,6 +314,20 @@ class HttpProxy(Component):
 
     # -- status, metrics, control --------------------------------------------------------------
 
+    @classmethod
+    def config_problems(cls, name: str, config: HttpProxyConfig, settings: Any) -> list[tuple[tuple, str]]:  # type: ignore[override]
+        return config_problems(config, settings)
+
+    def warnings(self) -> list[str]:
+        management = self.config.management
+        if management is None or not management.tokenless:
+            return []
+        listener = self.context.listeners.get(management.listener)
+        where = ", ".join(listener.addresses) if listener is not None else management.listener
+        return [f"MANAGEMENT TOKEN DISABLED: the management API on listener {management.listener!r} ({where}) "
+                "accepts requests without a token (token = \"none\"): any local process or user can create "
+                "services and users and read billing data"]
+
     def listener_names(self) -> set[str]:
         names = set(self._listener_names()) if hasattr(self, "services") else set()
         if self.config.management:
@@ -358,7 +383,11 @@ class HttpProxy(Component):
         return await self.api.handle(request, path)
 
     async def _handle_management(self, request: web.BaseRequest) -> web.StreamResponse:
-        token = self.config.management.token.get_secret_value().encode()  # type: ignore[union-attr]
+        management = self.config.management
+        assert management is not None
+        if management.token is None:  # token = "none": loopback only (checked at load and start)
+            return await self.api.handle(request, request.path.lstrip("/"))  # type: ignore[arg-type]
+        token = management.token.get_secret_value().encode()
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):

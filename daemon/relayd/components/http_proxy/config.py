@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    WithJsonSchema,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from relayd.component import ComponentConfig
-from relayd.config.types import AuthRef, ListenerRef, Seconds, Secret
+from relayd.config.types import AuthRef, ListenerRef, Seconds, _read_secret
 
 from .mapping import normalize_prefix, overlap
 
@@ -104,11 +115,45 @@ class IdentityHeaders(BaseModel):
     email: str = Field("X-Forwarded-Email", pattern=_HEADER_NAME, description="header carrying the e-mail")
 
 
+NO_TOKEN = "none"
+
+
+def _management_token(value: Any) -> Any:
+    """A secret as usual, or the literal "none" (written as such, not read from a file): no token."""
+    if value is None:
+        raise ValueError(f'a token is required; token = "{NO_TOKEN}" serves the API without one '
+                         "(loopback listeners only)")
+    if value == NO_TOKEN:
+        return None
+    if not isinstance(value, (str, SecretStr)):
+        raise ValueError("expected a string")
+    return _read_secret(value)
+
+
+ManagementToken = Annotated[
+    SecretStr | None,
+    BeforeValidator(_management_token),
+    WithJsonSchema({"type": "string"}, mode="validation"),
+]
+
+
 class ManagementConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     listener: ListenerRef = Field(description="loopback listener serving the ya-runtime-http-auth "
                                   "compatible management API")
-    token: Secret = Field(description="bearer token clients must send (Authorization: Bearer ...)")
+    token: ManagementToken = Field(
+        description="bearer token clients must send (Authorization: Bearer ...): inline, "
+        "'credential:NAME' or 'file:/path'; \"none\" serves the API without a token, as "
+        "ya-runtime-http-auth does (loopback listeners only: any local process may then manage "
+        "the proxy)")
+
+    @field_serializer("token")
+    def _show_token(self, value: SecretStr | None) -> Any:
+        return NO_TOKEN if value is None else value
+
+    @property
+    def tokenless(self) -> bool:
+        return self.token is None
 
 
 class HttpProxyConfig(ComponentConfig):
@@ -149,6 +194,14 @@ class HttpProxyConfig(ComponentConfig):
             raise ValueError(problem)
         if any(s.auth is None for s in self.services.values()) and self.auth is None:
             raise ValueError("services without their own `auth` need the component's `auth`")
+        if self.management is not None:
+            # The API server and the proxy would both accept on it, each getting some connections.
+            mgmt = self.management.listener
+            users = [f"services.{n}.listeners" for n, s in self.services.items() if mgmt in s.listeners]
+            users += ["extra_listeners"] if mgmt in self.extra_listeners else []
+            if users:
+                raise ValueError(f"management.listener {mgmt!r} is also a proxy listener ({', '.join(users)}): "
+                                 "the management API needs a listener of its own")
         return self
 
 
@@ -168,3 +221,89 @@ def find_overlap(services: list[tuple[str, ServiceConfig]]) -> str | None:
                 return (f"services {name_a!r} (from {a.from_!r}) and {name_b!r} (from {b.from_!r}) "
                         "overlap on a shared listener")
     return None
+
+
+# -- checks across tables (HttpProxy.config_problems, run when the configuration is loaded) ------
+
+def is_loopback_bind(bind: str) -> bool:
+    """Whether a listener `bind` can only be reached from this host (unix socket or loopback IP)."""
+    if bind.startswith("unix:"):
+        return True
+    host = bind.rpartition(":")[0].strip("[]") if ":" in bind else ""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # "PORT" (every address) or a host name
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _is_browser_login(auth: Any) -> bool:
+    """An auth method whose login the proxy drives on its listeners (globus_login)."""
+    return all(hasattr(auth, key) for key in ("login_path", "logout_path", "cookie_name"))
+
+
+def browser_clash(a: Any, b: Any) -> str | None:
+    """What two browser-login methods on one listener would share (paths, cookies), or None."""
+    paths = sorted({a.login_path, a.logout_path} & {b.login_path, b.logout_path})
+    if paths:
+        return f"the path {paths[0]!r} (login_path/logout_path)"
+    cookies_a = {a.cookie_name, a.cookie_name + "_login"}
+    cookies = sorted(cookies_a & {b.cookie_name, b.cookie_name + "_login"})
+    if cookies:
+        return f"the cookie {cookies[0]!r} (cookie_name, and cookie_name + '_login' during a login)"
+    return None
+
+
+def browser_clashes(uses: list[tuple[str, str, Any, tuple[str | int, ...]]]) -> list[tuple[tuple[str | int, ...], str]]:
+    """(path, message) for each pair of browser-login methods used on one listener that clash.
+
+    `uses`: (listener, auth name, auth config, key path of the service using it), in order."""
+    problems = []
+    first: dict[tuple[str, str], tuple[Any, tuple[str | int, ...]]] = {}
+    reported: set[frozenset[str]] = set()
+    for listener, auth_name, auth, path in uses:
+        if not _is_browser_login(auth) or (listener, auth_name) in first:
+            continue
+        for (other_listener, other_name), (other, other_path) in first.items():
+            if other_listener != listener or other_name == auth_name or {other_name, auth_name} in reported:
+                continue
+            shared = browser_clash(other, auth)
+            if shared:
+                reported.add(frozenset({other_name, auth_name}))
+                problems.append((path, f"auth methods {other_name!r} and {auth_name!r} both log browsers in "
+                                 f"on listener {listener!r} ({_service_of(other_path)} and {_service_of(path)}) "
+                                 f"and share {shared}: logins and logouts would go to the wrong method; "
+                                 f"give auth.{auth_name} its own login_path, logout_path and cookie_name"))
+        first[(listener, auth_name)] = (auth, path)
+    return problems
+
+
+def _service_of(path: tuple[str | int, ...]) -> str:
+    return f"service {path[1]!r}" if len(path) > 1 and path[0] == "services" else "a service"
+
+
+def config_problems(config: HttpProxyConfig, settings: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    management = config.management
+    if management is not None:
+        listener = settings.listeners.get(management.listener)
+        bind = listener.bind if listener is not None else None
+        if bind is not None and not is_loopback_bind(bind):
+            what = ('token = "none" (no token) is only allowed on a loopback listener'
+                    if management.tokenless else "the management API is only served on a loopback listener")
+            problems.append((("management", "listener"),
+                             f"{what}: listener {management.listener!r} binds {bind!r}; use 127.0.0.1:PORT, "
+                             "[::1]:PORT or unix:PATH (the API creates users and reads billing data)"))
+    uses = []
+    for name, service in config.services.items():
+        auth_name = service.auth or config.auth
+        auth = settings.auth.get(auth_name) if auth_name else None
+        if auth is None:
+            continue
+        path: tuple[str | int, ...] = ("services", name, "auth") if service.auth else ("services", name)
+        uses += [(listener, auth_name, auth, path) for listener in service.listeners]
+    problems += browser_clashes(uses)
+    return problems
