@@ -54,16 +54,50 @@ class DaemonCollector:
             limits.add_metric([name], gate.limit)
             reached.add_metric([name], gate.reached)
         yield from (connections, limits, reached)
+        # Components (and auth methods) of one kind yield families of the same names: the text
+        # format allows one HELP/TYPE block per family, so their samples are merged into one
+        # family, told apart by the `component` (`auth`) label.
+        merged = _Families()
         for name, component in (gen.components.items() if gen else ()):
             try:
-                yield from component.metrics()
+                families = list(component.metrics())
             except Exception:  # one broken component must not hide the others
                 log.exception("metrics of component %s failed", name)
+                continue
+            merged.add(families, "component", name)
         for name, method in (gen.auth.items() if gen else ()):
             try:
-                yield from method.metrics()
+                families = list(method.metrics())
             except Exception:
                 log.exception("metrics of auth method %s failed", name)
+                continue
+            merged.add(families, "auth", name)
+        yield from merged.families.values()
+
+
+class _Families:
+    """Metric families by name, the samples of every owner in one family."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+        self._warned: set[str] = set()
+
+    def add(self, families: list[Metric], label: str, owner: str) -> None:
+        for family in families:
+            into = self.families.get(family.name)
+            if into is None:
+                into = self.families[family.name] = Metric(family.name, family.documentation, family.type,
+                                                           family.unit)
+            elif into.type != family.type:
+                if family.name not in self._warned:
+                    self._warned.add(family.name)
+                    log.error("metric %s is a %s for %s %s but a %s for another: not exported for it",
+                              family.name, family.type, label, owner, into.type)
+                continue
+            for sample in family.samples:
+                # Owners always carry their label: without it two owners' samples would collide.
+                labels = sample.labels if label in sample.labels else {label: owner, **sample.labels}
+                into.samples.append(sample._replace(labels=labels))
 
 
 def render(daemon: Daemon) -> bytes:
