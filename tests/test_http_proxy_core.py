@@ -357,3 +357,13 @@ def test_absolute_form_uses_its_authority():
     state.upstream_ready(state.ex, object(), reused=False)
     head = io.take()[-1][1]
     assert head.startswith(b"GET /base/x HTTP/1.1\r\n") and b"X-Forwarded-Host: pub.example:8080" in head
+
+
+def test_own_answer_to_head_has_no_body_and_keeps_the_pipeline_in_step():
+    # RFC 9110 section 9.3.2: a response to HEAD has no content; a body would be read as the
+    # next response by a keep-alive client.
+    state, io = make_core()
+    state.client_data(b"HEAD /nowhere HTTP/1.1\r\nHost: a\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+    sent = io.sent()
+    first, _, second = sent.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 404 ") and second.startswith(b"HTTP/1.1 404 ")

@@ -204,7 +204,9 @@ class ClientCore:
             else:
                 last.error = error
         else:
-            self.queue.append(Exchange(RequestHead(), error))
+            head = RequestHead()
+            head.method = error.method
+            self.queue.append(Exchange(head, error))
 
     def _update_reading(self) -> None:
         if self.closed:
@@ -412,9 +414,11 @@ class ClientCore:
         # A body still arriving is not worth reading to keep the connection: close after.
         keep = ex.keep_alive and ex.request_complete and not close and not self.draining
         if not self.closed:
-            self.io.send(simple_response(status, body, headers, not keep, content_type))
+            head_request = ex.req.method == b"HEAD"
+            self.io.send(simple_response(status, body, headers, not keep, content_type, head_request))
+            if not head_request:
+                ex.bytes_out += len(body)
         ex.status = status
-        ex.bytes_out += len(body)
         self._finish(ex, reusable=False, keep_client=keep)
 
     def auth_refused(self, ex: Exchange, status: int, message: str, headers: list[bytes]) -> None:

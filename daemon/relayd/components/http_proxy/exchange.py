@@ -114,14 +114,16 @@ def chunk(data: bytes) -> bytes:
 
 
 def simple_response(status: int, body: bytes, headers: list[bytes] | None = None,
-                    close: bool = False, content_type: bytes = b"application/json") -> bytes:
+                    close: bool = False, content_type: bytes = b"application/json",
+                    head_request: bool = False) -> bytes:
+    """A response of the proxy's own; to a HEAD request, the same head without the body."""
     lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode()),
              b"Content-Type: " + content_type, b"Content-Length: %d" % len(body)]
     if headers:
         lines += headers
     if close:
         lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_request else body)
 
 
 def json_message(message: str) -> bytes:

@@ -46,6 +46,7 @@ class ProtocolError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+        self.method = b""  # of the request, when the head was read far enough to know it
 
 
 class _StopAfterHead(Exception):
@@ -165,7 +166,9 @@ class _Reader:
                 raise
             self._error(cause)
         except httptools.HttpParserError as exc:
-            self._error(ProtocolError(f"malformed {self.what}: {exc}", status))
+            error = ProtocolError(f"malformed {self.what}: {exc}", status)
+            error.method = self._method()
+            self._error(error)
         if not self.failed:
             if events:
                 self.stalled = 0
@@ -178,6 +181,9 @@ class _Reader:
         return events
 
     what = "message"
+
+    def _method(self) -> bytes:
+        return b""
 
     def _error(self, error: ProtocolError) -> None:
         self.failed = True
@@ -202,6 +208,10 @@ class RequestReader(_Reader):
     def feed(self, data: bytes) -> list[tuple[int, object]]:
         return self._run(self.parser, data, 400)
 
+    def _method(self) -> bytes:
+        # Known once the target began (it follows the method); an answer to HEAD has no body.
+        return self.parser.get_method() if self.target else b""
+
     # -- llhttp callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -219,8 +229,13 @@ class RequestReader(_Reader):
         if len(self.target) > MAX_HEAD:
             raise ProtocolError(f"request target longer than {MAX_HEAD} bytes", 414)
         self.head_size += len(self.target)
-        self._check_head(431)
-        self.events.append((HEAD, self._head()))
+        try:
+            self._check_head(431)
+            head = self._head()
+        except ProtocolError as exc:
+            exc.method = self._method()
+            raise
+        self.events.append((HEAD, head))
 
     def on_body(self, body: bytes) -> None:
         self.events.append((BODY, body))
