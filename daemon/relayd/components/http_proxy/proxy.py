@@ -66,15 +66,17 @@ class ClientConnection(asyncio.Protocol):
         self.state.mark_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.core.connections.discard(self)
-        if self.timer:
-            self.timer.cancel()
-            self.timer = None
-        if self.state is not None:
-            self.state.client_lost()
-        callback, self.on_closed = self.on_closed, None
-        if callback is not None:
-            callback()
+        try:
+            self.core.connections.discard(self)
+            if self.timer:
+                self.timer.cancel()
+                self.timer = None
+            if self.state is not None:
+                self.state.client_lost()
+        finally:  # the listener's connection slot is given back whatever happened
+            callback, self.on_closed = self.on_closed, None
+            if callback is not None:
+                callback()
 
     def data_received(self, data: bytes) -> None:
         try:

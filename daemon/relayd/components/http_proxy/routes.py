@@ -124,8 +124,14 @@ class Route:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if conn.readable():
+                # Bytes (or the close) the upstream sent after its last response, not yet seen by
+                # the event loop: they would be taken for the answer to the next request.
+                conn.drop()
+                continue
+            return conn
         return None
 
     def pool_put(self, conn: UpstreamConnection) -> None:

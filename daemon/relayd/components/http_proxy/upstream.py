@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from typing import TYPE_CHECKING
 
@@ -26,11 +27,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.client: ClientConnection | None = None
         self.ex: Exchange | None = None
         self.closed = False
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -50,6 +54,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.detach()
         if client is not None and ex is not None and client.state is not None:
             client.state.upstream_lost(ex, oserror(exc))
+
+    def readable(self) -> bool:
+        """Whether the idle connection has bytes or an EOF waiting (checked before reuse)."""
+        if self.fd < 0:
+            return False
+        try:
+            return bool(select.select((self.fd,), (), (), 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def drop(self) -> None:
         self.detach()
