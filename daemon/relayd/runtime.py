@@ -31,6 +31,7 @@ from relayd.plugins import Registry
 from relayd.systemd import Notifier, listen_fds, watchdog_interval
 
 log = logging.getLogger("relayd")
+EXIT_STOP_FAILED = 74  # EX_IOERR: a component could not stop cleanly (e.g. counts held in a journal)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -94,6 +95,7 @@ class Daemon:
         self._draining: set[asyncio.Task] = set()
         self.retiring: set[str] = set()  # "components.NAME" of replaced objects still draining
         self._shutdown = asyncio.Event()
+        self.stop_failures: list[str] = []  # objects that could not stop cleanly during shutdown
         self._reload_after_start = False
         self.control = None
 
@@ -230,6 +232,8 @@ class Daemon:
             for obj, result in zip(items, results):
                 if isinstance(result, BaseException):
                     log.error("stopping %s %s failed: %s", group, obj.name, result)
+                    if self.stopping:  # e.g. state it could not save: the exit status says so
+                        self.stop_failures.append(f"{group} {obj.name}: {result}")
 
     @staticmethod
     async def _stop_one(obj: Any, drain_timeout: float) -> None:
@@ -434,6 +438,9 @@ class Daemon:
         await self.shutdown()
         if watchdog:
             watchdog.cancel()
+        if self.stop_failures:
+            log.error("exiting with status %d: %s", EXIT_STOP_FAILED, "; ".join(self.stop_failures))
+            return EXIT_STOP_FAILED
         return 0
 
     def _on_sighup(self) -> None:
@@ -478,6 +485,10 @@ class Daemon:
             objects = [("component", c) for c in gen.components.values()]
             objects += [("auth", a) for a in gen.auth.values()]
             await self._stop_objects(objects, timeout)
+        # Objects a reload replaced may still be draining: let them finish (an http_proxy saves
+        # its counters last) before cancelling what is left.
+        if self._draining:
+            await asyncio.wait(list(self._draining), timeout=timeout + 5)
         for task in list(self._draining):
             task.cancel()
         self.pool.close_all()

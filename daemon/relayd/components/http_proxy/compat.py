@@ -45,6 +45,9 @@ def parse_service(data: Any) -> dict[str, Any]:
     cert = data.get("cert") or None
     if https and not (isinstance(cert, dict) and cert.get("path") and cert.get("keyPath")):
         raise CompatError("'bindHttps' needs 'cert': {'path': ..., 'keyPath': ...}")
+    auth = data.get("auth")
+    if auth is not None and not (isinstance(auth, dict) and auth.get("method") == "basic"):
+        raise CompatError("'auth' must be {\"method\": \"basic\"} (the only method) or absent")
     names = data.get("serverName") or []
     if isinstance(names, str):
         names = [names]
@@ -61,6 +64,26 @@ def parse_service(data: Any) -> dict[str, Any]:
         "key": cert.get("keyPath") if cert else None,
         "read_timeout": (float(timeout) / 1000.0) if isinstance(timeout, (int, float)) and timeout else None,
     }
+
+
+def echo_service(request: dict[str, Any], name: str, created_at: float, listeners: list[str], origin: str,
+                 cert_hash: Any) -> dict[str, Any]:
+    """The ``Service`` answer for a service created with ``request``: the client's fields as it
+    sent them (serde's semantics: an absent key stays absent, ``null`` stays ``null``, nothing
+    is normalised), plus what the original adds: ``name`` when it was left to the default,
+    ``createdAt``, and ``cert.hash`` (output-only, compared by nobody: ya-http-proxy-model's
+    CreateServiceCert equality looks at path and keyPath). relayd's ``listeners`` and
+    ``origin`` are added unless the client sent keys of those names (serde ignores unknown
+    keys, so ya-runtime-http-auth's comparison still holds)."""
+    out = dict(request)
+    out.setdefault("name", name)
+    cert = out.get("cert")
+    if isinstance(cert, dict) and isinstance(cert.get("path"), str):
+        out["cert"] = {**cert, "hash": cert_hash(cert["path"]) or cert.get("hash", "")}
+    out["createdAt"] = rfc3339(created_at)
+    out.setdefault("listeners", listeners)
+    out.setdefault("origin", origin)
+    return out
 
 
 def listener_name(service: str, kind: str) -> str:

@@ -1,91 +1,315 @@
 """Usage counters: cheap in-memory deltas on the event loop, flushed to SQLite by a worker.
 
-The event loop only adds to a dict of deltas (``record``). Every ``flush_interval`` the dict is
-swapped for an empty one and handed to the store's single worker thread, which adds it to the
-database in one transaction. Reads for the management API run in that same thread, after every
-flush submitted before them, and add the deltas not yet handed over: a value read never goes
-down. Prometheus totals are ``database totals + batch in flight + pending deltas``, and the
-first two are swapped together on the loop when a flush completes, for the same reason.
+The event loop only adds to a dict of deltas (``record``), keyed by the user's current
+incarnation (an ``Inc``: a user created again through the management API starts a new one).
+Every ``flush_interval`` the dict is swapped for an empty one and handed to the store's single
+worker thread, which adds it to the database in one transaction.
+
+Nothing counted is ever dropped. A flush the database refuses (disk full, I/O error) puts its
+deltas back in front of newer ones, is retried every interval, and is followed by a snapshot of
+everything held into this writer's preallocated journal files (journal.py), so that a crash
+meanwhile loses at most one interval. At stop, deltas the database still cannot take are
+snapshotted there too and ``close`` raises ``CountsNotSaved`` naming how many requests are
+held where; whoever opens the database next replays the snapshot exactly once.
+
+Reads for the management API wait for a flush in progress, then run in the worker after it and
+add the deltas not yet handed over, so a value read never goes down. Prometheus totals are
+``database totals + batch in flight + pending deltas``, swapped together on the loop when a
+flush completes, for the same reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from .store import NCOL, OVERFLOW, Store
+from . import journal
+from .store import NCOL, OVERFLOW, Inc, Store
 
 log = logging.getLogger("relayd.http_proxy")
 MAX_ENDPOINT_LEN = 256
+ORPHAN_SCAN = 5.0  # seconds between looks for snapshots of writers that ended
+REPORT_EVERY = 60.0  # seconds between reminders while the database refuses counts
+_ROW_BYTES = 48  # a held counter row in a compressed snapshot, generously (measured ~25)
+
+
+class CountsNotSaved(RuntimeError):
+    """Raised by ``close``: counted requests are not in the database (the message says where)."""
+
+    def __init__(self, message: str, requests: int, path: Path | None) -> None:
+        super().__init__(message)
+        self.requests = requests
+        self.path = path
+
+
+def _add_into(target: list[int], values: list[int]) -> None:
+    for i, v in enumerate(values):
+        target[i] += v
 
 
 class Counters:
     def __init__(self, store: Store, max_endpoints: int) -> None:
         self.store = store
         self.max_endpoints = max_endpoints
-        self.pending: dict[tuple[str, str, str], list[int]] = {}
-        self.inflight: dict[tuple[str, str, str], list[int]] | None = None
+        self.live: dict[tuple[str, str], Inc] = {}  # (service, user) -> what new counts go to
+        self.pending: dict[tuple[Inc, str], list[int]] = {}
+        self.inflight: dict[tuple[Inc, str], list[int]] | None = None
+        self.pending_rejected: dict[tuple[str, int | None], int] = {}
+        self.inflight_rejected: dict[tuple[str, int | None], int] | None = None
         self.db_totals: dict[str, list[int]] = {}
-        self.endpoints: dict[tuple[str, str], set[str]] = {}
-        self.rejected_counts: dict[str, int] = {}
+        self.db_rejected: dict[str, int] = {}
+        self.nkeys = 0  # counter rows the live incarnations may hold (journal reserve size)
+        self.writer = journal.new_writer_id()
+        self.journal = journal.Journal(store.path, self.writer)
+        self.snapshot_seq = 0  # last snapshot scheduled
+        self._snapshot_held: tuple[int, int] = (0, 0)  # (seq, requests) of the last one written
+        self.failing_since: float | None = None
+        self.last_error = ""
+        self._next_report = 0.0
+        self._reserve_warned = False
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="http-proxy-db")
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
         self._flusher: asyncio.Task | None = None
         self._closed = False
+        self._next_scan = 0.0
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
+    async def _call_to_end(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, BaseException | None, bool]:
+        """(result, error, cancelled): like ``call``, but if this task is cancelled meanwhile
+        it still waits for the worker (whether a write committed must be known)."""
+        future = asyncio.wrap_future(self.executor.submit(fn, *args))
+        cancelled = False
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                if not future.done():
+                    cancelled = True
+            except Exception:
+                break
+        if future.cancelled():
+            return None, asyncio.CancelledError(), True
+        error = future.exception()
+        return (None if error else future.result()), error, cancelled
+
     async def start(self, interval: float) -> None:
         await self.call(self.store.open)
-        self.endpoints = await self.call(self.store.endpoint_keys)
-        self.db_totals = await self.call(self.store.service_totals)
+        try:
+            await self.call(self.journal.open)
+        except OSError as exc:  # counting works; held counts could not be kept across a stop
+            log.error("cannot create the held-counts journal %s: %s", self.journal.paths[0], exc)
+        for message in await self.call(self._replay_orphans):
+            log.warning("%s", message)
+        incs = await self.call(self.store.current_incarnations)
+        self.live = {(inc.service, inc.user): inc for inc, _open in incs}
+        self.nkeys = sum(len(inc.endpoints) + 1 for inc in self.live.values())
+        self.db_totals, self.db_rejected = await self.call(self.store.totals)
+        await self._reserve()
+        self._next_scan = asyncio.get_running_loop().time() + ORPHAN_SCAN
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(interval))
 
     async def _flush_loop(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)  # the flush period itself, not synchronisation
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)  # the flush period itself
+            except asyncio.TimeoutError:
+                pass
+            if self._stop.is_set():
+                return  # close() makes the last flush
             try:
                 await self.flush()
+                if self.failing_since is None and loop.time() >= self._next_scan:
+                    self._next_scan = loop.time() + ORPHAN_SCAN
+                    await self._scan_orphans()
             except Exception:
-                log.exception("flushing counters failed; will retry")
+                log.exception("flushing counters failed unexpectedly; will retry")
 
-    async def flush(self) -> None:
-        if not self.pending or self.inflight is not None:
-            return
-        batch, self.pending = self.pending, {}
-        self.inflight = batch
+    # -- writing -------------------------------------------------------------------------------
+
+    async def flush(self) -> bool:
+        """Hand the pending deltas to the database. False if it refused them: they are then
+        kept (in front of newer ones) and snapshotted to the journal."""
+        async with self._lock:
+            if not self.pending and not self.pending_rejected:
+                return True
+            batch, rejected = self.pending, self.pending_rejected
+            self.pending, self.pending_rejected = {}, {}
+            self.inflight, self.inflight_rejected = batch, rejected
+            covers = self.snapshot_seq  # every snapshot so far holds a subset of this batch
+            result, error, cancelled = await self._call_to_end(
+                self.store.add, batch, rejected, self.writer, covers)
+            self.inflight = self.inflight_rejected = None
+            if error is None:
+                self.db_totals, self.db_rejected = result
+                self._saved(batch)
+            else:
+                self._put_back(batch, rejected)
+                self._failed(error)
+                if not cancelled:
+                    try:
+                        await self._snapshot()
+                    except Exception as exc:
+                        self._snapshot_failed(exc)
+            if cancelled:
+                raise asyncio.CancelledError
+            if error is None and self.nkeys * _ROW_BYTES > self.journal.reserved:
+                await self._reserve()
+            return error is None
+
+    def _put_back(self, batch: dict[tuple[Inc, str], list[int]], rejected: dict[tuple[str, int | None], int]) -> None:
+        for key, values in batch.items():
+            _add_into(self.pending.setdefault(key, [0] * NCOL), values)
+        for key, n in rejected.items():
+            self.pending_rejected[key] = self.pending_rejected.get(key, 0) + n
+
+    def _failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        self.last_error = str(error) or type(error).__name__
+        if self.failing_since is None:
+            self.failing_since = now
+            self._next_report = now + REPORT_EVERY
+            log.error("cannot write usage counters to %s: %s; holding %d counted requests in memory "
+                      "(and in %s), retrying every flush", self.store.path, self.last_error,
+                      self.held_requests(), self.journal.paths[0].parent / f"{self.store.path.name}.held-{self.writer}.*")
+        elif now >= self._next_report:
+            self._next_report = now + REPORT_EVERY
+            log.error("still cannot write usage counters to %s (%s, for %.0fs): %d counted requests held",
+                      self.store.path, self.last_error, now - self.failing_since, self.held_requests())
+
+    def _saved(self, batch: dict[tuple[Inc, str], list[int]]) -> None:
+        if self.failing_since is not None:
+            requests = sum(v[0] for (_, e), v in batch.items() if e == "")
+            log.warning("usage counters written to %s again after %.1fs: %d held requests saved",
+                        self.store.path, time.monotonic() - self.failing_since, requests)
+            self.failing_since = None
+            self.last_error = ""
+
+    def _snapshot_failed(self, exc: BaseException) -> None:
+        log.error("cannot write the held counts to the journal %s either: %s (they stay in memory)",
+                  self.journal.paths[self.snapshot_seq % 2], exc)
+
+    async def _snapshot(self) -> Path:
+        """Write everything held to the journal (called under the lock, nothing in flight)."""
+        held = {key: list(values) for key, values in self.pending.items()}
+        rejected = dict(self.pending_rejected)
+        self.snapshot_seq += 1
+        path = await self.call(self._write_snapshot, self.snapshot_seq, held, rejected)
+        self._snapshot_held = (self.snapshot_seq, sum(v[0] for (_, e), v in held.items() if e == ""))
+        return path
+
+    def _write_snapshot(self, seq: int, held: dict[tuple[Inc, str], list[int]],
+                        rejected: dict[tuple[str, int | None], int]) -> Path:
+        payload = journal.encode(self.writer, seq, held, rejected)
         try:
-            totals = await self.call(self.store.add, batch)
-        except BaseException:
-            # Put the batch back in front of newer deltas so nothing is lost.
-            for key, values in batch.items():
-                row = self.pending.setdefault(key, [0] * NCOL)
-                for i, v in enumerate(values):
-                    row[i] += v
-            self.inflight = None
-            raise
-        self.db_totals = totals
-        self.inflight = None
+            return self.journal.write(seq, payload)
+        except OSError as exc:
+            folded = journal.encode(self.writer, seq, held, rejected, fold=True)
+            if len(folded) >= len(payload):
+                raise
+            path = self.journal.write(seq, folded)
+            log.warning("the held counts did not fit in the journal (%s): per-endpoint detail folded into "
+                        "%r, totals kept", exc, OVERFLOW)
+            return path
+
+    async def _reserve(self) -> None:
+        try:
+            await self.call(self.journal.reserve, self.nkeys * _ROW_BYTES * 2)
+            self._reserve_warned = False
+        except OSError as exc:
+            if not self._reserve_warned:
+                self._reserve_warned = True
+                log.warning("cannot preallocate the held-counts journal %s: %s", self.journal.paths[0], exc)
+
+    async def _scan_orphans(self) -> None:
+        try:
+            messages = await self.call(self._replay_orphans)
+        except Exception as exc:
+            log.error("cannot replay held counts of earlier writers yet: %s", exc)
+            return
+        for message in messages:
+            log.warning("%s", message)
+        if messages:
+            self.db_totals, self.db_rejected = await self.call(self.store.totals)
+
+    def _replay_orphans(self) -> list[str]:
+        """Worker: apply the latest snapshot of every writer that ended, exactly once."""
+        messages = []
+        for writer, paths in sorted(journal.orphans(self.store.path, self.writer).items()):
+            with journal.Unlocked(paths) as lock:
+                if not lock.ok:
+                    continue  # a live writer (another component object)
+                latest = journal.read_latest(paths)
+                if latest is None:
+                    if journal.stale(paths):
+                        journal.remove(paths)
+                    continue
+                seq, payload = latest
+                if self.store.applied_seq(writer) >= seq:
+                    journal.remove(paths)
+                    messages.append(f"held counts of writer {writer} (snapshot {seq}) were already in "
+                                    f"{self.store.path}; removed {', '.join(p.name for p in paths)}")
+                    continue
+                counters, rejected, requests = journal.decode(payload)
+                self.store.add(counters, rejected, writer, seq)
+                journal.remove(paths)
+                messages.append(f"replayed {requests} held requests of writer {writer} (snapshot {seq}) "
+                                f"into {self.store.path}")
+        return messages
 
     async def close(self) -> None:
-        """Final flush (graceful stop loses nothing), then release the database."""
+        """Final flush (a graceful stop loses nothing), then release the database. Raises
+        CountsNotSaved when the database cannot take the last counts (they are then held in
+        the journal, or, if even that fails, lost: the message says which)."""
         if self._closed:
             return
         self._closed = True
-        if self._flusher:
-            self._flusher.cancel()
+        self._stop.set()
+        if self._flusher is not None:
             try:
                 await self._flusher
             except BaseException:
                 pass
-        while self.inflight is not None:
-            await asyncio.sleep(0.01)
-        await self.flush()
-        await self.call(self.store.close)
-        self.executor.shutdown(wait=True)
+        problem: CountsNotSaved | None = None
+        saved = await self.flush()
+        if not saved:
+            async with self._lock:
+                held = self.held_requests()
+                where = self.journal.last
+                try:
+                    if self._snapshot_held != (self.snapshot_seq, held) or where is None:
+                        where = await self._snapshot()  # anything counted since the last one
+                    problem = CountsNotSaved(
+                        f"{held} counted requests could not be written to {self.store.path} "
+                        f"({self.last_error}); they are held in {where} and will be added when "
+                        "the database is next opened", held, where)
+                    log.error("%s", problem)
+                except Exception as exc:
+                    problem = CountsNotSaved(
+                        f"{held} counted requests could not be written to {self.store.path} "
+                        f"({self.last_error}) nor to the journal {self.journal.paths[0].parent} ({exc}): "
+                        "they are LOST", held, None)
+                    log.critical("%s", problem)
+        try:
+            await self.call(self._release, saved)
+        finally:
+            self.executor.shutdown(wait=True)
+        if problem is not None:
+            raise problem
+
+    def _release(self, saved: bool) -> None:
+        try:
+            self.journal.close(remove=saved)
+        finally:
+            self.store.close()
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -93,16 +317,20 @@ class Counters:
                status: int) -> None:
         if len(endpoint) > MAX_ENDPOINT_LEN:
             endpoint = endpoint[:MAX_ENDPOINT_LEN]
-        known = self.endpoints.get((service, user))
-        if known is None:
-            known = self.endpoints[(service, user)] = set()
+        inc = self.live.get((service, user))
+        if inc is None:
+            inc = self.live[(service, user)] = Inc(service, user, self.store.service_gens.get(service), None)
+            self.nkeys += 1
+        known = inc.endpoints
         if endpoint not in known:
             if len(known) >= self.max_endpoints:
                 endpoint = OVERFLOW
-            known.add(endpoint)
+            if endpoint not in known:
+                known.add(endpoint)
+                self.nkeys += 1
         column = 2 + status // 100 if 100 <= status < 600 else 8
         pending = self.pending
-        for key in ((service, user, ""), (service, user, endpoint)):
+        for key in ((inc, ""), (inc, endpoint)):
             row = pending.get(key)
             if row is None:
                 row = pending[key] = [0] * NCOL
@@ -112,34 +340,145 @@ class Counters:
             row[column] += 1
 
     def rejected(self, service: str) -> None:
-        self.rejected_counts[service] = self.rejected_counts.get(service, 0) + 1
+        key = (service, self.store.service_gens.get(service))
+        self.pending_rejected[key] = self.pending_rejected.get(key, 0) + 1
+
+    # -- incarnations (management API) ------------------------------------------------------------
+
+    async def add_member(self, service: str, user: str) -> float:
+        """A new incarnation of ``user`` in ``service``: counts from 0 on."""
+        async with self._lock:
+            earlier = [inc for (inc, _e) in self.pending if inc.service == service and inc.user == user
+                       and inc.gen is None]
+            created, inc = await self.call(self.store.add_member, service, user, earlier)
+        self.live[(service, user)] = inc
+        self.nkeys += 1
+        return created
+
+    async def remove_member(self, service: str, user: str) -> None:
+        # The incarnation ends; requests still in progress are counted to it when they end.
+        await self.call(self.store.remove_member, service, user)
+
+    async def add_service(self, name: str, definition: dict[str, Any], request: Any) -> float:
+        created = await self.call(self.store.add_service, name, definition, request)
+        self._forget_service(name)
+        return created
+
+    async def remove_service(self, name: str) -> None:
+        await self.call(self.store.remove_service, name)
+        self._forget_service(name)
+
+    def _forget_service(self, name: str) -> None:
+        # New counts start new incarnations; deltas already counted keep theirs.
+        for key in [k for k in self.live if k[0] == name]:
+            del self.live[key]
 
     # -- reading -------------------------------------------------------------------------------
 
+    def held_requests(self) -> int:
+        """Counted requests not (yet) in the database."""
+        return sum(v[0] for source in (self.pending, self.inflight or {}) for (_, e), v in source.items()
+                   if e == "")
+
     def totals(self) -> dict[str, list[int]]:
-        """Per-service totals for metrics (synchronous, monotonic)."""
+        """Per-service lifetime totals for metrics (synchronous, monotonic)."""
         out = {s: list(v) for s, v in self.db_totals.items()}
         for source in (self.inflight or {}, self.pending):
-            for (service, _user, endpoint), values in source.items():
-                if endpoint:
-                    continue
-                row = out.setdefault(service, [0] * NCOL)
-                for i, v in enumerate(values):
-                    row[i] += v
+            for (inc, endpoint), values in source.items():
+                if not endpoint:
+                    _add_into(out.setdefault(inc.service, [0] * NCOL), values)
         return out
 
-    async def rows(self, service: str | None = None, user: str | None = None,
-                   endpoints: bool = False) -> dict[tuple[str, str, str], list[int]]:
-        """Counter rows (database + deltas not yet handed to the worker)."""
-        snapshot = {k: list(v) for k, v in self.pending.items()
-                    if (service is None or k[0] == service) and (user is None or k[1] == user)
-                    and (bool(k[2]) == endpoints)}
-        rows = await self.call(self.store.rows, service, user, endpoints)
-        out: dict[tuple[str, str, str], list[int]] = {}
-        for row in rows:
-            out[(row[0], row[1], row[2])] = list(row[3:])
-        for key, values in snapshot.items():
-            row = out.setdefault(key, [0] * NCOL)
-            for i, v in enumerate(values):
-                row[i] += v
+    @property
+    def rejected_counts(self) -> dict[str, int]:
+        """Per-service lifetime requests refused by auth (persisted; never decreases)."""
+        out = dict(self.db_rejected)
+        for source in (self.inflight_rejected or {}, self.pending_rejected):
+            for (service, _sgen), n in source.items():
+                out[service] = out.get(service, 0) + n
         return out
+
+    def current_rejected(self, service: str) -> int:
+        """Pending refusals of the service's current incarnation (the database has the rest)."""
+        sgen = self.store.service_gens.get(service)
+        return sum(n for (s, g), n in self.pending_rejected.items() if s == service and g in (sgen, None))
+
+    def _matching(self, service: str | None, user: str | None, endpoints: bool) -> dict[tuple[Inc, str], list[int]]:
+        return {k: list(v) for k, v in self.pending.items()
+                if (service is None or k[0].service == service) and (user is None or k[0].user == user)
+                and bool(k[1]) == endpoints}
+
+    async def current(self, service: str | None = None, user: str | None = None,
+                      endpoints: bool = False) -> list[dict[str, Any]]:
+        """The current incarnation of each user (database + deltas not yet written): dicts with
+        service, user, sgen, gen, member, created, deleted, endpoint, values."""
+        async with self._lock:
+            snapshot = self._matching(service, user, endpoints)
+            rows = await self.call(self.store.current, service, user, endpoints)
+            incarnations = None
+            if endpoints and snapshot:
+                incarnations = await self.call(self.store.current, service, user, False)
+        out: dict[tuple[str, str, str], dict[str, Any]] = {}
+        heads: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in rows:
+            entry = {"service": row[0], "user": row[1], "sgen": row[2], "gen": row[3], "member": bool(row[4]),
+                     "created": row[5], "deleted": row[6], "endpoint": row[7], "values": list(row[8:])}
+            out[(row[0], row[1], row[7])] = entry
+            heads[(row[0], row[1])] = entry
+        for row in incarnations or ():
+            heads[(row[0], row[1])] = {"sgen": row[2], "gen": row[3], "member": bool(row[4]),
+                                       "created": row[5], "deleted": row[6]}
+        for (inc, endpoint), values in snapshot.items():
+            head = heads.get((inc.service, inc.user))
+            if head is not None:
+                if inc.gen is not None and (inc.sgen, inc.gen) != (head["sgen"], head["gen"]):
+                    continue  # an earlier incarnation's late deltas
+                if inc.gen is None and inc.sgen is not None and inc.sgen != head["sgen"]:
+                    continue
+            else:
+                latest = self.store.service_gens.get(inc.service)
+                if inc.sgen is not None and latest is not None and inc.sgen != latest:
+                    continue
+                head = {"sgen": inc.sgen, "gen": inc.gen, "member": False, "created": inc.created, "deleted": None}
+                heads[(inc.service, inc.user)] = head
+            entry = out.get((inc.service, inc.user, endpoint))
+            if entry is None:
+                entry = out[(inc.service, inc.user, endpoint)] = {
+                    "service": inc.service, "user": inc.user, **head, "endpoint": endpoint, "values": [0] * NCOL}
+            _add_into(entry["values"], values)
+        return [out[k] for k in sorted(out)]
+
+    async def known(self, service: str, user: str) -> bool:
+        """Whether the user has a current incarnation (stats stay readable after removal)."""
+        if any(k[0].service == service and k[0].user == user for k in self.pending):
+            return True
+        return await self.call(self.store.known_user, service, user)
+
+    async def history(self, service: str | None = None, user: str | None = None,
+                      endpoints: bool = False) -> tuple[list[tuple], list[dict[str, Any]]]:
+        """(service incarnations, every user incarnation with its totals, deltas included)."""
+        async with self._lock:
+            snapshot = self._matching(service, user, endpoints)
+            services = await self.call(self.store.service_incarnations, service)
+            rows = await self.call(self.store.history, service, user, endpoints)
+        out: dict[tuple[str, str, int | None, str], dict[str, Any]] = {}
+        latest: dict[tuple[str, str, int], int] = {}
+        for row in rows:
+            out[(row[0], row[1], row[3], row[8])] = {
+                "service": row[0], "user": row[1], "sgen": row[2], "gen": row[3], "member": bool(row[4]),
+                "created": row[5], "deleted": row[6], "note": row[7], "endpoint": row[8], "values": list(row[9:])}
+            key = (row[0], row[1], row[2])
+            latest[key] = max(latest.get(key, 0), row[3])
+        for (inc, endpoint), values in snapshot.items():
+            sgen = inc.sgen if inc.sgen is not None else self.store.service_gens.get(inc.service)
+            gen = inc.gen if inc.gen is not None else latest.get((inc.service, inc.user, sgen or 0))
+            entry = out.get((inc.service, inc.user, gen, endpoint))
+            if entry is None:
+                entry = out[(inc.service, inc.user, gen, endpoint)] = {
+                    "service": inc.service, "user": inc.user, "sgen": sgen, "gen": gen, "member": False,
+                    "created": inc.created, "deleted": None, "note": "not yet in the database",
+                    "endpoint": endpoint, "values": [0] * NCOL}
+            _add_into(entry["values"], values)
+        ordered = sorted(out.values(), key=lambda e: (e["service"], e["sgen"] or 0, e["user"], e["gen"] or 0,
+                                                      e["endpoint"]))
+        return services, ordered

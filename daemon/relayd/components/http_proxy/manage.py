@@ -7,25 +7,43 @@
     GET             services/S/users/U/stats      {"requests": N, "bytesIn", "bytesOut", "statuses"}
     GET             services/S/users/U/endpoints/stats   {"<path>": N, ...}
     GET             services/S/info               what `relayctl service info` prints (relayd)
-    GET             stats[/S[/U]]                 totals (missing from the original)
+    GET/POST        services/S/members            relayd: members / add an existing user {"username"}
+    DELETE          services/S/members/U          relayd: end a membership (the user stays)
+    GET             stats[/S[/U]]                 current totals; top-level "requests" is
+                                                  {"requests": N}, as in the original's GlobalStats
+    GET             usage[/S[/U]]                 relayd: the same, every "requests" a number
+    GET             history[/S[/U]]               relayd: every incarnation, with its totals
 
-Errors are ``{"message": "..."}``. Unlike the original, "not found" is 404 (it answered 400).
+Errors are ``{"message": "..."}``. Unlike the original, "not found" is 404 (it answered 400);
+503 when the state database cannot take a change (e.g. the disk is full).
+
 Users live in the service's ``basic`` auth method's user store; membership (which service a
-user was added to) and counters live in the component's state database. Counters are never
-removed: deleting a user keeps what it was counted.
+user was added to) and counters live in the component's state database. A user created again
+(``POST .../users``, as the runtime does for every new agreement) and a service created again
+start new *incarnations*: the compatible routes (``users/U/stats``, ``endpoints/stats``,
+``stats``, ``usage``) report the current incarnation, from 0 at its creation; ``history``
+keeps every incarnation's totals with its created and deleted times. Counters are never
+removed: deleting a user keeps what it was counted, still readable until it is created again.
+
+A service created here is echoed back as the client sent it, field by field (absent stays
+absent, ``null`` stays ``null``), plus ``createdAt``, the certificate's ``hash`` (output-only,
+as in the original) and relayd's ``listeners`` and ``origin``: the runtime's restart path
+(re-create, 409, compare with GET) then finds the same service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from .compat import CompatError, cert_info, parse_service, rfc3339
+from .compat import CompatError, cert_info, echo_service, parse_service, rfc3339
 from .config import SERVICE_NAME, ServiceConfig
-from .store import row_dict
+from .store import NCOL, row_dict
 
 if TYPE_CHECKING:
     from . import HttpProxy, Service
@@ -42,24 +60,37 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
+def _time(value: float | None) -> str | None:
+    return rfc3339(value) if value is not None else None
+
+
 class ManagementAPI:
     def __init__(self, component: HttpProxy) -> None:
         self.c = component
+        self.requests: dict[str, Any] | None = None  # runtime service -> the JSON it was created with
 
     async def handle(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
         parts = [p for p in path.split("/") if p]
         try:
+            if self.requests is None:
+                self.requests = await self.c.counters.call(self.c.counters.store.service_requests)
             return await self._route(request, request.method, parts)
         except ApiError as exc:
             return _json({"message": exc.message}, exc.status)
+        except (sqlite3.Error, OSError) as exc:  # e.g. the disk is full: nothing was changed
+            self.c.log.error("management API %s %s: state database %s: %s", request.method, path,
+                             self.c.counters.store.path, exc)
+            return _json({"message": f"the state database cannot take this change now: {exc}"}, 503)
         except Exception:  # a bug: log it here, answer JSON there, never a traceback
             self.c.log.exception("management API %s %s failed", request.method, path)
             return _json({"message": "internal error"}, 500)
 
     async def _route(self, request: web.BaseRequest, method: str, parts: list[str]) -> web.StreamResponse:
         n = len(parts)
-        if n >= 1 and parts[0] == "stats" and method == "GET" and n <= 3:
-            return _json(await self.stats(*parts[1:]))
+        if n >= 1 and parts[0] in ("stats", "usage", "history") and method == "GET" and n <= 3:
+            if parts[0] == "history":
+                return _json(await self.history(*parts[1:]))
+            return _json(await self.stats(*parts[1:], compat=parts[0] == "stats"))
         if not parts or parts[0] != "services" or n > 6:
             raise ApiError(404, "no such management route")
         if n == 1:
@@ -76,11 +107,24 @@ class ManagementAPI:
                 return _json(None)
         elif n == 3 and parts[2] == "info" and method == "GET":
             return _json(self.service_info(self._service(parts[1])))
+        elif parts[2] == "members" and n <= 4:
+            service = self._service(parts[1])
+            if n == 3 and method == "GET":
+                return _json(self._members(service.name))
+            if n == 3 and method == "POST":
+                return _json(await self.add_member(service, await self._body(request)))
+            if n == 4 and method == "GET":
+                self._member(service.name, parts[3])
+                return _json(self._user_json(service.name, parts[3]))
+            if n == 4 and method == "DELETE":
+                self._member(service.name, parts[3])
+                await self.c.counters.remove_member(service.name, parts[3])
+                self._forget_member(service.name, parts[3])
+                return _json(None)
         elif parts[2] == "users":
             service = self._service(parts[1])
             if n == 3 and method == "GET":
-                return _json([self._user_json(service.name, u) for s, u in sorted(self.c.core.members)
-                              if s == service.name])
+                return _json(self._members(service.name))
             if n == 3 and method == "POST":
                 return _json(await self.add_user(service, await self._body(request)))
             user = parts[3] if n >= 4 else ""
@@ -91,16 +135,15 @@ class ManagementAPI:
                 await self.remove_user(service, user)
                 return _json(None)
             if n == 5 and parts[4] == "stats" and method == "GET":
-                self._member_or_counted(service.name, user)
-                rows = await self.c.counters.rows(service.name, user)
-                row = rows.get((service.name, user, ""))
-                return _json(row_dict(row) if row else row_dict([0] * 9))
+                await self._member_or_counted(service.name, user)
+                rows = await self.c.counters.current(service.name, user)
+                return _json(row_dict(rows[0]["values"] if rows else [0] * NCOL))
             if n == 6 and parts[4:] == ["endpoints", "stats"] and method == "GET":
-                self._member_or_counted(service.name, user)
-                rows = await self.c.counters.rows(service.name, user, endpoints=True)
+                await self._member_or_counted(service.name, user)
+                rows = await self.c.counters.current(service.name, user, endpoints=True)
                 if request.query.get("detail"):
-                    return _json({k[2]: row_dict(v) for k, v in sorted(rows.items())})
-                return _json({k[2]: v[0] for k, v in sorted(rows.items())})
+                    return _json({r["endpoint"]: row_dict(r["values"]) for r in rows})
+                return _json({r["endpoint"]: r["values"][0] for r in rows})
         raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, "no such management route")
 
     # -- helpers ---------------------------------------------------------------------------
@@ -122,24 +165,46 @@ class ManagementAPI:
         if (service, user) not in self.c.core.members:
             raise ApiError(404, f"User '{user}' not found")
 
-    def _member_or_counted(self, service: str, user: str) -> None:
+    async def _member_or_counted(self, service: str, user: str) -> None:
         # Stats stay readable after a user is removed (billing must not lose them).
-        if (service, user) not in self.c.core.members and (service, user) not in self.c.counters.endpoints:
+        if (service, user) not in self.c.core.members and not await self.c.counters.known(service, user):
             raise ApiError(404, f"User '{user}' not found")
+
+    def _members(self, service: str) -> list[dict[str, Any]]:
+        return [self._user_json(service, u) for s, u in sorted(self.c.core.members) if s == service]
 
     def _user_json(self, service: str, user: str) -> dict[str, Any]:
         created = self.c.member_times.get((service, user), 0.0)
         return {"username": user, "createdAt": rfc3339(created)}
 
     def _users_store(self, service: Service) -> Any:
-        auth = self.c.context.auth_method(service.config.auth or self.c.config.auth)  # type: ignore[arg-type]
+        auth = self._auth(service)
         store = getattr(auth, "users", None)
         if store is None:
             raise ApiError(400, f"service '{service.name}' uses auth method '{auth.name}' "
                                 f"({auth.config.method}), which has no user store")  # type: ignore[attr-defined]
         return store
 
+    def _auth(self, service: Service) -> Any:
+        return self.c.context.auth_method(service.config.auth or self.c.config.auth)  # type: ignore[arg-type]
+
+    def _forget_member(self, service: str, user: str) -> None:
+        self.c.core.members.discard((service, user))
+        self.c.member_times.pop((service, user), None)
+        self.c.core.forget_credentials()
+
+    # -- service JSON ----------------------------------------------------------------------
+
     def service_json(self, service: Service) -> dict[str, Any]:
+        """A runtime service: what its client sent (see echo_service); a configured one: its
+        CreateService shape as ya-runtime-http-auth's serde would write it, plus relayd's keys."""
+        request = (self.requests or {}).get(service.name) if service.origin == "runtime" else None
+        if isinstance(request, dict):
+            return echo_service(request, service.name, service.created_at, service.config.listeners,
+                                service.origin, _cert_hash)
+        return self._effective_json(service)
+
+    def _effective_json(self, service: Service) -> dict[str, Any]:
         scfg = service.config
         https, http, cert = [], [], None
         for lname in scfg.listeners:
@@ -150,12 +215,13 @@ class ManagementAPI:
                 https += listener.addresses
                 tls = listener.config.tls
                 if cert is None and scfg.cert is not None:
-                    cert = {"path": str(scfg.cert), "keyPath": str(scfg.key), "hash": _cert_hash(scfg.cert)}
+                    cert = {"hash": _cert_hash(scfg.cert) or "", "path": str(scfg.cert), "keyPath": str(scfg.key)}
                 elif cert is None and tls is not None:
-                    cert = {"path": str(tls.cert), "keyPath": str(tls.key), "hash": _cert_hash(tls.cert)}
+                    cert = {"hash": _cert_hash(tls.cert) or "", "path": str(tls.cert), "keyPath": str(tls.key)}
             else:
                 http += listener.addresses
         auth = scfg.auth or self.c.config.auth
+        method = getattr(self.c.context.auth.get(auth), "config", None) if auth in self.c.context.auth else None
         return {
             "name": service.name,
             "description": scfg.description,
@@ -163,8 +229,8 @@ class ManagementAPI:
             "bindHttps": https or None,
             "bindHttp": http or None,
             "cert": cert,
-            "auth": {"method": getattr(self.c.context.auth.get(auth), "config", None).method  # type: ignore[union-attr]
-                     if auth in self.c.context.auth else None, "name": auth},
+            "auth": {"method": method.method} if method is not None else None,  # type: ignore[attr-defined]
+            "authName": auth,
             "from": scfg.from_,
             "to": scfg.to,
             "requestTimeout": None,
@@ -178,7 +244,7 @@ class ManagementAPI:
 
     def service_info(self, service: Service) -> dict[str, Any]:
         """What `service info` printed in ya-runtime-http-auth, plus DER/SPKI pins."""
-        full = self.service_json(service)
+        full = self._effective_json(service)
         info: dict[str, Any] = {
             "name": service.name,
             "serverName": full["serverName"],
@@ -203,8 +269,6 @@ class ManagementAPI:
         except CompatError as exc:
             raise ApiError(400, str(exc)) from None
         name = parsed["name"] or f"service-{len(self.c.services) + 1}"
-        import re
-
         if not re.match(SERVICE_NAME, name):
             raise ApiError(400, f"service names must match {SERVICE_NAME}")
         if name in self.c.services:
@@ -239,11 +303,13 @@ class ManagementAPI:
                 _tls_context(scfg.cert, scfg.key)  # type: ignore[arg-type]
             except ListenerError as exc:
                 raise ApiError(400, str(exc)) from None
-        created = await self.c.counters.call(self.c.counters.store.add_service, name, definition)
+        created = await self.c.counters.add_service(name, definition, data)
         from . import Service
 
         service = Service(name, scfg, "runtime", created, definition)
         self.c.services[name] = service
+        assert self.requests is not None
+        self.requests[name] = data
         self.c.rebuild_routes()
         self.c._load_service_certs()
         self.c.log.info("service %s created through the management API (%s -> %s)", name, scfg.from_, scfg.to)
@@ -271,12 +337,15 @@ class ManagementAPI:
     async def delete_service(self, service: Service) -> None:
         if service.origin == "config":
             raise ApiError(409, f"Service '{service.name}' is defined in the configuration; remove it there")
-        await self.c.counters.call(self.c.counters.store.remove_service, service.name)
+        await self.c.counters.remove_service(service.name)
         self.c.services.pop(service.name, None)
+        (self.requests or {}).pop(service.name, None)
         self.c.core.members = {m for m in self.c.core.members if m[0] != service.name}
+        for key in [k for k in self.c.member_times if k[0] == service.name]:
+            del self.c.member_times[key]
         self.c.rebuild_routes()
 
-    # -- users -----------------------------------------------------------------------------
+    # -- users and members -------------------------------------------------------------------
 
     async def add_user(self, service: Service, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("username"), str) \
@@ -296,7 +365,29 @@ class ManagementAPI:
                 raise ApiError(409, f"User '{user}' already exists (with another password)") from None
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        created = await self.c.counters.call(self.c.counters.store.add_member, service.name, user)
+        return await self._new_member(service, user)
+
+    async def add_member(self, service: Service, data: Any) -> dict[str, Any]:
+        """relayd: make an existing user of the service's auth method a member."""
+        if not isinstance(data, dict) or not isinstance(data.get("username"), str) or not data["username"]:
+            raise ApiError(400, "expected {\"username\": \"...\"}")
+        user = data["username"]
+        if (service.name, user) in self.c.core.members:
+            raise ApiError(409, f"User '{user}' is already a member of '{service.name}'")
+        auth = self._auth(service)
+        store = getattr(auth, "users", None)
+        if store is not None:
+            htpasswd = getattr(auth, "htpasswd", None)
+            exists = await asyncio.to_thread(store.__contains__, user) or \
+                (htpasswd is not None and htpasswd.get(user) is not None)
+            if not exists:
+                raise ApiError(404, f"auth method '{auth.name}' has no user '{user}' (add it with "
+                                    f"`relayctl users add {user}`, or POST services/{service.name}/users "
+                                    "with a password)")
+        return await self._new_member(service, user)
+
+    async def _new_member(self, service: Service, user: str) -> dict[str, Any]:
+        created = await self.c.counters.add_member(service.name, user)
         self.c.core.members.add((service.name, user))
         self.c.member_times[(service.name, user)] = created
         self.c.core.forget_credentials()
@@ -304,10 +395,8 @@ class ManagementAPI:
 
     async def remove_user(self, service: Service, user: str) -> None:
         self._member(service.name, user)
-        await self.c.counters.call(self.c.counters.store.remove_member, service.name, user)
-        self.c.core.members.discard((service.name, user))
-        self.c.member_times.pop((service.name, user), None)
-        self.c.core.forget_credentials()
+        await self.c.counters.remove_member(service.name, user)
+        self._forget_member(service.name, user)
         if not any(u == user for _, u in self.c.core.members):
             store = self._users_store(service)
             from relayd.auth.users import UnknownUser
@@ -319,33 +408,111 @@ class ManagementAPI:
 
     # -- stats -----------------------------------------------------------------------------
 
-    async def stats(self, service: str | None = None, user: str | None = None) -> dict[str, Any]:
+    async def _service_heads(self, service: str | None) -> dict[str, dict[str, Any]]:
+        """The current incarnation of each service name (database + pending refusals)."""
+        heads: dict[str, dict[str, Any]] = {}
+        for name, sgen, origin, created, deleted, rejected, _note in await self.c.counters.call(
+                self.c.counters.store.service_incarnations, service):
+            heads[name] = {"incarnation": sgen, "origin": origin, "createdAt": _time(created),
+                           "deletedAt": _time(deleted), "rejected": rejected}
+        for name, head in heads.items():
+            head["rejected"] += self.c.counters.current_rejected(name)
+        return heads
+
+    async def stats(self, service: str | None = None, user: str | None = None,
+                    compat: bool = True) -> dict[str, Any]:
+        """The current incarnations: of each service, and of each of its users."""
+        counters = self.c.counters
         if service is not None and service not in self.c.services:
-            rows = await self.c.counters.rows(service)
-            if not rows:
+            if not await counters.current(service):
                 raise ApiError(404, f"Service '{service}' not found")
-        rows = await self.c.counters.rows(service, user)
-        total = [0] * 9
+        if user is not None:
+            await self._member_or_counted(service, user)  # type: ignore[arg-type]
+        rows = await counters.current(service, user)
+        heads = await self._service_heads(service)
+        names = [service] if service is not None else list(self.c.services)
+        total = [0] * NCOL
         per_service: dict[str, dict[str, Any]] = {}
-        for (svc, usr, _), values in sorted(rows.items()):
-            entry = per_service.setdefault(svc, {"total": [0] * 9, "users": {}})
-            entry["users"][usr] = row_dict(values)
-            for i, v in enumerate(values):
+        for name in names:
+            head = heads.get(name, {"incarnation": None, "createdAt": None, "deletedAt": None, "rejected": 0})
+            per_service[name] = {"incarnation": head["incarnation"], "createdAt": head["createdAt"],
+                                 "deletedAt": head["deletedAt"], "rejected": head["rejected"],
+                                 "total": [0] * NCOL, "users": {}}
+        for row in rows:
+            entry = per_service.get(row["service"])
+            if entry is None:
+                continue  # a service deleted since: see history
+            entry["users"][row["user"]] = {
+                "incarnation": row["gen"], "member": (row["service"], row["user"]) in self.c.core.members,
+                "createdAt": _time(row["created"]), "deletedAt": _time(row["deleted"]), **row_dict(row["values"])}
+            for i, v in enumerate(row["values"]):
                 entry["total"][i] += v
                 total[i] += v
-        users = {u for s, u in self.c.core.members if service is None or s == service}
+        summed = row_dict(total)
         out: dict[str, Any] = {
-            "users": len(users),
-            "services": len(self.c.services) if service is None else 1,
-            "requests": {"requests": total[0]},
-            **{k: v for k, v in row_dict(total).items() if k != "requests"},
-            "rejected": sum(n for s, n in self.c.counters.rejected_counts.items() if service in (None, s)),
-            "perService": {s: {**row_dict(e["total"]), "users": e["users"]} for s, e in per_service.items()},
+            "users": sum(len(e["users"]) for e in per_service.values()),
+            "services": len(per_service),
+            "requests": {"requests": total[0]} if compat else total[0],
+            **{k: v for k, v in summed.items() if k != "requests"},
+            "rejected": sum(e["rejected"] for e in per_service.values()),
+            "unsaved": counters.held_requests(),
+            "perService": {s: {**{k: v for k, v in e.items() if k != "total"}, **row_dict(e["total"]),
+                               "users": e["users"]} for s, e in per_service.items()},
         }
+        if counters.last_error:
+            out["saveError"] = counters.last_error
         if service is not None and user is not None:
-            endpoints = await self.c.counters.rows(service, user, endpoints=True)
-            out["endpoints"] = {k[2]: row_dict(v) for k, v in sorted(endpoints.items())}
+            endpoints = await counters.current(service, user, endpoints=True)
+            out["endpoints"] = {r["endpoint"]: row_dict(r["values"]) for r in endpoints}
         return out
+
+    async def history(self, service: str | None = None, user: str | None = None) -> dict[str, Any]:
+        """Every incarnation of the services and of their users, oldest first, with totals."""
+        counters = self.c.counters
+        services, rows = await counters.history(service, user)
+        endpoint_rows: list[dict[str, Any]] = []
+        if user is not None:
+            _, endpoint_rows = await counters.history(service, user, endpoints=True)
+        if service is not None and not services and not rows:
+            raise ApiError(404, f"Service '{service}' not found")
+        out: dict[tuple[str, int | None], dict[str, Any]] = {}
+        for name, sgen, origin, created, deleted, rejected, note in services:
+            entry = out[(name, sgen)] = {"name": name, "incarnation": sgen, "origin": origin,
+                                         "createdAt": _time(created), "deletedAt": _time(deleted),
+                                         "rejected": rejected, "total": [0] * NCOL, "users": []}
+            if note:
+                entry["note"] = note
+        latest: dict[str, int] = {}
+        for name, sgen in out:
+            latest[name] = max(latest.get(name, 0), sgen or 0)
+        for name, sgen in latest.items():
+            out[(name, sgen)]["rejected"] += counters.current_rejected(name)
+        users: dict[tuple[str, str, int | None], dict[str, Any]] = {}
+        for row in rows:
+            entry = out.get((row["service"], row["sgen"]))
+            if entry is None:
+                entry = out[(row["service"], row["sgen"])] = {
+                    "name": row["service"], "incarnation": row["sgen"], "origin": None, "createdAt": None,
+                    "deletedAt": None, "rejected": 0, "total": [0] * NCOL, "users": []}
+            item = {"username": row["user"], "incarnation": row["gen"], "member": row["member"],
+                    "createdAt": _time(row["created"]), "deletedAt": _time(row["deleted"]),
+                    **row_dict(row["values"])}
+            if row["note"]:
+                item["note"] = row["note"]
+            entry["users"].append(item)
+            users[(row["service"], row["user"], row["gen"])] = item
+            for i, v in enumerate(row["values"]):
+                entry["total"][i] += v
+        for row in endpoint_rows:
+            item = users.get((row["service"], row["user"], row["gen"]))
+            if item is not None:
+                item.setdefault("endpoints", {})[row["endpoint"]] = row_dict(row["values"])
+        result = []
+        for (_name, _sgen), entry in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            total = entry.pop("total")
+            users_list = entry.pop("users")
+            result.append({**entry, **row_dict(total), "users": users_list})
+        return {"services": result, "unsaved": counters.held_requests()}
 
 
 def _cert_hash(path: Any) -> str | None:

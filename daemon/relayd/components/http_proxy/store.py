@@ -1,11 +1,30 @@
 """Persistent state of an http_proxy component: one SQLite file, used from one worker thread.
 
-Tables: ``services`` (created through the management API), ``members`` (which users may use
-a service), ``counters`` (per service, user and endpoint; endpoint '' holds the user's total).
-Counters are only ever increased, by adding deltas (``INSERT ... ON CONFLICT DO UPDATE SET
-n = n + excluded.n``), so several component objects (during a reload, the old one drains while
-the new one serves) can flush into the same file without losing or double-counting anything.
-WAL with synchronous=NORMAL: a committed flush survives the process being killed.
+Schema version 2 (``schema_version`` holds one row per version the file went through; a file
+without that table is version 1 and is migrated when opened, in one transaction):
+
+    services              runtime services created through the management API: the relayd
+                          definition and the client's JSON as sent (echoed back field by field)
+    members               who may use which service now
+    service_incarnations  every life of a service name: (service, sgen), origin, created and
+                          deleted times, requests refused by auth (rejected)
+    user_incarnations     every life of a user of a service: (service, username, gen), in service
+                          incarnation sgen, member (created through the API) or counted without
+                          membership, created and deleted (ended) times
+    counters              per user incarnation and endpoint (endpoint '' holds the incarnation's
+                          total)
+    service_totals        per service name, the sum over all its incarnations (Prometheus totals)
+    journal_applied       per journal writer, the last snapshot of held counts already in here
+
+A user created again (``POST .../users``) or a service created again starts a new incarnation
+from 0; the old ones keep their totals for ever. Counters are only ever increased, by adding
+deltas, so several component objects (during a reload the old one drains while the new one
+serves) can flush into the same file without losing or double-counting anything. WAL with
+synchronous=NORMAL: a committed flush survives the process being killed.
+
+An incarnation the event loop counted before the database knew it (an ``Inc`` whose ``gen``
+is None) is resolved here, inside the transaction that adds its counts: it becomes the latest
+incarnation of that user in its service incarnation, or a new one if there is none.
 """
 
 from __future__ import annotations
@@ -19,26 +38,73 @@ from typing import Any
 COLUMNS = ("requests", "bytes_in", "bytes_out", "s1xx", "s2xx", "s3xx", "s4xx", "s5xx", "no_response")
 NCOL = len(COLUMNS)
 OVERFLOW = "(other)"
+SCHEMA_VERSION = 2
 
+_COLS = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COLUMNS)
 _SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS services (
-    name TEXT PRIMARY KEY, definition TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS members (
+CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL, note TEXT);
+CREATE TABLE services (
+    name TEXT PRIMARY KEY, definition TEXT NOT NULL, created_at REAL NOT NULL, request TEXT);
+CREATE TABLE members (
     service TEXT NOT NULL, username TEXT NOT NULL, created_at REAL NOT NULL,
     PRIMARY KEY (service, username));
-CREATE TABLE IF NOT EXISTS counters (
-    service TEXT NOT NULL, username TEXT NOT NULL, endpoint TEXT NOT NULL,
-    {", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COLUMNS)},
-    PRIMARY KEY (service, username, endpoint));
-CREATE TABLE IF NOT EXISTS service_meta (
-    name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE service_incarnations (
+    service TEXT NOT NULL, sgen INTEGER NOT NULL, origin TEXT NOT NULL,
+    created_at REAL NOT NULL, deleted_at REAL, rejected INTEGER NOT NULL DEFAULT 0, note TEXT,
+    PRIMARY KEY (service, sgen));
+CREATE TABLE user_incarnations (
+    service TEXT NOT NULL, username TEXT NOT NULL, gen INTEGER NOT NULL, sgen INTEGER NOT NULL,
+    member INTEGER NOT NULL, created_at REAL NOT NULL, deleted_at REAL, note TEXT,
+    PRIMARY KEY (service, username, gen));
+CREATE INDEX user_incarnations_sgen ON user_incarnations (service, sgen);
+CREATE TABLE counters (
+    service TEXT NOT NULL, username TEXT NOT NULL, gen INTEGER NOT NULL, endpoint TEXT NOT NULL,
+    {_COLS},
+    PRIMARY KEY (service, username, gen, endpoint));
+CREATE TABLE service_totals (
+    service TEXT PRIMARY KEY, {_COLS}, rejected INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE journal_applied (writer TEXT PRIMARY KEY, seq INTEGER NOT NULL, applied_at REAL NOT NULL);
 """
 
 _UPSERT = (
-    f"INSERT INTO counters (service, username, endpoint, {', '.join(COLUMNS)}) "
-    f"VALUES (?, ?, ?, {', '.join('?' * NCOL)}) ON CONFLICT (service, username, endpoint) DO UPDATE SET "
+    f"INSERT INTO counters (service, username, gen, endpoint, {', '.join(COLUMNS)}) "
+    f"VALUES (?, ?, ?, ?, {', '.join('?' * NCOL)}) ON CONFLICT (service, username, gen, endpoint) DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in COLUMNS)
 )
+_TOTALS_UPSERT = (
+    f"INSERT INTO service_totals (service, {', '.join(COLUMNS)}, rejected) "
+    f"VALUES (?, {', '.join('?' * NCOL)}, ?) ON CONFLICT (service) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in (*COLUMNS, "rejected"))
+)
+
+# The current incarnation of every user: the latest one in the latest incarnation of its service.
+_CURRENT = """
+WITH cur_s AS (SELECT service, max(sgen) AS sgen FROM service_incarnations GROUP BY service),
+cur_u AS (SELECT u.service, u.username, max(u.gen) AS gen FROM user_incarnations u
+          JOIN cur_s s ON u.service = s.service AND u.sgen = s.sgen GROUP BY u.service, u.username)
+"""
+
+
+class StoreError(Exception):
+    """The state database cannot be used (the message says why and what to do)."""
+
+
+class Inc:
+    """A user incarnation as the event loop counts it; sgen/gen are None until resolved."""
+
+    __slots__ = ("service", "user", "sgen", "gen", "created", "endpoints")
+
+    def __init__(self, service: str, user: str, sgen: int | None, gen: int | None,
+                 created: float | None = None, endpoints: set[str] | None = None) -> None:
+        self.service = service
+        self.user = user
+        self.sgen = sgen
+        self.gen = gen
+        self.created = time.time() if created is None else created
+        self.endpoints: set[str] = endpoints if endpoints is not None else set()
+
+    def __repr__(self) -> str:
+        return f"Inc({self.service!r}, {self.user!r}, sgen={self.sgen}, gen={self.gen})"
 
 
 def row_dict(values: list[int] | tuple[int, ...]) -> dict[str, Any]:
@@ -49,20 +115,125 @@ def row_dict(values: list[int] | tuple[int, ...]) -> dict[str, Any]:
     }
 
 
+def _add_into(target: list[int], values: list[int] | tuple[int, ...]) -> None:
+    for i, v in enumerate(values):
+        target[i] += v
+
+
 class Store:
     """Blocking methods; the component calls them in its single worker thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db: sqlite3.Connection | None = None
+        # Service name -> its latest incarnation, as this object last set or read it. Read by
+        # the event loop (a dict lookup) to tag new user incarnations with their service's.
+        self.service_gens: dict[str, int] = {}
+
+    # -- opening, schema, migration ------------------------------------------------------------
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        self.db = db
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self.db = db
+            version = self.version()
+            if version == 0:
+                self._transaction(self._create)
+            elif version == 1:
+                self._transaction(self._migrate_1_to_2)
+            elif version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema version {version}; this relayd knows up to "
+                                 f"{SCHEMA_VERSION} (was it written by a newer relayd?)")
+            self.service_gens = {s: g for s, g in db.execute(
+                "SELECT service, max(sgen) FROM service_incarnations GROUP BY service")}
+        except BaseException:
+            self.db = None
+            db.close()
+            raise
+
+    def version(self) -> int:
+        """0: empty file; 1: the schema before incarnations (no version table); else the table's."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}  # type: ignore[union-attr]
+        if "schema_version" in tables:
+            return self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0  # type: ignore[union-attr]
+        return 1 if "counters" in tables else 0
+
+    def _transaction(self, fn: Any, *args: Any) -> Any:
+        db = self.db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(*args)
+            db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (SQLITE_FULL...) may already have rolled back: only roll back an
+            # open transaction, so that the error reported is the real one.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+        return result
+
+    def _create(self) -> None:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self.db.execute(statement)  # type: ignore[union-attr]
+        self.db.execute("INSERT INTO schema_version VALUES (?, ?, ?)", (SCHEMA_VERSION, time.time(), "created"))  # type: ignore[union-attr]
+
+    def _migrate_1_to_2(self) -> None:
+        """Version 1 kept one counter row per (service, user, endpoint), no history: its totals
+        become each user's first incarnation, in its service's first incarnation."""
+        db = self.db
+        assert db is not None
+        now = time.time()
+        note = "migrated from schema 1"
+        for old in ("services", "members", "counters", "service_meta"):
+            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (old,)).fetchone()
+            if exists:
+                db.execute(f"ALTER TABLE {old} RENAME TO v1_{old}")
+            elif old != "service_meta":
+                raise StoreError(f"{self.path}: a schema-1 database without table {old!r}")
+        has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'v1_service_meta'").fetchone()
+        self._create()
+        db.execute("UPDATE schema_version SET note = ?", (note + f" ({self.path.name})",))
+        db.execute("INSERT INTO services (name, definition, created_at) SELECT name, definition, created_at "
+                   "FROM v1_services")
+        db.execute("INSERT INTO members SELECT service, username, created_at FROM v1_members")
+        # Service incarnations: configured (service_meta), runtime (services), and names that
+        # only have counters left (runtime services deleted before the upgrade).
+        first: dict[str, tuple[str, float, float | None, str | None]] = {}
+        if has_meta:
+            for name, created in db.execute("SELECT name, created_at FROM v1_service_meta"):
+                first[name] = ("config", created, None, note)
+        for name, created in db.execute("SELECT name, created_at FROM v1_services"):
+            first[name] = ("runtime", created, None, note)
+        for (name,) in db.execute("SELECT DISTINCT service FROM v1_counters UNION SELECT service FROM v1_members"):
+            if name not in first:
+                first[name] = ("runtime", now, now, note + ": deleted before the upgrade; times unknown")
+        db.executemany("INSERT INTO service_incarnations (service, sgen, origin, created_at, deleted_at, note) "
+                       "VALUES (?, 1, ?, ?, ?, ?)", [(n, *v) for n, v in first.items()])
+        members = {(s, u): c for s, u, c in db.execute("SELECT service, username, created_at FROM v1_members")}
+        users = {(s, u) for s, u in db.execute("SELECT DISTINCT service, username FROM v1_counters")}
+        rows = []
+        for key in sorted(users | set(members)):
+            service_created = first[key[0]][1]
+            created = members.get(key, service_created)
+            rows.append((*key, 1 if key in members else 0, created, note))
+        db.executemany("INSERT INTO user_incarnations (service, username, gen, sgen, member, created_at, note) "
+                       "VALUES (?, ?, 1, 1, ?, ?, ?)", rows)
+        cols = ", ".join(COLUMNS)
+        db.execute(f"INSERT INTO counters (service, username, gen, endpoint, {cols}) "
+                   f"SELECT service, username, 1, endpoint, {cols} FROM v1_counters")
+        sums = ", ".join(f"sum({c})" for c in COLUMNS)
+        db.execute(f"INSERT INTO service_totals (service, {cols}) SELECT service, {sums} FROM v1_counters "
+                   "WHERE endpoint = '' GROUP BY service")
+        for old in ("services", "members", "counters", "service_meta"):
+            db.execute(f"DROP TABLE IF EXISTS v1_{old}")
 
     def close(self) -> None:
         if self.db is not None:
@@ -71,72 +242,269 @@ class Store:
 
     # -- counters ---------------------------------------------------------------------------
 
-    def add(self, batch: dict[tuple[str, str, str], list[int]]) -> dict[str, list[int]]:
-        """Add counter deltas in one transaction; returns per-service totals afterwards."""
+    def add(self, batch: dict[tuple[Inc, str], list[int]], rejected: dict[tuple[str, int | None], int],
+            writer: str | None = None, covers: int = 0) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Add counter deltas in one transaction; record that journal snapshot ``covers`` of
+        ``writer`` is now in the database. Returns lifetime totals per service afterwards."""
+        resolved: dict[Inc, tuple[int, int]] = {}
+
+        def work() -> None:
+            db = self.db
+            assert db is not None
+            rows = []
+            totals: dict[str, list[int]] = {}
+            for (inc, endpoint), values in batch.items():
+                sgen, gen = self._resolve(inc, resolved)
+                rows.append((inc.service, inc.user, gen, endpoint, *values))
+                if endpoint == "":
+                    _add_into(totals.setdefault(inc.service, [0] * NCOL), values)
+            db.executemany(_UPSERT, rows)
+            refused: dict[str, int] = {}
+            for (service, sgen), n in rejected.items():
+                sgen = sgen if sgen is not None else self._service_gen(service)
+                db.execute("UPDATE service_incarnations SET rejected = rejected + ? WHERE service = ? AND sgen = ?",
+                           (n, service, sgen))
+                refused[service] = refused.get(service, 0) + n
+            for service in set(totals) | set(refused):
+                db.execute(_TOTALS_UPSERT, (service, *totals.get(service, [0] * NCOL), refused.get(service, 0)))
+            if writer is not None and covers:
+                self._mark_applied(writer, covers)
+
+        self._transaction(work)
+        for inc, (sgen, gen) in resolved.items():  # only once committed
+            inc.sgen, inc.gen = sgen, gen
+        return self.totals()
+
+    def _mark_applied(self, writer: str, seq: int) -> None:
+        self.db.execute(  # type: ignore[union-attr]
+            "INSERT INTO journal_applied VALUES (?, ?, ?) ON CONFLICT (writer) DO UPDATE SET "
+            "seq = max(seq, excluded.seq), applied_at = excluded.applied_at", (writer, seq, time.time()))
+
+    def applied_seq(self, writer: str) -> int:
+        row = self.db.execute("SELECT seq FROM journal_applied WHERE writer = ?", (writer,)).fetchone()  # type: ignore[union-attr]
+        return row[0] if row else 0
+
+    def _service_gen(self, service: str) -> int:
+        """The latest incarnation of a service; one is made if the name was never seen."""
+        db = self.db
+        row = db.execute("SELECT max(sgen) FROM service_incarnations WHERE service = ?", (service,)).fetchone()  # type: ignore[union-attr]
+        if row[0] is not None:
+            return row[0]
+        db.execute("INSERT INTO service_incarnations (service, sgen, origin, created_at, note) "  # type: ignore[union-attr]
+                   "VALUES (?, 1, 'unknown', ?, 'counted before it was registered')", (service, time.time()))
+        self.service_gens.setdefault(service, 1)
+        return 1
+
+    def _resolve(self, inc: Inc, resolved: dict[Inc, tuple[int, int]]) -> tuple[int, int]:
+        if inc.gen is not None and inc.sgen is not None:
+            return inc.sgen, inc.gen
+        done = resolved.get(inc)
+        if done is not None:
+            return done
         db = self.db
         assert db is not None
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(_UPSERT, [(*key, *values) for key, values in batch.items()])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return self.service_totals()
+        sgen = inc.sgen if inc.sgen is not None else self._service_gen(inc.service)
+        row = db.execute("SELECT max(gen) FROM user_incarnations WHERE service = ? AND username = ? AND sgen = ?",
+                         (inc.service, inc.user, sgen)).fetchone()
+        if row[0] is not None:
+            gen = row[0]
+        else:
+            gen = db.execute("SELECT coalesce(max(gen), 0) + 1 FROM user_incarnations WHERE service = ? "
+                             "AND username = ?", (inc.service, inc.user)).fetchone()[0]
+            db.execute("INSERT INTO user_incarnations (service, username, gen, sgen, member, created_at) "
+                       "VALUES (?, ?, ?, ?, 0, ?)", (inc.service, inc.user, gen, sgen, inc.created))
+        resolved[inc] = (sgen, gen)
+        return sgen, gen
 
-    def service_totals(self) -> dict[str, list[int]]:
-        sums = ", ".join(f"sum({c})" for c in COLUMNS)
-        rows = self.db.execute(f"SELECT service, {sums} FROM counters WHERE endpoint = '' GROUP BY service")  # type: ignore[union-attr]
-        return {row[0]: list(row[1:]) for row in rows}
+    def totals(self) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Lifetime totals per service name (all incarnations) and requests refused by auth."""
+        rows = self.db.execute(f"SELECT service, {', '.join(COLUMNS)}, rejected FROM service_totals")  # type: ignore[union-attr]
+        totals, rejected = {}, {}
+        for row in rows:
+            totals[row[0]] = list(row[1:1 + NCOL])
+            rejected[row[0]] = row[1 + NCOL]
+        return totals, rejected
 
-    def endpoint_keys(self) -> dict[tuple[str, str], set[str]]:
-        keys: dict[tuple[str, str], set[str]] = {}
-        for service, user, endpoint in self.db.execute(  # type: ignore[union-attr]
-                "SELECT service, username, endpoint FROM counters WHERE endpoint != ''"):
-            keys.setdefault((service, user), set()).add(endpoint)
-        return keys
+    def current_incarnations(self) -> list[tuple[Inc, bool]]:
+        """The current incarnation of every user (with its endpoint keys) and whether it is open."""
+        db = self.db
+        incs: dict[tuple[str, str, int], tuple[Inc, bool]] = {}
+        for service, user, gen, sgen, created, deleted in db.execute(  # type: ignore[union-attr]
+                _CURRENT + "SELECT u.service, u.username, u.gen, u.sgen, u.created_at, u.deleted_at "
+                "FROM user_incarnations u JOIN cur_u USING (service, username, gen)"):
+            incs[(service, user, gen)] = (Inc(service, user, sgen, gen, created), deleted is None)
+        for service, user, gen, endpoint in db.execute(  # type: ignore[union-attr]
+                _CURRENT + "SELECT c.service, c.username, c.gen, c.endpoint FROM counters c "
+                "JOIN cur_u USING (service, username, gen) WHERE c.endpoint != ''"):
+            entry = incs.get((service, user, gen))
+            if entry is not None:
+                entry[0].endpoints.add(endpoint)
+        return list(incs.values())
 
-    def rows(self, service: str | None = None, user: str | None = None,
-             endpoints: bool = False) -> list[tuple]:
-        query = f"SELECT service, username, endpoint, {', '.join(COLUMNS)} FROM counters WHERE "
-        query += "endpoint != ''" if endpoints else "endpoint = ''"
-        args: list[str] = []
+    def current(self, service: str | None = None, user: str | None = None,
+                endpoints: bool = False) -> list[tuple]:
+        """Rows of the current incarnations: (service, user, sgen, gen, member, created, deleted,
+        endpoint, *counters); with endpoints=False one row per user (zeros if never counted)."""
+        where, args = [], []
         if service is not None:
-            query += " AND service = ?"
+            where.append("u.service = ?")
             args.append(service)
         if user is not None:
-            query += " AND username = ?"
+            where.append("u.username = ?")
             args.append(user)
-        return list(self.db.execute(query + " ORDER BY service, username, endpoint", args))  # type: ignore[union-attr]
+        cols = ", ".join(f"coalesce(c.{c}, 0)" for c in COLUMNS)
+        if endpoints:
+            join = "JOIN counters c ON c.service = u.service AND c.username = u.username AND c.gen = u.gen " \
+                   "AND c.endpoint != ''"
+            select = "c.endpoint"
+        else:
+            join = "LEFT JOIN counters c ON c.service = u.service AND c.username = u.username " \
+                   "AND c.gen = u.gen AND c.endpoint = ''"
+            select = "''"
+        query = (_CURRENT + f"SELECT u.service, u.username, u.sgen, u.gen, u.member, u.created_at, u.deleted_at, "
+                 f"{select}, {cols} FROM user_incarnations u JOIN cur_u USING (service, username, gen) {join}"
+                 + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY 1, 2, 8")
+        return list(self.db.execute(query, args))  # type: ignore[union-attr]
 
-    # -- runtime services and members -------------------------------------------------------
+    def service_incarnations(self, service: str | None = None) -> list[tuple]:
+        """(service, sgen, origin, created, deleted, rejected, note), oldest first."""
+        query = "SELECT service, sgen, origin, created_at, deleted_at, rejected, note FROM service_incarnations"
+        args: list[str] = []
+        if service is not None:
+            query += " WHERE service = ?"
+            args.append(service)
+        return list(self.db.execute(query + " ORDER BY service, sgen", args))  # type: ignore[union-attr]
+
+    def history(self, service: str | None = None, user: str | None = None,
+                endpoints: bool = False) -> list[tuple]:
+        """Every user incarnation: (service, user, sgen, gen, member, created, deleted, note,
+        endpoint, *counters); endpoint '' rows (totals, zeros if never counted) unless endpoints."""
+        where, args = [], []
+        if service is not None:
+            where.append("u.service = ?")
+            args.append(service)
+        if user is not None:
+            where.append("u.username = ?")
+            args.append(user)
+        cols = ", ".join(f"coalesce(c.{c}, 0)" for c in COLUMNS)
+        cond = "c.endpoint != ''" if endpoints else "c.endpoint = ''"
+        kind = "JOIN" if endpoints else "LEFT JOIN"
+        query = (f"SELECT u.service, u.username, u.sgen, u.gen, u.member, u.created_at, u.deleted_at, u.note, "
+                 f"{'c.endpoint' if endpoints else chr(39) * 2}, {cols} FROM user_incarnations u {kind} counters c "
+                 f"ON c.service = u.service AND c.username = u.username AND c.gen = u.gen AND {cond}"
+                 + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY 1, 3, 2, 4, 9")
+        return list(self.db.execute(query, args))  # type: ignore[union-attr]
+
+    def known_user(self, service: str, user: str) -> bool:
+        """Whether the user has an incarnation in the current incarnation of the service."""
+        return self.db.execute(  # type: ignore[union-attr]
+            _CURRENT + "SELECT 1 FROM cur_u WHERE service = ? AND username = ?", (service, user)).fetchone() is not None
+
+    # -- runtime services, members and their incarnations ------------------------------------
 
     def services(self) -> list[tuple[str, dict[str, Any], float]]:
         return [(n, json.loads(d), c) for n, d, c in
                 self.db.execute("SELECT name, definition, created_at FROM services ORDER BY name")]  # type: ignore[union-attr]
 
-    def add_service(self, name: str, definition: dict[str, Any]) -> float:
+    def service_requests(self) -> dict[str, Any]:
+        """The JSON each runtime service was created with (None for those made before it was kept)."""
+        return {n: (json.loads(r) if r is not None else None)
+                for n, r in self.db.execute("SELECT name, request FROM services")}  # type: ignore[union-attr]
+
+    def add_service(self, name: str, definition: dict[str, Any], request: Any = None) -> float:
+        """A runtime service: a new incarnation of its name (the previous one, if open, ends)."""
         now = time.time()
-        self.db.execute("INSERT INTO services VALUES (?, ?, ?)", (name, json.dumps(definition), now))  # type: ignore[union-attr]
+
+        def work() -> int:
+            db = self.db
+            db.execute("INSERT INTO services VALUES (?, ?, ?, ?)",  # type: ignore[union-attr]
+                       (name, json.dumps(definition), now, None if request is None else json.dumps(request)))
+            return self._new_service_incarnation(name, "runtime", now)
+
+        self.service_gens[name] = self._transaction(work)
         return now
 
+    def _new_service_incarnation(self, name: str, origin: str, now: float) -> int:
+        db = self.db
+        db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+                   (now, name))
+        db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+                   (now, name))
+        sgen = db.execute("SELECT coalesce(max(sgen), 0) + 1 FROM service_incarnations WHERE service = ?",  # type: ignore[union-attr]
+                          (name,)).fetchone()[0]
+        db.execute("INSERT INTO service_incarnations (service, sgen, origin, created_at) VALUES (?, ?, ?, ?)",  # type: ignore[union-attr]
+                   (name, sgen, origin, now))
+        return sgen
+
     def remove_service(self, name: str) -> None:
-        self.db.execute("DELETE FROM services WHERE name = ?", (name,))  # type: ignore[union-attr]
-        self.db.execute("DELETE FROM members WHERE service = ?", (name,))  # type: ignore[union-attr]
+        """A runtime service deleted: its incarnation and its users' end; their counts stay."""
+        now = time.time()
+
+        def work() -> None:
+            db = self.db
+            db.execute("DELETE FROM services WHERE name = ?", (name,))  # type: ignore[union-attr]
+            db.execute("DELETE FROM members WHERE service = ?", (name,))  # type: ignore[union-attr]
+            db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+                       (now, name))
+            db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+                       (now, name))
+
+        self._transaction(work)
 
     def created_at(self, name: str) -> float:
-        """When a configured service was first seen (kept across restarts)."""
-        db = self.db
-        db.execute("INSERT OR IGNORE INTO service_meta VALUES (?, ?)", (name, time.time()))  # type: ignore[union-attr]
-        return db.execute("SELECT created_at FROM service_meta WHERE name = ?", (name,)).fetchone()[0]  # type: ignore[union-attr]
+        """A configured service: its open incarnation (one is made when none is open)."""
+        def work() -> tuple[int, float]:
+            row = self.db.execute(  # type: ignore[union-attr]
+                "SELECT sgen, created_at, deleted_at FROM service_incarnations WHERE service = ? "
+                "ORDER BY sgen DESC LIMIT 1", (name,)).fetchone()
+            if row is not None and row[2] is None:
+                return row[0], row[1]
+            now = time.time()
+            return self._new_service_incarnation(name, "config", now), now
+
+        row = self.db.execute(  # type: ignore[union-attr]
+            "SELECT sgen, created_at FROM service_incarnations WHERE service = ? AND deleted_at IS NULL "
+            "ORDER BY sgen DESC LIMIT 1", (name,)).fetchone()
+        sgen, created = row if row is not None else self._transaction(work)
+        self.service_gens[name] = sgen
+        return created
 
     def members(self) -> dict[tuple[str, str], float]:
         return {(s, u): c for s, u, c in self.db.execute("SELECT service, username, created_at FROM members")}  # type: ignore[union-attr]
 
-    def add_member(self, service: str, username: str) -> float:
+    def add_member(self, service: str, username: str, earlier: list[Inc] | None = None) -> tuple[float, Inc]:
+        """A new incarnation of a member: its previous one ends, counting restarts from 0.
+        ``earlier``: incarnations of this user the loop counted but the database has not seen
+        yet; they are resolved first, so that their counts stay with the previous incarnation."""
         now = time.time()
-        self.db.execute("INSERT INTO members VALUES (?, ?, ?)", (service, username, now))  # type: ignore[union-attr]
-        return now
+        resolved: dict[Inc, tuple[int, int]] = {}
+
+        def work() -> Inc:
+            db = self.db
+            for inc in earlier or ():
+                self._resolve(inc, resolved)
+            sgen = self._service_gen(service)
+            db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "  # type: ignore[union-attr]
+                       "AND deleted_at IS NULL", (now, service, username))
+            gen = db.execute("SELECT coalesce(max(gen), 0) + 1 FROM user_incarnations WHERE service = ? "  # type: ignore[union-attr]
+                             "AND username = ?", (service, username)).fetchone()[0]
+            db.execute("INSERT INTO user_incarnations (service, username, gen, sgen, member, created_at) "  # type: ignore[union-attr]
+                       "VALUES (?, ?, ?, ?, 1, ?)", (service, username, gen, sgen, now))
+            db.execute("INSERT OR REPLACE INTO members VALUES (?, ?, ?)", (service, username, now))  # type: ignore[union-attr]
+            return Inc(service, username, sgen, gen, now)
+
+        inc = self._transaction(work)
+        for earlier_inc, (sgen, gen) in resolved.items():
+            earlier_inc.sgen, earlier_inc.gen = sgen, gen
+        return now, inc
 
     def remove_member(self, service: str, username: str) -> None:
-        self.db.execute("DELETE FROM members WHERE service = ? AND username = ?", (service, username))  # type: ignore[union-attr]
+        """The member's incarnation ends (its counts stay, readable until it is created again)."""
+        now = time.time()
+
+        def work() -> None:
+            self.db.execute("DELETE FROM members WHERE service = ? AND username = ?", (service, username))  # type: ignore[union-attr]
+            self.db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "  # type: ignore[union-attr]
+                            "AND deleted_at IS NULL", (now, service, username))
+
+        self._transaction(work)
