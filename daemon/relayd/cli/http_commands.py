@@ -1,7 +1,8 @@
 """relayctl commands of the http_proxy component.
 
-    relayctl stats [SERVICE [USER]] [--component NAME] [--json]
+    relayctl stats [SERVICE [USER]] [--history] [--component NAME] [--json]
     relayctl service list|info NAME [--component NAME]
+    relayctl members list|add|remove SERVICE [USER] [--create] [--component NAME] [--json]
     relayctl import http-auth SERVICE.json [--component NAME] [--auth NAME] [-o FILE]
 
 ``import http-auth`` needs no running daemon: it converts a ya-runtime-http-auth service
@@ -58,27 +59,101 @@ def _classes(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in row["statuses"].items() if v)
 
 
+def _row(row: dict[str, Any]) -> str:
+    return (f"{row['requests']:>10}  in {_fmt_bytes(row['bytesIn']):>10}  out {_fmt_bytes(row['bytesOut']):>10}  "
+            f"{_classes(row)}")
+
+
+def _span(entry: dict[str, Any]) -> str:
+    return f"{entry.get('createdAt') or '?'} .. {entry.get('deletedAt') or 'now'}"
+
+
 def cmd_stats(args: argparse.Namespace, client: ControlClient) -> int:
     component = _component(args, client)
     if component is None:
         return 1
-    path = "stats" + "".join(f"/{quote(p, safe='')}" for p in (args.service, args.user) if p)
+    route = "history" if args.history else "usage"
+    path = route + "".join(f"/{quote(p, safe='')}" for p in (args.service, args.user) if p)
     status, body = _get(client, component, path)
     if status != 200:
         return _die(body.get("message", body) if isinstance(body, dict) else str(body))
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
-    print(f"{component}: {body['requests']['requests']} requests, in {_fmt_bytes(body['bytesIn'])}, "
-          f"out {_fmt_bytes(body['bytesOut'])}, rejected {body['rejected']}")
+    if args.history:
+        _print_history(component, body)
+    else:
+        _print_usage(component, body)
+    if body.get("unsaved"):
+        print(f"  ({body['unsaved']} counted requests not yet in the database"
+              + (f": {body['saveError']}" if body.get("saveError") else "") + ")")
+    return 0
+
+
+def _print_usage(component: str, body: dict[str, Any]) -> None:
+    print(f"{component}: {body['requests']} requests, in {_fmt_bytes(body['bytesIn'])}, "
+          f"out {_fmt_bytes(body['bytesOut'])}, rejected {body['rejected']} "
+          f"({body['users']} users, {body['services']} services; current incarnations)")
     for service, entry in body["perService"].items():
-        print(f"  {service}: {entry['requests']} requests, in {_fmt_bytes(entry['bytesIn'])}, "
-              f"out {_fmt_bytes(entry['bytesOut'])}  {_classes(entry)}")
+        print(f"  {service} #{entry['incarnation']}: {entry['requests']} requests, in {_fmt_bytes(entry['bytesIn'])}, "
+              f"out {_fmt_bytes(entry['bytesOut'])}, rejected {entry['rejected']}  {_classes(entry)}")
         for user, row in entry["users"].items():
-            print(f"    {user:24} {row['requests']:>10}  in {_fmt_bytes(row['bytesIn']):>10}  "
-                  f"out {_fmt_bytes(row['bytesOut']):>10}  {_classes(row)}")
+            label = f"{user} #{row['incarnation']}" + ("" if row["deletedAt"] is None else " (removed)")
+            print(f"    {label:28} {_row(row)}")
     for endpoint, row in (body.get("endpoints") or {}).items():
         print(f"      {endpoint:40} {row['requests']:>10}  {_classes(row)}")
+
+
+def _print_history(component: str, body: dict[str, Any]) -> None:
+    print(f"{component}: every incarnation (a user or service created again starts a new one)")
+    for entry in body["services"]:
+        print(f"  {entry['name']} #{entry['incarnation']} ({entry['origin']}, {_span(entry)}): "
+              f"{entry['requests']} requests, rejected {entry['rejected']}"
+              + (f"  [{entry['note']}]" if entry.get("note") else ""))
+        for user in entry["users"]:
+            label = f"{user['username']} #{user['incarnation']}" + (" member" if user["member"] else "")
+            print(f"    {label:28} {_span(user):45} {_row(user)}")
+            for endpoint, row in (user.get("endpoints") or {}).items():
+                print(f"      {endpoint:40} {row['requests']:>10}  {_classes(row)}")
+
+
+def cmd_members(args: argparse.Namespace, client: ControlClient) -> int:
+    component = _component(args, client)
+    if component is None:
+        return 1
+    service = quote(args.service, safe="")
+    base = f"/v1/components/{quote(component)}/services/{service}"
+    if args.action == "list":
+        status, body = client.request("GET", f"{base}/members")
+        if status != 200:
+            return _die(body.get("message", body) if isinstance(body, dict) else str(body))
+        if args.json:
+            print(json.dumps(body, indent=2))
+        else:
+            for member in body:
+                print(f"{member['username']}\t{member['createdAt']}")
+        return 0
+    if not args.user:
+        return _die(f"members {args.action} needs SERVICE and USER", 2)
+    if args.action == "add":
+        if args.create:
+            from relayd.cli.auth_commands import _read_password
+
+            try:
+                password = _read_password(confirm=True)
+            except ValueError as exc:
+                return _die(str(exc))
+            status, body = client.request("POST", f"{base}/users", {"username": args.user, "password": password})
+        else:
+            status, body = client.request("POST", f"{base}/members", {"username": args.user})
+        if status != 200:
+            return _die(body.get("message", body) if isinstance(body, dict) else str(body))
+        print(f"{args.user} is a member of {args.service} (since {body['createdAt']}; counting from 0)")
+        return 0
+    status, body = client.request("DELETE", f"{base}/members/{quote(args.user, safe='')}")
+    if status != 200:
+        return _die(body.get("message", body) if isinstance(body, dict) else str(body))
+    print(f"{args.user} is no longer a member of {args.service} (its counts are kept)")
     return 0
 
 
@@ -127,9 +202,22 @@ def register(sub: Any) -> None:
     s = sub.add_parser("stats", help="http_proxy usage counters [SERVICE [USER]]")
     s.add_argument("service", nargs="?")
     s.add_argument("user", nargs="?")
+    s.add_argument("--history", action="store_true",
+                   help="every incarnation of the services and users, with created/deleted times")
     s.add_argument("--component", help="http_proxy component (default: the only one)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("members", help="http_proxy service members: list SERVICE, add|remove SERVICE USER")
+    s.add_argument("action", choices=["list", "add", "remove"])
+    s.add_argument("service")
+    s.add_argument("user", nargs="?")
+    s.add_argument("--create", action="store_true",
+                   help="add: also create the user in the service's basic auth method (password from a "
+                   "prompt or stdin)")
+    s.add_argument("--component", help="http_proxy component (default: the only one)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_members)
 
     s = sub.add_parser("service", help="http_proxy services: list, info NAME")
     s.add_argument("action", choices=["list", "info"])

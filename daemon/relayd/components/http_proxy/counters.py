@@ -177,9 +177,9 @@ class Counters:
         if self.failing_since is None:
             self.failing_since = now
             self._next_report = now + REPORT_EVERY
-            log.error("cannot write usage counters to %s: %s; holding %d counted requests in memory "
-                      "(and in %s), retrying every flush", self.store.path, self.last_error,
-                      self.held_requests(), self.journal.paths[0].parent / f"{self.store.path.name}.held-{self.writer}.*")
+            log.error("cannot write usage counters to %s: %s; holding %d counted requests in memory and "
+                      "in the journal %s.{0,1}, retrying every flush", self.store.path, self.last_error,
+                      self.held_requests(), self.journal.paths[0].with_suffix(""))
         elif now >= self._next_report:
             self._next_report = now + REPORT_EVERY
             log.error("still cannot write usage counters to %s (%s, for %.0fs): %d counted requests held",
@@ -450,7 +450,8 @@ class Counters:
 
     async def known(self, service: str, user: str) -> bool:
         """Whether the user has a current incarnation (stats stay readable after removal)."""
-        if any(k[0].service == service and k[0].user == user for k in self.pending):
+        latest = self.store.service_gens.get(service)
+        if any(inc.service == service and inc.user == user and inc.sgen in (latest, None) for inc, _ in self.pending):
             return True
         return await self.call(self.store.known_user, service, user)
 

@@ -56,7 +56,7 @@ CREATE TABLE user_incarnations (
     service TEXT NOT NULL, username TEXT NOT NULL, gen INTEGER NOT NULL, sgen INTEGER NOT NULL,
     member INTEGER NOT NULL, created_at REAL NOT NULL, deleted_at REAL, note TEXT,
     PRIMARY KEY (service, username, gen));
-CREATE INDEX user_incarnations_sgen ON user_incarnations (service, sgen);
+CREATE INDEX user_incarnations_sgen ON user_incarnations (service, sgen, username, gen);
 CREATE TABLE counters (
     service TEXT NOT NULL, username TEXT NOT NULL, gen INTEGER NOT NULL, endpoint TEXT NOT NULL,
     {_COLS},
@@ -77,12 +77,23 @@ _TOTALS_UPSERT = (
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in (*COLUMNS, "rejected"))
 )
 
-# The current incarnation of every user: the latest one in the latest incarnation of its service.
-_CURRENT = """
-WITH cur_s AS (SELECT service, max(sgen) AS sgen FROM service_incarnations GROUP BY service),
-cur_u AS (SELECT u.service, u.username, max(u.gen) AS gen FROM user_incarnations u
-          JOIN cur_s s ON u.service = s.service AND u.sgen = s.sgen GROUP BY u.service, u.username)
-"""
+
+
+def _current(service: str | None, user: str | None) -> tuple[str, list[str]]:
+    """A WITH clause: cur_u = the current incarnation of every user (the latest one in the
+    latest incarnation of its service), restricted to ``service``/``user`` inside (indexed)."""
+    args: list[str] = []
+    s_where = u_where = ""
+    if service is not None:
+        s_where = " WHERE service = ?"
+        args.append(service)
+    if user is not None:
+        u_where = " WHERE u.username = ?"
+        args.append(user)
+    return (f"WITH cur_s AS (SELECT service, max(sgen) AS sgen FROM service_incarnations{s_where} GROUP BY service), "
+            f"cur_u AS (SELECT u.service, u.username, max(u.gen) AS gen FROM user_incarnations u "
+            f"JOIN cur_s s ON u.service = s.service AND u.sgen = s.sgen{u_where} "
+            f"GROUP BY u.service, u.username) "), args
 
 
 class StoreError(Exception):
@@ -328,13 +339,14 @@ class Store:
     def current_incarnations(self) -> list[tuple[Inc, bool]]:
         """The current incarnation of every user (with its endpoint keys) and whether it is open."""
         db = self.db
+        with_clause, _ = _current(None, None)
         incs: dict[tuple[str, str, int], tuple[Inc, bool]] = {}
         for service, user, gen, sgen, created, deleted in db.execute(  # type: ignore[union-attr]
-                _CURRENT + "SELECT u.service, u.username, u.gen, u.sgen, u.created_at, u.deleted_at "
+                with_clause + "SELECT u.service, u.username, u.gen, u.sgen, u.created_at, u.deleted_at "
                 "FROM user_incarnations u JOIN cur_u USING (service, username, gen)"):
             incs[(service, user, gen)] = (Inc(service, user, sgen, gen, created), deleted is None)
         for service, user, gen, endpoint in db.execute(  # type: ignore[union-attr]
-                _CURRENT + "SELECT c.service, c.username, c.gen, c.endpoint FROM counters c "
+                with_clause + "SELECT c.service, c.username, c.gen, c.endpoint FROM counters c "
                 "JOIN cur_u USING (service, username, gen) WHERE c.endpoint != ''"):
             entry = incs.get((service, user, gen))
             if entry is not None:
@@ -345,13 +357,7 @@ class Store:
                 endpoints: bool = False) -> list[tuple]:
         """Rows of the current incarnations: (service, user, sgen, gen, member, created, deleted,
         endpoint, *counters); with endpoints=False one row per user (zeros if never counted)."""
-        where, args = [], []
-        if service is not None:
-            where.append("u.service = ?")
-            args.append(service)
-        if user is not None:
-            where.append("u.username = ?")
-            args.append(user)
+        with_clause, args = _current(service, user)
         cols = ", ".join(f"coalesce(c.{c}, 0)" for c in COLUMNS)
         if endpoints:
             join = "JOIN counters c ON c.service = u.service AND c.username = u.username AND c.gen = u.gen " \
@@ -361,9 +367,9 @@ class Store:
             join = "LEFT JOIN counters c ON c.service = u.service AND c.username = u.username " \
                    "AND c.gen = u.gen AND c.endpoint = ''"
             select = "''"
-        query = (_CURRENT + f"SELECT u.service, u.username, u.sgen, u.gen, u.member, u.created_at, u.deleted_at, "
-                 f"{select}, {cols} FROM user_incarnations u JOIN cur_u USING (service, username, gen) {join}"
-                 + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY 1, 2, 8")
+        query = (with_clause + f"SELECT u.service, u.username, u.sgen, u.gen, u.member, u.created_at, "
+                 f"u.deleted_at, {select}, {cols} FROM user_incarnations u JOIN cur_u USING (service, username, gen) "
+                 f"{join} ORDER BY 1, 2, 8")
         return list(self.db.execute(query, args))  # type: ignore[union-attr]
 
     def service_incarnations(self, service: str | None = None) -> list[tuple]:
@@ -397,8 +403,8 @@ class Store:
 
     def known_user(self, service: str, user: str) -> bool:
         """Whether the user has an incarnation in the current incarnation of the service."""
-        return self.db.execute(  # type: ignore[union-attr]
-            _CURRENT + "SELECT 1 FROM cur_u WHERE service = ? AND username = ?", (service, user)).fetchone() is not None
+        with_clause, args = _current(service, user)
+        return self.db.execute(with_clause + "SELECT 1 FROM cur_u", args).fetchone() is not None  # type: ignore[union-attr]
 
     # -- runtime services, members and their incarnations ------------------------------------
 
