@@ -155,20 +155,25 @@ def test_connection_accepted_before_a_reload_gets_its_answer(relayd, plugin_site
 
 @pytest.mark.parametrize("where", ["init", "start"])
 def test_a_component_failing_to_build_is_named_and_the_old_generation_stays(relayd, plugin_site, port, where):
-    daemon = relayd(echo_config(port) + """
+    # Each component on its own listener: two components on one listener are refused.
+    daemon = relayd(echo_config(port) + f"""
         [auth.open]
         method = "none"
+        [listeners.status]
+        bind = "127.0.0.1:{free_port()}"
         [components.status]
         kind = "status"
-        listener = "web"
+        listener = "status"
         auth = "open"
     """, env={"PYTHONPATH": str(plugin_site)})
     config = daemon.config_dir / "relayd.toml"
     text = config.read_text()
     config.write_text(text + f"""
+        [listeners.bad]
+        bind = "127.0.0.1:{free_port()}"
         [components.zbad]
         kind = "echo"
-        listener = "web"
+        listener = "bad"
         fail = "{where}"
     """)
     result = daemon.ctl("reload")
