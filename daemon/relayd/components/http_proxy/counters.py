@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,12 +91,9 @@ class Counters:
         cancelled = False
         while not future.done():
             try:
-                await asyncio.shield(future)
+                await asyncio.wait({future})  # never cancels the future itself
             except asyncio.CancelledError:
-                if not future.done():
-                    cancelled = True
-            except Exception:
-                break
+                cancelled = True
         if future.cancelled():
             return None, asyncio.CancelledError(), True
         error = future.exception()
@@ -121,7 +120,7 @@ class Counters:
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)  # the flush period itself
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if self._stop.is_set():
                 return  # close() makes the last flush
@@ -157,7 +156,7 @@ class Counters:
                 if not cancelled:
                     try:
                         await self._snapshot()
-                    except Exception as exc:
+                    except OSError as exc:
                         self._snapshot_failed(exc)
             if cancelled:
                 raise asyncio.CancelledError
@@ -232,7 +231,7 @@ class Counters:
     async def _scan_orphans(self) -> None:
         try:
             messages = await self.call(self._replay_orphans)
-        except Exception as exc:
+        except (sqlite3.Error, OSError, ValueError, KeyError, zlib.error) as exc:
             log.error("cannot replay held counts of earlier writers yet: %s", exc)
             return
         for message in messages:
@@ -275,9 +274,10 @@ class Counters:
         self._stop.set()
         if self._flusher is not None:
             try:
-                await self._flusher
-            except BaseException:
-                pass
+                await self._flusher  # returns once _stop is set, after the flush in progress
+            except asyncio.CancelledError:
+                if not self._flusher.cancelled():
+                    raise  # close() itself was cancelled
         problem: CountsNotSaved | None = None
         saved = await self.flush()
         if not saved:
@@ -292,7 +292,7 @@ class Counters:
                         f"({self.last_error}); they are held in {where} and will be added when "
                         "the database is next opened", held, where)
                     log.error("%s", problem)
-                except Exception as exc:
+                except OSError as exc:
                     problem = CountsNotSaved(
                         f"{held} counted requests could not be written to {self.store.path} "
                         f"({self.last_error}) nor to the journal {self.journal.paths[0].parent} ({exc}): "

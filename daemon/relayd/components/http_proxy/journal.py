@@ -33,7 +33,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .store import NCOL, OVERFLOW, Inc
 
@@ -207,7 +207,7 @@ class Unlocked:
         self.fd: int | None = None
         self.ok = False
 
-    def __enter__(self) -> Unlocked:
+    def __enter__(self) -> Self:
         first = [p for p in self.paths if p.name.endswith(".0")]
         if not first:
             self.ok = True  # a writer without its .0 file never held a lock

@@ -423,9 +423,8 @@ class ManagementAPI:
                     compat: bool = True) -> dict[str, Any]:
         """The current incarnations: of each service, and of each of its users."""
         counters = self.c.counters
-        if service is not None and service not in self.c.services:
-            if not await counters.current(service):
-                raise ApiError(404, f"Service '{service}' not found")
+        if service is not None and service not in self.c.services and not await counters.current(service):
+            raise ApiError(404, f"Service '{service}' not found")
         if user is not None:
             await self._member_or_counted(service, user)  # type: ignore[arg-type]
         rows = await counters.current(service, user)

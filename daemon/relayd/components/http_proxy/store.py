@@ -103,7 +103,7 @@ class StoreError(Exception):
 class Inc:
     """A user incarnation as the event loop counts it; sgen/gen are None until resolved."""
 
-    __slots__ = ("service", "user", "sgen", "gen", "created", "endpoints")
+    __slots__ = ("created", "endpoints", "gen", "service", "sgen", "user")
 
     def __init__(self, service: str, user: str, sgen: int | None, gen: int | None,
                  created: float | None = None, endpoints: set[str] | None = None) -> None:
