@@ -8,10 +8,10 @@ import collections
 import re
 
 from prometheus_client.parser import text_string_to_metric_families
-from stream_helpers import port_range
-from test_http_proxy import Upstream, basic, request
 
 from relayd.testing import free_port, get_text
+from stream_helpers import port_range
+from test_http_proxy import Upstream, basic, request
 
 KINDS = ("status", "relay", "stream", "http_proxy")
 
@@ -76,8 +76,8 @@ def test_two_components_of_every_kind_expose_one_family_per_metric(relayd):
     assert daemon.ctl("metrics").stdout.count("# TYPE ") == text.count("# TYPE ")
 
     # The text format: exactly one TYPE and one HELP line per family, before its samples.
-    types = collections.Counter(re.findall(r"^# TYPE (\S+) ", text, re.M))
-    helps = collections.Counter(re.findall(r"^# HELP (\S+) ", text, re.M))
+    types = collections.Counter(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
+    helps = collections.Counter(re.findall(r"^# HELP (\S+) ", text, re.MULTILINE))
     assert types and all(count == 1 for count in types.values()), [n for n, c in types.items() if c > 1]
     assert helps == types
 

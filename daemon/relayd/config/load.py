@@ -306,7 +306,7 @@ def _check_listener_claims(settings: CoreSettings, layers: Layers, registry: Reg
                 if not shared:
                     continue
                 pair = frozenset({("c", comp_a), ("c", comp_b), ("l", lis_a), ("l", lis_b)})
-                how, value = sorted(shared)[0]
+                how, value = min(shared)
                 users = (f"both used by components.{comp_a}" if comp_a == comp_b
                          else f"used by components.{comp_a} and components.{comp_b}")
                 message = (f"listeners {lis_a!r} and {lis_b!r} ({users}) have the same {how} {value!r}, "

@@ -324,9 +324,9 @@ class HttpProxy(Component):
             return []
         listener = self.context.listeners.get(management.listener)
         where = ", ".join(listener.addresses) if listener is not None else management.listener
-        return [f"MANAGEMENT TOKEN DISABLED: the management API on listener {management.listener!r} ({where}) "
-                "accepts requests without a token (token = \"none\"): any local process or user can create "
-                "services and users and read billing data"]
+        return [(f"MANAGEMENT TOKEN DISABLED: the management API on listener {management.listener!r} ({where}) "
+                 "accepts requests without a token (token = \"none\"): any local process or user can create "
+                 "services and users and read billing data")]
 
     def listener_names(self) -> set[str]:
         names = set(self._listener_names()) if hasattr(self, "services") else set()

@@ -126,7 +126,7 @@ def _management_token(value: Any) -> Any:
     if value == NO_TOKEN:
         return None
     if not isinstance(value, (str, SecretStr)):
-        raise ValueError("expected a string")
+        raise ValueError("expected a string")  # noqa: TRY004 (pydantic reports ValueError, not TypeError)
     return _read_secret(value)
 
 
@@ -273,10 +273,11 @@ def browser_clashes(uses: list[tuple[str, str, Any, tuple[str | int, ...]]]) -> 
             shared = browser_clash(other, auth)
             if shared:
                 reported.add(frozenset({other_name, auth_name}))
-                problems.append((path, f"auth methods {other_name!r} and {auth_name!r} both log browsers in "
-                                 f"on listener {listener!r} ({_service_of(other_path)} and {_service_of(path)}) "
-                                 f"and share {shared}: logins and logouts would go to the wrong method; "
-                                 f"give auth.{auth_name} its own login_path, logout_path and cookie_name"))
+                problems.append((path, (f"auth methods {other_name!r} and {auth_name!r} both log browsers in "
+                                        f"on listener {listener!r} ({_service_of(other_path)} and "
+                                        f"{_service_of(path)}) and share {shared}: logins and logouts would go "
+                                        f"to the wrong method; give auth.{auth_name} its own login_path, "
+                                        "logout_path and cookie_name")))
         first[(listener, auth_name)] = (auth, path)
     return problems
 
@@ -295,8 +296,8 @@ def config_problems(config: HttpProxyConfig, settings: Any) -> list[tuple[tuple[
             what = ('token = "none" (no token) is only allowed on a loopback listener'
                     if management.tokenless else "the management API is only served on a loopback listener")
             problems.append((("management", "listener"),
-                             f"{what}: listener {management.listener!r} binds {bind!r}; use 127.0.0.1:PORT, "
-                             "[::1]:PORT or unix:PATH (the API creates users and reads billing data)"))
+                             (f"{what}: listener {management.listener!r} binds {bind!r}; use 127.0.0.1:PORT, "
+                              "[::1]:PORT or unix:PATH (the API creates users and reads billing data)")))
     uses = []
     for name, service in config.services.items():
         auth_name = service.auth or config.auth
