@@ -87,6 +87,7 @@ class ClientCore:
         self.writing_paused = False  # the client's write buffer is full (the shell says so)
         self._reading = True
         self._advancing = False
+        self.forwarding: dict[Any, bytes] = {}  # the proxy's own request lines, by route and host
 
     # -- events from the client ----------------------------------------------------------------
 
@@ -116,6 +117,8 @@ class ClientCore:
 
     def client_lost(self) -> None:
         self.closed = True
+        if self.reader is not None:
+            self.reader.release()
         ex = self.ex
         if ex is not None and not ex.finished:
             self._finish(ex, reusable=False, keep_client=False)
@@ -276,17 +279,19 @@ class ClientCore:
         ex.counted = True
         self.io.connect(ex, pooled=True)
 
-    def upstream_ready(self, ex: Exchange, conn: Any, reused: bool) -> None:
-        """``conn`` (the shell's upstream connection) now carries this exchange."""
+    def upstream_ready(self, ex: Exchange, conn: Any, reused: bool,
+                       reader: ResponseReader | None = None) -> None:
+        """``conn`` (the shell's upstream connection, with its ``reader``) carries this exchange."""
         route = ex.route
         assert route is not None
         ex.upstream = conn
         ex.reused = reused
-        ex.reader = ResponseReader(ex.req.method == b"HEAD", ex.req.upgrade is not None)
+        ex.reader = (reader or ResponseReader()).start(ex.req.method == b"HEAD", ex.req.upgrade is not None)
         ex.received = 0
         ex.last_io = self.io.now()
         self._watch(ex)
-        head = xc.upstream_head(ex, map_target(route.prefix, ex.target, route.to_path), self.peer, self.scheme)
+        head = xc.upstream_head(ex, map_target(route.prefix, ex.target, route.to_path), self.peer, self.scheme,
+                                self.forwarding)
         ex.head_sent = True
         if ex.pending and ex.req.upgrade is None:
             pending = ex.pending
@@ -445,10 +450,11 @@ class ClientCore:
             self._finish(ex, reusable=False, keep_client=False, abort=True)
 
     def _sent_pending(self, ex: Exchange) -> None:
-        self.queued_bytes -= ex.pending_size
-        ex.pending = []
-        ex.pending_size = 0
-        self._update_reading()
+        if ex.pending_size:
+            self.queued_bytes -= ex.pending_size
+            ex.pending = []
+            ex.pending_size = 0
+            self._update_reading()
 
     def _finish(self, ex: Exchange, reusable: bool, keep_client: bool | None = None,
                 abort: bool = False) -> None:
@@ -480,7 +486,8 @@ class ClientCore:
             return
         if not self._advancing:
             self._advance()
-            self._update_reading()
+            if not self._reading:
+                self._update_reading()
 
     def _watch(self, ex: Exchange) -> None:
         cfg = ex.route.config  # type: ignore[union-attr]

@@ -139,13 +139,17 @@ def header_value(value: str) -> bytes:
     return value.replace("\r", " ").replace("\n", " ").replace("\0", " ").encode("utf-8", "replace")
 
 
-def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes) -> bytes:
-    """The request head sent upstream: the client's end-to-end headers plus ours, our framing."""
+def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes,
+                  cache: dict[Any, bytes] | None = None) -> bytes:
+    """The request head sent upstream: the client's end-to-end headers plus ours, our framing.
+
+    ``cache`` (one per client connection) keeps the lines the proxy adds for a route and host
+    when the client sent no forwarding headers of its own: they are the same on every request.
+    """
     route = ex.route
     assert route is not None
     cfg = route.config
     req = ex.req
-    host = ex.host
     out = [b"%s %s HTTP/1.1" % (req.method, upstream_target.encode())]
     strip = route.strip_headers
     if req.connection:
@@ -167,14 +171,16 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
                     out.append(b"Cookie: " + kept)
             continue
         out.append(name + b": " + value)
-    out.append(b"Host: " + (host if (cfg.preserve_host and host) else route.host_header))
-    out.append(b"X-Forwarded-For: " + (xff + b", " + peer if xff else peer))
-    if host:
-        out.append(b"X-Forwarded-Host: " + host)
-    out.append(b"X-Forwarded-Proto: " + scheme)
-    node = b'"[%s]"' % peer if b":" in peer else peer
-    this = b"for=" + node + (b";host=" + _quote(host) if host else b"") + b";proto=" + scheme
-    out.append(b"Forwarded: " + (fwd + b", " + this if fwd else this))
+    if cache is not None and xff is None and fwd is None:
+        key = (route, ex.host)
+        lines = cache.get(key)
+        if lines is None:
+            if len(cache) > 16:
+                cache.clear()
+            lines = cache[key] = _forwarding(route, ex.host, peer, scheme, None, None)
+        out.append(lines)
+    else:
+        out.append(_forwarding(route, ex.host, peer, scheme, xff, fwd))
     identity = ex.identity
     if identity is not None and not identity.anonymous:
         out.append(route.user_header + header_value(ex.user))
@@ -188,6 +194,20 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
         out.append(b"Connection: Upgrade")
         out.append(b"Upgrade: " + req.upgrade)
     return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def _forwarding(route: Route, host: bytes | None, peer: bytes, scheme: bytes, xff: bytes | None,
+                fwd: bytes | None) -> bytes:
+    """Host and the forwarding headers (RFC 7239 Forwarded, and the X-Forwarded-* ones)."""
+    out = [b"Host: " + (host if (route.config.preserve_host and host) else route.host_header),
+           b"X-Forwarded-For: " + (xff + b", " + peer if xff else peer)]
+    if host:
+        out.append(b"X-Forwarded-Host: " + host)
+    out.append(b"X-Forwarded-Proto: " + scheme)
+    node = b'"[%s]"' % peer if b":" in peer else peer
+    this = b"for=" + node + (b";host=" + _quote(host) if host else b"") + b";proto=" + scheme
+    out.append(b"Forwarded: " + (fwd + b", " + this if fwd else this))
+    return b"\r\n".join(out)
 
 
 def _status_line(head: ResponseHead) -> bytes:

@@ -30,6 +30,9 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",
 })
+# The request fields the reader looks at (the others are only forwarded).
+_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
+                             b"authorization", b"cookie", b"upgrade"})
 # A Connection header naming one of these is an attack on the framing or on routing.
 _NEVER_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # uri-host [ ":" port ] (RFC 3986 section 3.2.2): IP-literal, or reg-name/IPv4 without "%".
@@ -120,32 +123,38 @@ class _Reader:
     def __init__(self) -> None:
         self.events: list[tuple[int, object]] = []
         self.in_head = False
-        self.head_size = 0
+        # Bytes fed since (and including) the segment in which the current head began: an upper
+        # bound of the head's size, so small heads are never measured one header at a time.
+        self.head_bound = 0
+        self.feed_size = 0
         self.headers: list[tuple[bytes, bytes, bytes]] = []
         self.trailer_size = 0
         self.stalled = 0  # bytes fed since the last event: an incomplete head or trailer section
         self.failed = False
 
-    def _header(self, name: bytes, value: bytes, status: int) -> None:
-        # Limits are checked when the head is complete: within one segment memory is bounded
-        # by the segment, across segments by ``stalled``.
-        if self.in_head:
-            self.head_size += len(name) + len(value) + 4
-            self.headers.append((name.lower(), name, value.rstrip(b" \t")))
-        else:  # a trailer field of a chunked body: counted, never forwarded
-            self.trailer_size += len(name) + len(value) + 4
-            if self.trailer_size > MAX_HEAD:
-                raise ProtocolError(f"trailer section larger than {MAX_HEAD} bytes", status)
+    def _trailer(self, name: bytes, value: bytes, status: int) -> None:
+        # A trailer field of a chunked body: counted, never forwarded.
+        self.trailer_size += len(name) + len(value) + 4
+        if self.trailer_size > MAX_HEAD:
+            raise ProtocolError(f"trailer section larger than {MAX_HEAD} bytes", status)
 
-    def _check_head(self, status: int) -> None:
-        if self.head_size > MAX_HEAD:
-            raise ProtocolError(f"head larger than {MAX_HEAD} bytes", status)
-        if len(self.headers) > MAX_HEADERS:
+    def _check_head(self, start_line: int, status: int) -> None:
+        """Head limits, however the bytes arrived (one segment, or many: see ``stalled``)."""
+        headers = self.headers
+        if len(headers) > MAX_HEADERS:
             raise ProtocolError(f"more than {MAX_HEADERS} header fields", status)
+        if self.head_bound > MAX_HEAD:  # a large segment or many: measure exactly
+            size = start_line + sum(len(name) + len(value) + 4 for _, name, value in headers)
+            if size > MAX_HEAD:
+                raise ProtocolError(f"head larger than {MAX_HEAD} bytes", status)
+
+    def release(self) -> None:
+        """Break the parser <-> reader reference cycle (no garbage for the collector)."""
+        self.parser = None  # type: ignore[assignment]
 
     def _begin(self) -> None:
         self.in_head = True
-        self.head_size = 0
+        self.head_bound = self.feed_size
         self.trailer_size = 0
         self.headers = []
 
@@ -153,6 +162,9 @@ class _Reader:
         events = self.events = []
         if self.failed:
             return events
+        self.feed_size = len(data)
+        if self.in_head:
+            self.head_bound += self.feed_size
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -222,15 +234,17 @@ class RequestReader(_Reader):
         self.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header(name, value, 431)
+        if self.in_head:
+            self.headers.append((name.lower(), name, value.rstrip(b" \t")))
+        else:
+            self._trailer(name, value, 431)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         if len(self.target) > MAX_HEAD:
             raise ProtocolError(f"request target longer than {MAX_HEAD} bytes", 414)
-        self.head_size += len(self.target)
         try:
-            self._check_head(431)
+            self._check_head(len(self.target), 431)
             head = self._head()
         except ProtocolError as exc:
             exc.method = self._method()
@@ -259,6 +273,8 @@ class RequestReader(_Reader):
         connection: list[bytes] = []
         encodings: list[bytes] = []
         for lname, _, value in self.headers:
+            if lname not in _REQUEST_FIELDS:
+                continue
             if lname == b"host":
                 hosts += 1
                 head.host = value
@@ -283,10 +299,11 @@ class RequestReader(_Reader):
                 raise ProtocolError("Transfer-Encoding other than 'chunked' is not supported", 501)
             head.chunked = True
             head.length = None
-        head.connection = tokens = _tokens(connection)
-        listed = tokens & self.protected
-        if listed:
-            raise ProtocolError(f"Connection may not list {b', '.join(sorted(listed)).decode()}")
+        if connection:
+            head.connection = tokens = _tokens(connection)
+            listed = tokens & self.protected
+            if listed:
+                raise ProtocolError(f"Connection may not list {b', '.join(sorted(listed)).decode()}")
         head.keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
             if head.has_body or head.upgrade is None:
@@ -297,32 +314,49 @@ class RequestReader(_Reader):
 
 
 class ResponseReader(_Reader):
-    """One upstream response (with any 1xx interim responses before it).
+    """The responses of one upstream connection, one per ``start`` (1xx interim ones before it).
 
-    A new reader is used for every exchange, so nothing of one response can leak into the
-    next. ``extra`` turns true when bytes follow the end of the response: the connection
-    must then not be reused.
+    llhttp's state carries over to the next response only when the last one ended cleanly at
+    its framing; otherwise (an error, a HEAD response, a body moved by splice, bytes after
+    the end) ``start`` begins with a new parser, so nothing of one response can leak into the
+    next. ``extra`` turns true when bytes follow the end of the response: the connection must
+    then not be reused.
     """
 
     what = "response"
 
-    def __init__(self, head_request: bool, upgrade_requested: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.head_request = head_request
-        self.upgrade_requested = upgrade_requested
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = None
+        self.head_request = False
+        self.upgrade_requested = False
         self.reason = b""
-        self.complete = False
+        self.complete = True
         self.extra = False
         self.interim = False
         self.head: ResponseHead | None = None
         self.body_received = 0
 
+    def start(self, head_request: bool, upgrade_requested: bool) -> ResponseReader:
+        """Get ready for the response to the request just sent."""
+        if self.parser is None or self.failed or self.extra or not self.complete:
+            self.parser = httptools.HttpResponseParser(self)
+            self.failed = False
+        self.head_request = head_request
+        self.upgrade_requested = upgrade_requested
+        self.reason = b""
+        self.complete = False
+        self.interim = False
+        self.head = None
+        self.body_received = 0
+        self.stalled = 0
+        return self
+
     def feed(self, data: bytes) -> list[tuple[int, object]]:
         if self.complete:
             self.extra = True
             return []
-        events = self._run(self.parser, data, 502)
+        events = self._run(self.parser, data, 502)  # type: ignore[arg-type]
         if self.complete and self.failed and events and events[-1][0] == ERROR:
             events.pop()  # junk after a complete response: not an error of this exchange
             self.extra = True
@@ -348,12 +382,14 @@ class ResponseReader(_Reader):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header(name, value, 502)
+        if self.in_head:
+            self.headers.append((name.lower(), name, value.rstrip(b" \t")))
+        else:
+            self._trailer(name, value, 502)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.head_size += len(self.reason)
-        self._check_head(502)
+        self._check_head(len(self.reason), 502)
         parser = self.parser
         status = parser.get_status_code()
         if parser.get_http_version() not in ("1.1", "1.0"):
@@ -367,10 +403,12 @@ class ResponseReader(_Reader):
             return
         if status == 101 and not self.upgrade_requested:
             raise ProtocolError("upstream switched protocols without being asked", 502)
-        encodings = [v for n, _, v in self.headers if n == b"transfer-encoding"]
+        encodings = []
         for lname, _, value in self.headers:
             if lname == b"content-length":
                 head.length = int(value)
+            elif lname == b"transfer-encoding":
+                encodings.append(value)
         no_body = self.head_request or status in (101, 204, 304)
         if encodings and not no_body:
             if not _single_chunked(encodings):

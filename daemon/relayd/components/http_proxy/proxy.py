@@ -244,7 +244,7 @@ class ClientConnection(asyncio.Protocol):
         conn.attach(self, ex)
         if self.state.writing_paused:  # type: ignore[union-attr]
             conn.transport.pause_reading()  # type: ignore[union-attr]
-        self.state.upstream_ready(ex, conn, reused)  # type: ignore[union-attr]
+        self.state.upstream_ready(ex, conn, reused, conn.reader)  # type: ignore[union-attr]
 
     def send_upstream(self, ex: Exchange, *parts: bytes) -> None:
         transport = ex.upstream.transport  # type: ignore[union-attr]

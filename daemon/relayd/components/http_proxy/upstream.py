@@ -13,6 +13,8 @@ import select
 import socket
 from typing import TYPE_CHECKING
 
+from .http1 import ResponseReader
+
 if TYPE_CHECKING:
     from .exchange import Exchange
     from .proxy import ClientConnection
@@ -28,6 +30,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex: Exchange | None = None
         self.closed = False
         self.fd = -1
+        self.reader = ResponseReader()  # llhttp for this connection's responses
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -54,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.detach()
         if client is not None and ex is not None and client.state is not None:
             client.state.upstream_lost(ex, oserror(exc))
+        self.reader.release()
 
     def readable(self) -> bool:
         """Whether the idle connection has bytes or an EOF waiting (checked before reuse)."""
@@ -66,6 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def drop(self) -> None:
         self.detach()
+        self.reader.release()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
