@@ -112,7 +112,7 @@ def _print_history(component: str, body: dict[str, Any]) -> None:
               + (f"  [{entry['note']}]" if entry.get("note") else ""))
         for user in entry["users"]:
             label = f"{user['username']} #{user['incarnation']}" + (" member" if user["member"] else "")
-            print(f"    {label:28} {_span(user):45} {_row(user)}")
+            print(f"    {label:28} {_span(user):60} {_row(user)}")
             for endpoint, row in (user.get("endpoints") or {}).items():
                 print(f"      {endpoint:40} {row['requests']:>10}  {_classes(row)}")
 
