@@ -108,6 +108,7 @@ class ClientCore:
                 self._request_end(self.last)  # type: ignore[arg-type]
             elif kind == UPGRADE:
                 self.reader = None
+                reader.release()
                 if value:
                     self._request_bytes(self.last, value)  # type: ignore[arg-type]
             elif kind == ERROR:
@@ -127,7 +128,9 @@ class ClientCore:
     def drain(self) -> None:
         """The component stops: finish what was asked, then close (no new request is read)."""
         self.draining = True
-        if self.ex is None and not self.queue and self.served and not self.closed:
+        # A connection that has sent nothing yet, or part of its next request, is not cut.
+        reading_a_head = self.reader is not None and self.reader.in_head
+        if self.ex is None and not self.queue and self.served and not reading_a_head and not self.closed:
             self.closed = True
             self.io.close()
 
@@ -198,6 +201,8 @@ class ClientCore:
     def _request_error(self, error: ProtocolError) -> None:
         last = self.last
         # Nothing after a framing error can be trusted: stop reading, answer in order, close.
+        if self.reader is not None:
+            self.reader.release()
         self.reader = None
         self.last = None
         if last is not None and not last.request_complete:
