@@ -61,8 +61,12 @@ def auth_globus(fake, scope: str) -> str:
     )
 
 
+# The tests' targets run on this host: list loopback (refused unless listed).
+LOOPBACK_TARGETS = 'allowed_targets = ["127.0.0.0/8", "::1/128"]'
+
+
 def stream_config(ctl_port: int, ports: tuple[int, int], *, auth: str, auth_name: str = "open",
-                  extra: str = "", listener_tls: str = "") -> str:
+                  extra: str = "", listener_tls: str = "", allowed: str | None = LOOPBACK_TARGETS) -> str:
     return f"""
 [listeners.ctl]
 bind = "127.0.0.1:{ctl_port}"
@@ -74,6 +78,7 @@ listener = "ctl"
 auth = "{auth_name}"
 data_bind = "127.0.0.1"
 ports = "{ports[0]}-{ports[1]}"
+{allowed or ""}
 {extra}
 """
 

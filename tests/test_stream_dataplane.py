@@ -17,7 +17,8 @@ from stream_helpers import auth_none, free_port, open_session, pb, port_range, s
 @pytest.fixture
 def plane(tmp_path):
     ctl = free_port()
-    daemon = start(tmp_path, "plane", stream_config(ctl, port_range(8), auth=auth_none()))
+    daemon = start(tmp_path, "plane", stream_config(ctl, port_range(8), auth=auth_none(),
+                                                       extra='rate_unit = "kB/s"'))
     channel, control = stub(ctl)
     app = socket.socket()
     app.bind(("127.0.0.1", 0))

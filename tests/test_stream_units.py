@@ -72,7 +72,8 @@ def test_config_rules():
     assert _config(data_bind="127.0.0.1").advertised_host == "127.0.0.1"
     assert _config(advertise="gw.example.org").advertised_host == "gw.example.org"
     assert _config(data_bind="127.0.0.1", ports="6000").port_range == (6000, 6000)
-    assert _config(data_bind="127.0.0.1").rate_factor == 1000.0
+    assert _config(data_bind="127.0.0.1").rate_factor is None  # rate not enforced by default
+    assert _config(data_bind="127.0.0.1", rate_unit="kB/s").rate_factor == 1000.0
     assert _config(data_bind="127.0.0.1", rate_unit="Mbit/s").rate_factor == 125000.0
     assert _config(data_bind="127.0.0.1", rate_unit="off").rate_factor is None
     for kw, text in [({}, "set 'advertise'"), ({"data_bind": "::"}, "set 'advertise'"),

@@ -71,10 +71,23 @@ class StreamConfig(ComponentConfig):
     connect_timeout: Seconds = Field(10.0, description="timeout to connect (and TLS handshake) to a target")
     max_num_conn: int = Field(64, ge=1, le=1024, description="largest num_conn a request may ask for")
     max_sessions: int = Field(1024, ge=1, description="sessions (in setup or active) at once")
+    max_sessions_per_identity: int = Field(
+        32, ge=1, description="sessions (in setup or active) one identity may hold at once"
+    )
+    max_ports_per_identity: int = Field(
+        64, ge=1, description="data-plane ports one identity's sessions may hold at once"
+    )
+    allowed_targets: list[str] = Field(
+        ["0.0.0.0/0", "::/0"],
+        description="addresses sessions may forward to: 'CIDR', 'CIDR:PORT', 'CIDR:FIRST-LAST' or "
+        "'[V6CIDR]:PORTS'; loopback, link-local (cloud metadata) and unspecified addresses are "
+        "refused unless an entry inside them lists them (e.g. '127.0.0.1/32:5000-5999')",
+    )
     rate_unit: Literal["kB/s", "KiB/s", "kbit/s", "Mbit/s", "MB/s", "off"] = Field(
-        "kB/s",
-        description="unit of a request's rate (per direction, summed over the session's "
-        "connections; 0 means unlimited); 'off' accepts and ignores rate like SciStream",
+        "off",
+        description="'off' (default) accepts and ignores a request's rate like SciStream (s2uc "
+        "always sends 10000); a unit enforces rate in it (per direction, summed over the "
+        "session's connections; 0 means unlimited)",
     )
     buffer_size: int = Field(
         1 << 20, ge=65536, description="bytes queued per connection before reading from its peer pauses"
@@ -90,6 +103,15 @@ class StreamConfig(ComponentConfig):
             raise ValueError("expected 'FIRST-LAST', e.g. '5100-5200'") from None
         if not (1 <= lo <= hi <= 65535):
             raise ValueError("ports must satisfy 1 <= FIRST <= LAST <= 65535")
+        return value
+
+    @field_validator("allowed_targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        from relayd.components.stream.model import parse_target_rule
+
+        for item in value:
+            parse_target_rule(item)
         return value
 
     @field_validator("data_bind")

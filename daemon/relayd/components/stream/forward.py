@@ -16,10 +16,11 @@ application in plain text and connects with mutual TLS to the PROD side's listen
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relayd.components.stream.ratelimit import TokenBucket
 
@@ -62,8 +63,11 @@ class Side(asyncio.BufferedProtocol):
     # -- flow control ------------------------------------------------------------------------
 
     def pause(self, reason: int) -> None:
-        if not self.paused and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        # Asks the transport whether it reads rather than trusting `paused`: uvloop starts
+        # reading after connection_made() returns even if connection_made paused it.
+        transport = self.transport
+        if transport is not None and not self.closed and transport.is_reading():
+            transport.pause_reading()
         self.paused |= reason
 
     def resume(self, reason: int) -> None:
@@ -88,6 +92,12 @@ class Side(asyncio.BufferedProtocol):
         if self.to_target:  # the accepted side: wait for the target before reading
             self.pause(LINKING)
             self.conn.accepted(self)
+            # uvloop resumes reading right after connection_made: pause again once it has
+            self.conn.plane.loop.call_soon(self._repause)
+
+    def _repause(self) -> None:
+        if self.paused and self.transport is not None and not self.closed and self.transport.is_reading():
+            self.transport.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         peer = self.peer
@@ -166,7 +176,11 @@ class Connection:
         target.peer = self.client  # the target may send before create_connection returns
         try:
             async with asyncio.timeout(plane.connect_timeout):
-                await plane.loop.create_connection(lambda: target, host, port, **kwargs)
+                address = await self._allowed_address(host, port)
+                if address is None:
+                    self.abort()
+                    return
+                await plane.loop.create_connection(lambda: target, address, port, **kwargs)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             plane.totals.connect_failures += 1
             log.warning("session %s port %d: cannot connect to %s:%d: %s", self.session.uid,
@@ -185,6 +199,23 @@ class Connection:
         if client.eof:
             self.forward_eof(client, target)
         client.resume(LINKING)
+
+    async def _allowed_address(self, host: str, port: int) -> str | None:
+        """The address to dial: a literal as is (update checked it), a name resolved now and
+        checked again (its addresses may have changed since update)."""
+        policy = self.plane.policy
+        if policy is None or _is_ip(host):
+            return host
+        infos = await self.plane.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        reasons = []
+        for info in infos:
+            reason = policy.refusal(info[4][0], port)
+            if reason is None:
+                return info[4][0]
+            reasons.append(reason)
+        log.warning("session %s port %d: not connecting to %s:%d: %s", self.session.uid,
+                    self.port.port, host, port, "; ".join(reasons) or "no address")
+        return None
 
     def forward_eof(self, side: Side, peer: Side) -> bool:
         """`side` read EOF: half-close towards its peer; True keeps side's transport open."""
@@ -270,6 +301,7 @@ class DataPlane:
         self.loop = asyncio.get_running_loop()
         self.server_ssl: ssl.SSLContext | None = None
         self.client_ssl: ssl.SSLContext | None = None
+        self.policy: Any = None  # TargetPolicy, set by the session manager
         self.idle_event = asyncio.Event()  # set while no connection is open
         self.idle_event.set()
 
@@ -282,6 +314,14 @@ class DataPlane:
         view.__dict__.update(self.__dict__)
         view.server_ssl, view.client_ssl = self.role_ssl.get(role, (None, None))
         return view
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def make_buckets(rate_bps: float | None, now: float) -> tuple[TokenBucket | None, TokenBucket | None]:

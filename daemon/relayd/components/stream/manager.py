@@ -7,6 +7,7 @@ hello on a future, so any number of sessions can be in setup without a thread ea
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections import Counter
@@ -20,6 +21,7 @@ from relayd.components.stream.forward import DataPlane, PortForwarder, make_buck
 from relayd.components.stream.model import (
     Session,
     StreamError,
+    TargetPolicy,
     check_request,
     check_uid,
     format_hostport,
@@ -28,6 +30,14 @@ from relayd.components.stream.model import (
     round_robin,
 )
 from relayd.components.stream.ports import PortPool
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -50,6 +60,8 @@ class SessionManager:
         self.live: dict[str, _Live] = {}
         self.ended: Counter[str] = Counter()  # reason -> sessions
         self.closing = False
+        self.policy = TargetPolicy(config.allowed_targets)
+        plane.policy = self.policy
 
     @property
     def sessions(self) -> list[Session]:
@@ -73,6 +85,16 @@ class SessionManager:
             raise StreamError(Status.ALREADY_EXISTS, f"session {uid} already exists")
         if len(self.live) >= cfg.max_sessions:
             raise StreamError(Status.RESOURCE_EXHAUSTED, f"too many sessions (max_sessions = {cfg.max_sessions})")
+        mine = [live for live in self.live.values() if live.session.owner == who.sub]
+        if len(mine) >= cfg.max_sessions_per_identity:
+            raise StreamError(Status.RESOURCE_EXHAUSTED,
+                              f"{who.username or who.sub} already holds {len(mine)} sessions "
+                              f"(max_sessions_per_identity = {cfg.max_sessions_per_identity})")
+        held = sum(len(live.ports) for live in mine)
+        if held + num_conn > cfg.max_ports_per_identity:
+            raise StreamError(Status.RESOURCE_EXHAUSTED,
+                              f"{who.username or who.sub} holds {held} ports and asks for {num_conn} "
+                              f"more (max_ports_per_identity = {cfg.max_ports_per_identity})")
         socks = self.pool.reserve(num_conn)
         ports = [s.getsockname()[1] for s in socks]
         factor = cfg.rate_factor
@@ -84,7 +106,7 @@ class SessionManager:
         )
         live = _Live(session, ports, socks, asyncio.get_running_loop().create_future())
         self.live[uid] = live
-        self.log.info("session %s: req role=%s num_conn=%d rate=%d by %s; ports %s", uid, role, num_conn,
+        self.log.debug("session %s: req role=%s num_conn=%d rate=%d by %s; ports %s", uid, role, num_conn,
                       rate, session.owner_name, ",".join(map(str, ports)))
         try:
             async with asyncio.timeout(cfg.hello_timeout or None):
@@ -113,7 +135,7 @@ class SessionManager:
         session.state = "ready"
         if not live.hello.done():
             live.hello.set_result(None)
-        self.log.info("session %s: hello, prod_listeners %s", uid, ",".join(prod_listeners) or "-")
+        self.log.debug("session %s: hello, prod_listeners %s", uid, ",".join(prod_listeners) or "-")
         return session
 
     async def update(self, who: Identity, uid: str, remote_listeners: list[str]) -> Session:
@@ -123,6 +145,7 @@ class SessionManager:
         if session.state == "setup":
             raise StreamError(Status.FAILED_PRECONDITION, f"session {uid} has not received its hello yet")
         targets = parse_targets(list(remote_listeners), "remote_listeners")
+        await self.check_targets(targets)
         # A second update re-targets: connections accepted from now on use the new mapping.
         session.targets = round_robin(targets, session.num_conn)
         if not live.forwarders:
@@ -140,9 +163,25 @@ class SessionManager:
             live.forwarders = forwarders
             live.socks = []  # the servers own them now
         session.state = "active"
-        self.log.info("session %s: targets %s", uid,
+        self.log.debug("session %s: targets %s", uid,
                       ",".join(format_hostport(h, p) for h, p in session.targets))
         return session
+
+    async def check_targets(self, targets: list[tuple[str, int]]) -> None:
+        """PERMISSION_DENIED unless every address of every target is allowed (names resolved)."""
+        loop = asyncio.get_running_loop()
+        for host, port in targets:
+            try:
+                addresses = [host] if _is_ip(host) else sorted({
+                    info[4][0] for info in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+            except OSError as exc:
+                raise StreamError(Status.INVALID_ARGUMENT,
+                                  f"remote_listeners: cannot resolve {host!r}: {exc}") from None
+            for address in addresses:
+                reason = self.policy.refusal(address, port)
+                if reason is not None:
+                    where = "" if address == host else f"{format_hostport(host, port)}: "
+                    raise StreamError(Status.PERMISSION_DENIED, f"remote_listeners: {where}{reason}")
 
     def release(self, who: Identity, uid: str) -> None:
         live = self._get(uid)

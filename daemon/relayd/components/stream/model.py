@@ -112,3 +112,77 @@ class Session:
             "rate": self.rate,
             "age_s": round(time.time() - self.created_at, 1),
         }
+
+
+# Addresses a session may only reach when an allowed_targets entry inside them lists them: the
+# gateway's own loopback services, link-local (cloud metadata at 169.254.169.254), "this host".
+GUARDED_NETWORKS: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = [
+    (ipaddress.ip_network("127.0.0.0/8"), "loopback"),
+    (ipaddress.ip_network("::1/128"), "loopback"),
+    (ipaddress.ip_network("169.254.169.254/32"), "cloud metadata"),
+    (ipaddress.ip_network("169.254.0.0/16"), "link-local"),
+    (ipaddress.ip_network("fe80::/10"), "link-local"),
+    (ipaddress.ip_network("fd00:ec2::254/128"), "cloud metadata"),
+    (ipaddress.ip_network("100.100.100.200/32"), "cloud metadata"),
+    (ipaddress.ip_network("0.0.0.0/8"), "unspecified"),
+    (ipaddress.ip_network("::/128"), "unspecified"),
+    (ipaddress.ip_network("224.0.0.0/4"), "multicast"),
+    (ipaddress.ip_network("ff00::/8"), "multicast"),
+]
+
+
+def parse_target_rule(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int, int]:
+    """'CIDR', 'CIDR:PORT', 'CIDR:LO-HI', '[V6CIDR]:PORTS' -> (network, lo, hi); ValueError otherwise."""
+    text = value.strip()
+    ports = ""
+    if text.startswith("["):
+        net, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r}: expected [IPV6/PREFIX]:PORTS")
+        ports = rest[1:]
+    elif text.count(":") == 1:
+        net, _, ports = text.partition(":")
+    else:
+        net = text
+    try:
+        network = ipaddress.ip_network(net, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r}: {net!r} is not an IP address or CIDR network") from None
+    lo, hi = 1, 65535
+    if ports:
+        first, sep, last = ports.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"{value!r}: ports must be PORT or FIRST-LAST")
+        lo, hi = int(first), int(last if sep else first)
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"{value!r}: ports must satisfy 1 <= FIRST <= LAST <= 65535")
+    return network, lo, hi
+
+
+class TargetPolicy:
+    """Which addresses and ports a session may forward to (the allowed_targets setting)."""
+
+    def __init__(self, rules: list[str]) -> None:
+        self.rules = [parse_target_rule(r) for r in rules]
+
+    def refusal(self, address: str, port: int) -> str | None:
+        """None if `address`:`port` may be dialled, else the reason it may not."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return f"{address!r} is not an IP address"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        guard = next((what for net, what in GUARDED_NETWORKS if ip.version == net.version and ip in net), None)
+        for network, lo, hi in self.rules:
+            if ip.version != network.version or ip not in network or not lo <= port <= hi:
+                continue
+            # A wide entry (0.0.0.0/0) does not open loopback or metadata: only an entry that
+            # lies inside the guarded range names it on purpose.
+            if guard is None or any(network.subnet_of(net) for net, _ in GUARDED_NETWORKS
+                                    if net.version == network.version and ip in net):
+                return None
+        if guard is not None:
+            return (f"{guard} address {format_hostport(str(ip), port)} is refused unless "
+                    "allowed_targets lists it")
+        return f"{format_hostport(str(ip), port)} is not in allowed_targets"

@@ -65,7 +65,11 @@ class ControlService(ControlBase):
             await stream.send_message(reply)
         except StreamError as exc:
             status = exc.status.name
-            self.log.info("%s refused: %s", rpc, exc.message)
+            # A hello before its req is routine (appctrl and our own clients retry until the req
+            # is registered); so is a client's own mistake. The client hears the reason.
+            routine = exc.status in (Status.NOT_FOUND, Status.INVALID_ARGUMENT, Status.ALREADY_EXISTS,
+                                     Status.FAILED_PRECONDITION)
+            self.log.log(logging.DEBUG if routine else logging.INFO, "%s refused: %s", rpc, exc.message)
             raise GRPCError(exc.status, exc.message) from None
         except GRPCError as exc:
             status = exc.status.name
