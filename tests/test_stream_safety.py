@@ -10,7 +10,18 @@ import time
 import grpc
 import pytest
 
-from stream_helpers import auth_none, free_port, hello_when_registered, md, open_session, pb, port_range, start, stream_config, stub
+from stream_helpers import (
+    auth_none,
+    free_port,
+    hello_when_registered,
+    md,
+    open_session,
+    pb,
+    port_range,
+    start,
+    stream_config,
+    stub,
+)
 
 Code = grpc.StatusCode
 MB = 1_000_000
@@ -157,8 +168,9 @@ def test_allowed_targets_lists_cidrs_and_ports(tmp_path, app):
 
 
 def test_bad_allowed_targets_entry_is_a_config_error(tmp_path):
-    from relayd.components.stream.config import StreamConfig
     from pydantic import ValidationError
+
+    from relayd.components.stream.config import StreamConfig
 
     for bad, text in [("10.0.0.0/8:0", "1 <= FIRST"), ("nonsense", "not an IP address"),
                       ("[::1/128]:x", "PORT or FIRST-LAST")]:

@@ -22,6 +22,7 @@ from relayd.accept_gate import GatedServer, serve_gated
 from relayd.component import Component
 from relayd.httpserve import HttpService
 from relayd.listeners import ListenerError, make_server_ssl_context
+from relayd.logsetup import access_logger
 
 from .config import HttpProxyConfig, ServiceConfig, browser_clashes, config_problems, conflicts
 from .counters import Counters
@@ -65,6 +66,7 @@ class HttpProxy(Component):
                          cfg.splice)
         names = cfg.identity_headers
         self.core.protected_headers = frozenset({names.user.lower().encode(), names.email.lower().encode()})
+        self.core.access = access_logger(self.name) if cfg.access_log else None
         self.servers: list[tuple[str, GatedServer]] = []
         self.routers: dict[str, Router] = {}
         self.services: dict[str, Service] = {}
@@ -200,6 +202,8 @@ class HttpProxy(Component):
         # Under the listener's max_connections: the gate sets each connection's on_closed.
         server = await serve_gated(listener, lambda: ClientConnection(router, tls), ssl=context)
         self.servers.append((lname, server))
+        self.log.info("http_proxy listening on %s (listener %s)",
+                      ", ".join(f"{listener.scheme}://{a}" for a in listener.addresses), lname)
 
     # -- TLS: certificates are re-read on every reload ---------------------------------------
 

@@ -169,6 +169,9 @@ class HttpProxyConfig(ComponentConfig):
     management: ManagementConfig | None = Field(None, description="management API on a TCP listener")
     state_db: Path | None = Field(None, description="SQLite state (runtime services, members, counters); "
                                   "default <state_dir>/http_proxy-<NAME>.sqlite3")
+    access_log: bool = Field(
+        False, description="log one line per request to the logger relayd.access.NAME (client address, user, service, method, path without the query, status, bytes each way, duration; never credentials)"
+    )
     flush_interval: Seconds = Field(1.0, gt=0, le=1.0, description="seconds between counter flushes to SQLite")
     max_endpoints_per_user: int = Field(1000, ge=1, description="distinct endpoint keys counted per user; "
                                         "more go to the '(other)' bucket")

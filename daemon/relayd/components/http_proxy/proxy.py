@@ -18,6 +18,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from relayd.auth.base import AuthError, AuthFailure
+from relayd.logsetup import quote
 
 from . import splice
 from .core import ClientCore
@@ -34,6 +35,16 @@ log = logging.getLogger("relayd.http_proxy")
 _AUTH_STATUS = {AuthFailure.MISSING: 401, AuthFailure.MALFORMED: 401, AuthFailure.INVALID: 401,
                 AuthFailure.FORBIDDEN: 403, AuthFailure.UNAVAILABLE: 503}
 HIGH_WATER = 1 << 20
+
+
+def access_line(logger: logging.Logger, ex: Exchange, peer: str, now: float) -> None:
+    """One access-log line: who, which service, what, status, bytes, duration. The query
+    string is left out (it may carry a token); so are every header and the credentials."""
+    path = ex.target.partition("?")[0] if ex.target else ex.req.target.partition(b"?")[0].decode("latin-1")
+    logger.info("client=%s user=%s service=%s method=%s path=%s status=%d bytes_in=%d bytes_out=%d "
+                "duration=%.3f", peer, quote(ex.user or "-"), quote(ex.route.name if ex.route else "-"),
+                quote(ex.req.method.decode("latin-1")), quote(path or "/"), ex.status, ex.bytes_in,
+                ex.bytes_out, now - ex.started if ex.started else 0.0)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -275,8 +286,11 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def record(self, ex: Exchange) -> None:
-        self.core.counters.record(ex.route.name, ex.user, ex.endpoint, ex.bytes_in, ex.bytes_out,  # type: ignore[union-attr]
-                                  ex.status)
+        core = self.core
+        core.counters.record(ex.route.name, ex.user, ex.endpoint, ex.bytes_in, ex.bytes_out,  # type: ignore[union-attr]
+                             ex.status)
+        if core.access is not None:  # access_log = true
+            access_line(core.access, ex, self.peer, self.loop.time())
 
     # -- tasks ---------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ class Core:
         self.upstream_idle = upstream_idle
         self.connections: set[Any] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.access: logging.Logger | None = None  # the access logger when access_log = true
         self.members: set[tuple[str, str]] = set()
         self.auth_caches: dict[str, dict[bytes, tuple[Identity, float]]] = {}
         self.stopping = False

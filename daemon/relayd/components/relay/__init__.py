@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from relayd.component import Component
 from relayd.components.relay.config import RelayConfig
 from relayd.components.relay.server import RelayServer
+from relayd.logsetup import access_logger
 
 
 def _iso(ts: float) -> str:
@@ -29,6 +30,7 @@ class RelayComponent(Component):
 
     async def start(self) -> None:
         self.server = RelayServer(self.config, self.context.auth_method(self.config.auth), self.log)
+        self.server.access = access_logger(self.name) if self.config.access_log else None
         listener = self.context.listener(self.config.listener)
         await self.server.start(listener)
         scheme = "wss" if listener.ssl_context else "ws"

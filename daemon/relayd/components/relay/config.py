@@ -51,6 +51,9 @@ class RelayConfig(ComponentConfig):
     close_timeout: Seconds = Field(
         5.0, description="how long a closing client may take to answer the close before it is cut off"
     )
+    access_log: bool = Field(
+        False, description="log one line per connection to the logger relayd.access.NAME (identity, client name and uuid, peer, close code, messages, bytes, duration; never credentials)"
+    )
     current_clients_interval: Seconds | None = Field(
         60.0, description="log 'Connected clients: N' this often (unset: never), like proxystore-relay"
     )

@@ -20,6 +20,7 @@ from aiohttp import WSMsgType, web
 from relayd.auth.base import AuthError, AuthFailure
 from relayd.components.relay import protocol as p
 from relayd.httpserve import HttpService
+from relayd.logsetup import quote
 
 if TYPE_CHECKING:
     from relayd.auth.base import AuthMethod
@@ -43,7 +44,7 @@ def text_frame(data: bytes) -> bytes:
 class Conn:
     """The shell's handle on one connection (Client.conn)."""
 
-    __slots__ = ("ws", "transport", "close_task", "timer", "pending", "pending_bytes")
+    __slots__ = ("ws", "transport", "close_task", "timer", "pending", "pending_bytes", "sent")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
         self.ws = ws
@@ -52,6 +53,7 @@ class Conn:
         self.timer: asyncio.TimerHandle | None = None
         self.pending: list[bytes] | None = None  # frames waiting for this loop iteration's flush
         self.pending_bytes = 0
+        self.sent = 0  # bytes of the messages queued for this client
 
 
 class RelayServer:
@@ -68,6 +70,7 @@ class RelayServer:
         self.dirty: list[p.Client] = []  # clients with frames queued for this loop iteration
         self.stopping = False
         self.auth_failures = 0
+        self.access: logging.Logger | None = None  # access_log = true
 
     # -- HTTP entry --------------------------------------------------------------------------
 
@@ -116,11 +119,14 @@ class RelayServer:
         elif self.config.register_timeout:
             conn.timer = loop.call_later(self.config.register_timeout, self._register_timeout, client)
         core = self.core
+        received = 0
+        started = loop.time()
         try:
             while not client.closed:
                 msg = await ws.receive()
                 kind = msg.type
                 if kind is WSMsgType.TEXT:
+                    received += len(msg.data)
                     actions = core.receive(client, msg.data, loop.time())
                     if type(actions) is p.Register:
                         actions = await self.register(client, actions)
@@ -146,6 +152,13 @@ class RelayServer:
             if client.uuid is not None:
                 self.log.info("unregistered client %s (%r), close code %s", client.uuid, client.name,
                               ws.close_code)
+            if self.access is not None:
+                self.access.info(
+                    "client=%s user=%s name=%s uuid=%s close=%s messages_in=%d messages_out=%d "
+                    "bytes_in=%d bytes_out=%d duration=%.3f", client.address,
+                    quote(client.identity_label or "-"), quote(client.name or "-"), client.uuid or "-",
+                    ws.close_code if ws.close_code is not None else "-", client.messages_in,
+                    client.messages_out, received, conn.sent, loop.time() - started)
             if conn.timer:
                 conn.timer.cancel()
             if conn.close_task:
@@ -197,12 +210,14 @@ class RelayServer:
             return
         frame = text_frame(text.encode())
         if conn.pending is None:
+            conn.sent += len(frame)
             conn.pending, conn.pending_bytes = [frame], len(frame)
             if not self.dirty:
                 asyncio.get_running_loop().call_soon(self.flush)
             self.dirty.append(client)
         else:
             conn.pending.append(frame)
+            conn.sent += len(frame)
             conn.pending_bytes += len(frame)
         if conn.pending_bytes >= WRITE_AT:
             self.write(client)

@@ -33,7 +33,9 @@ class StatusComponent(Component):
     async def start(self) -> None:
         self.requests = 0
         self.http = HttpService(self.handle)
-        await self.http.serve(self.context.listener(self.config.listener))
+        listener = self.context.listener(self.config.listener)
+        await self.http.serve(listener)
+        self.log.info("status listening on %s", ", ".join(f"{listener.scheme}://{a}" for a in listener.addresses))
         self.state = "serving"
 
     async def stop(self, drain_timeout: float) -> None:

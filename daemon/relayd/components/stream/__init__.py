@@ -26,6 +26,7 @@ from relayd.components.stream.manager import SessionManager
 from relayd.components.stream.ports import PortPool
 from relayd.components.stream.service import ControlService
 from relayd.listeners import make_server_ssl_context
+from relayd.logsetup import access_logger
 
 __all__ = ["StreamComponent", "StreamConfig"]
 
@@ -75,6 +76,7 @@ class StreamComponent(Component):
         self.plane = DataPlane(role_ssl=role_ssl, buffer_size=cfg.buffer_size,
                                connect_timeout=cfg.connect_timeout)
         self.manager = SessionManager(cfg, self.pool, self.plane, self.log)
+        self.manager.access = access_logger(self.name) if cfg.access_log else None
         self.service = ControlService(self.manager, auth, scope_id, self.log)
         ssl_context = None
         if listener.config.tls is not None:
@@ -86,6 +88,9 @@ class StreamComponent(Component):
             server = _Server([self.service])
             await server.start(sock=sock, ssl=ssl_context)
             self.servers.append(server)
+        self.log.info("stream control (gRPC) listening on %s (auth %s); data ports %s on %s",
+                      ", ".join(f"{'grpcs' if ssl_context else 'grpc'}://{a}" for a in listener.addresses),
+                      cfg.auth, cfg.ports, cfg.data_bind)
         self.state = "serving"
 
     async def stop(self, drain_timeout: float) -> None:

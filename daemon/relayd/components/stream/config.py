@@ -89,6 +89,9 @@ class StreamConfig(ComponentConfig):
         "always sends 10000); a unit enforces rate in it (per direction, summed over the "
         "session's connections; 0 means unlimited)",
     )
+    access_log: bool = Field(
+        False, description="log one line per session when it ends to the logger relayd.access.NAME (uid, identity, role, targets, reason, bytes each way, connections, duration; never credentials)"
+    )
     buffer_size: int = Field(
         1 << 20, ge=65536, description="bytes queued per connection before reading from its peer pauses"
     )

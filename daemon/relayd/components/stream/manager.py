@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from relayd.components.stream.model import (
     round_robin,
 )
 from relayd.components.stream.ports import PortPool
+from relayd.logsetup import quote
 
 
 def _is_ip(host: str) -> bool:
@@ -60,6 +62,7 @@ class SessionManager:
         self.live: dict[str, _Live] = {}
         self.ended: Counter[str] = Counter()  # reason -> sessions
         self.closing = False
+        self.access: logging.Logger | None = None  # access_log = true
         self.policy = TargetPolicy(config.allowed_targets)
         plane.policy = self.policy
 
@@ -207,6 +210,14 @@ class SessionManager:
         self.ended[reason] += 1
         self.log.info("session %s: ended (%s); %d bytes to target, %d from target", session.uid, reason,
                       session.bytes_to_target, session.bytes_from_target)
+        if self.access is not None:
+            self.access.info(
+                "session=%s user=%s role=%s num_conn=%d rate=%d targets=%s reason=%s bytes_to_target=%d "
+                "bytes_from_target=%d connections=%d duration=%.3f", quote(session.uid),
+                quote(session.owner_name or session.owner), session.role, session.num_conn, session.rate,
+                ",".join(format_hostport(h, p) for h, p in session.targets) or "-", reason,
+                session.bytes_to_target, session.bytes_from_target, session.connections_total,
+                time.time() - session.created_at)
 
     def stop_accepting(self) -> None:
         """Shutdown, first step: sessions in setup end; active ones stop taking connections."""
