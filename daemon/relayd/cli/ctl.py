@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relayd import __version__
 from relayd.cli.control_client import ControlClient, Unreachable
 
 DEFAULT_SOCKET = "/run/relayd-control.sock"  # = ControlConfig.socket and systemd/relayd-control.socket
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help=f"control socket (default: $RELAYD_CONTROL__SOCKET or {DEFAULT_SOCKET})")
     p.add_argument("--config", type=Path, help="read the control socket path from this configuration")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for relayd")
+    p.add_argument("--version", action="version", version=f"relayctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("status", help="generation, uptime, last reload, components")
