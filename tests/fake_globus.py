@@ -39,6 +39,8 @@ Test API (fixture ``fake_globus`` in tests/conftest.py; one fake per test)::
     fake.down = True                  # every endpoint answers 503 (Globus outage)
     fake.hold()/fake.release()        # park introspection requests until released
     fake.login_identity               # dict: sub, username, name, email used by /authorize
+    fake.consent_error = "access_denied"   # /authorize sends the browser back with this error
+    fake.consent_description = "..."       # ... and error_description (None: consent given)
     fake.expire_access_tokens()       # make every issued access token expired now
     fake.access_token_lifetime = 30   # expires_in of tokens /token issues (default 172800)
     fake.tokens[token]                # the minted record (dict) for assertions
@@ -86,6 +88,8 @@ class FakeGlobus:
         self.codes: dict[str, dict[str, Any]] = {}
         self.calls: Counter[str] = Counter()
         self.down = False
+        self.consent_error: str | None = None
+        self.consent_description = "The user declined the consent"
         self.access_token_lifetime = 172800  # seconds, as Globus; lower it to make clients refresh
         self.login_identity = {"sub": str(uuid.uuid4()), "username": "alice@example.org",
                                "name": "Alice Example", "email": "alice@example.org"}
@@ -244,6 +248,13 @@ class FakeGlobus:
             [resource_server_of(s) for s in scopes]
         except ValueError as exc:
             return web.Response(status=400, text=str(exc))
+        if self.consent_error:
+            from urllib.parse import urlencode
+
+            sep = "&" if "?" in q["redirect_uri"] else "?"
+            query = urlencode({"error": self.consent_error, "error_description": self.consent_description,
+                               "state": q.get("state", "")})
+            raise web.HTTPFound(f"{q['redirect_uri']}{sep}{query}")
         code = secrets.token_urlsafe(24)
         with self._lock:
             self.codes[code] = {"client_id": client_id, "redirect_uri": q["redirect_uri"],

@@ -27,6 +27,7 @@ from relayd.logsetup import access_logger
 from .config import HttpProxyConfig, ServiceConfig, browser_clashes, config_problems, conflicts
 from .counters import Counters
 from .manage import ManagementAPI
+from .pages import Pages
 from .proxy import ClientConnection
 from .routes import Core, Route, Router
 from .store import COLUMNS, Store
@@ -64,6 +65,9 @@ class HttpProxy(Component):
         await self.counters.start(cfg.flush_interval)
         self.core = Core(loop, self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl, cfg.upstream_idle,
                          cfg.splice)
+        if cfg.pages_dir is not None:
+            self.core.pages = Pages(cfg.pages_dir)
+            self.core.pages.check()
         names = cfg.identity_headers
         self.core.protected_headers = frozenset({names.user.lower().encode(), names.email.lower().encode()})
         self.core.access = access_logger(self.name) if cfg.access_log else None
@@ -384,7 +388,32 @@ class HttpProxy(Component):
         yield from (requests, bytes_in, bytes_out, responses, rejected)
 
     async def control(self, request: web.Request, path: str) -> web.StreamResponse | None:
+        if path.startswith("browser-sessions"):
+            return await self._browser_sessions(request, path)
         return await self.api.handle(request, path)
+
+    def browser_methods(self) -> list[Any]:
+        methods: list[Any] = []
+        for router in self.routers.values():
+            for route in router.routes:
+                if route.browser and route.auth not in methods:
+                    methods.append(route.auth)
+        return methods
+
+    async def _browser_sessions(self, request: web.Request, path: str) -> web.StreamResponse | None:
+        """``relayctl sessions --browser`` and ``relayctl logout-user``: never tokens or ids."""
+        methods = self.browser_methods()
+        if path == "browser-sessions" and request.method == "GET":
+            rows = [{"auth": m.name, **row} for m in methods for row in m.list_sessions()]
+            return web.json_response({"component": self.name, "sessions": rows})
+        if path == "browser-sessions/logout" and request.method == "POST":
+            try:
+                identity = str((await request.json())["identity"])
+            except (ValueError, KeyError, TypeError):
+                return web.json_response({"message": 'send {"identity": ID or USERNAME}'}, status=400)
+            ended = sum(m.end_sessions_of(identity) for m in methods)
+            return web.json_response({"component": self.name, "identity": identity, "ended": ended})
+        return None
 
     async def _handle_management(self, request: web.BaseRequest) -> web.StreamResponse:
         management = self.config.management

@@ -74,11 +74,11 @@ def admit(router: Router, ex: Exchange, tls: bool) -> Admission:
     if identity is not None:
         return Admission(identity=identity)
     if req.method not in (b"GET", b"HEAD"):
-        return _reply(401, json_message("log in with a web browser first"))
-    where = (host or route.default_host.encode()).decode("latin-1")
-    scheme = "https" if tls else "http"
-    location, cookies = route.auth.start_login(scheme, where, target)  # type: ignore[attr-defined]
-    return _reply(302, b"", [b"Location: " + location.encode(), *cookies])
+        challenge = route.auth.challenge()
+        return _reply(401, json_message("log in with a web browser first"),
+                      [b"WWW-Authenticate: " + challenge.encode()] if challenge else [])
+    # To Globus (after checking it can be reached): a step of the browser flow, in a task.
+    return Admission(browser=route.auth)
 
 
 def origin_form(req: RequestHead) -> tuple[str, bytes | None]:

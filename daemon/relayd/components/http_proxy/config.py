@@ -181,6 +181,9 @@ class HttpProxyConfig(ComponentConfig):
     splice: bool = Field(True, description="forward large fixed-length response bodies between plain "
                          "(non-TLS) sockets with splice(2), inside the kernel")
     upstream_idle: int = Field(64, ge=0, description="idle upstream connections kept per upstream")
+    pages_dir: Path | None = Field(None, description="directory of Jinja2 templates replacing the built-in HTML "
+                                   "pages browsers get (error.html, signin.html, signed_out.html, consent.html, "
+                                   "unreachable.html, base.html); sandboxed, autoescaped")
 
     @field_validator("services")
     @classmethod

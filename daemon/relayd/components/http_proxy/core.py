@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import exchange as xc
 from .admission import admit
-from .exchange import ANONYMOUS, Exchange, chunk, json_message, simple_response
+from .exchange import ANONYMOUS, Exchange, chunk, header_value, json_message, simple_response
 from .http1 import (
     BODY,
     END,
@@ -37,6 +37,7 @@ from .http1 import (
     ResponseReader,
 )
 from .mapping import map_target
+from .pages import HTML, HTML_HEADERS, error_page, wants_html
 
 if TYPE_CHECKING:
     from relayd.auth.base import Identity
@@ -417,10 +418,18 @@ class ClientCore:
             self._finish(ex, reusable=reusable)
 
     def reply(self, ex: Exchange, status: int, body: bytes, headers: list[bytes] | None = None,
-              close: bool = False, content_type: bytes = b"application/json") -> None:
-        """A response of the proxy's own, before anything of the exchange was forwarded."""
+              close: bool = False, content_type: bytes = b"application/json", page: bytes | None = None) -> None:
+        """A response of the proxy's own, before anything of the exchange was forwarded.
+
+        To a browser (``Accept: text/html``) an error, or a step with a ``page``, goes as HTML."""
         if ex.finished:
             return
+        if (page is not None or (status >= 400 and body)) and content_type == b"application/json" \
+                and wants_html(ex.req.headers):
+            # A person's browser: the same answer as a page (API clients keep the JSON).
+            body = page if page is not None else error_page(self.router.core.pages, ex, status, body)
+            content_type = HTML
+            headers = [*(headers or ()), *HTML_HEADERS]
         # A body still arriving is not worth reading to keep the connection: close after.
         keep = ex.keep_alive and ex.request_complete and not close and not self.draining
         if not self.closed:
@@ -430,6 +439,17 @@ class ClientCore:
                 ex.bytes_out += len(body)
         ex.status = status
         self._finish(ex, reusable=False, keep_client=keep)
+
+    def browser_reply(self, ex: Exchange, answer: Any) -> None:
+        """The answer of a browser login step (``BrowserAnswer``): a redirect, or message and page."""
+        if answer.location is not None:
+            self.reply(ex, answer.status, b"", [b"Location: " + header_value(answer.location), *answer.headers])
+            return
+        page = None
+        if wants_html(ex.req.headers):
+            page = self.router.core.pages.render(answer.page, answer.status,
+                                                 **{"message": answer.message, **answer.values})
+        self.reply(ex, answer.status, json_message(answer.message), answer.headers, page=page)
 
     def auth_refused(self, ex: Exchange, status: int, message: str, headers: list[bytes]) -> None:
         self.reply(ex, status, json_message(message), headers)

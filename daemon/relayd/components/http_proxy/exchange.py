@@ -10,6 +10,7 @@ dropped. These functions build the heads; the protocol shells only move bytes.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .http1 import HOP_BY_HOP, RequestHead, ResponseHead, ResponseReader
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
 
     from .routes import Route
 
-REASONS = {
+# Every registered status (RFC 9110 names where Python's older ones differ), so no status line
+# the proxy writes lacks its reason phrase.
+REASONS = {s.value: s.phrase for s in HTTPStatus} | {
+    421: "Misdirected Request", 422: "Unprocessable Content", 416: "Range Not Satisfiable",
     100: "Continue", 101: "Switching Protocols", 103: "Early Hints",
     200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 206: "Partial Content",
     301: "Moved Permanently", 302: "Found", 303: "See Other", 304: "Not Modified",

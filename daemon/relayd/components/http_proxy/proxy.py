@@ -22,7 +22,6 @@ from relayd.logsetup import quote
 
 from . import splice
 from .core import ClientCore
-from .exchange import json_message
 from .upstream import oserror
 
 if TYPE_CHECKING:
@@ -218,15 +217,16 @@ class ClientConnection(asyncio.Protocol):
     async def _browser_endpoint(self, ex: Exchange, method: Any, target: str) -> None:
         from urllib.parse import parse_qsl
 
+        from .admission import hostname_of
+
         path, _, query = target.partition("?")
-        if path == method.config.login_path:
-            status, text, headers = await method.finish_login(dict(parse_qsl(query)), ex.req.cookie)
-        else:
-            status, text, headers = 200, "logged out", await method.logout(ex.req.cookie)
-        if status == 302:
-            self.state.reply(ex, 302, b"", [b"Location: " + text.encode(), *headers])  # type: ignore[union-attr]
-        else:
-            self.state.reply(ex, status, json_message(text), headers)  # type: ignore[union-attr]
+        route = ex.route
+        where = (ex.host or (route.default_host.encode() if route else b"")).decode("latin-1")
+        scheme = "https" if self.tls else "http"
+        if not where:
+            where = hostname_of(ex.host)
+        answer = await method.browser_step(path, dict(parse_qsl(query)), ex.req.cookie, scheme, where, target)
+        self.state.browser_reply(ex, answer)  # type: ignore[union-attr]
 
     def connect(self, ex: Exchange, pooled: bool) -> None:
         conn = ex.route.pool_get() if pooled else None  # type: ignore[union-attr]

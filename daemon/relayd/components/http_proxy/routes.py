@@ -14,6 +14,7 @@ from relayd.auth.base import AuthMethod, Identity
 from .config import ServiceConfig
 from .exchange import REPLACED
 from .http1 import HOP_BY_HOP
+from .pages import DEFAULT_PAGES
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class Core:
         self.stopping = False
         # Lower-case names of the identity headers: a client's Connection header may not list them.
         self.protected_headers: frozenset[bytes] = frozenset()
+        self.pages = DEFAULT_PAGES  # the component's HTML pages (pages_dir)
 
     def forget_credentials(self) -> None:
         """Users changed through the management API: ask the auth method again."""
