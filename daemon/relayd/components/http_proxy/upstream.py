@@ -38,6 +38,8 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.fd = sock.fileno()
+            self.poller = select.poll()  # no file descriptor of its own, unlike epoll
+            self.poller.register(self.fd, select.POLLIN)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -64,8 +66,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.fd < 0:
             return False
         try:
-            return bool(select.select((self.fd,), (), (), 0)[0])
-        except (OSError, ValueError):
+            return bool(self.poller.poll(0))
+        except OSError:
             return True
 
     def drop(self) -> None:
