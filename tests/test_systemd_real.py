@@ -333,6 +333,24 @@ extra_listeners = ["web"]
 listeners = ["web"]
 from = "/s"
 to = "http://127.0.0.1:9100"
+
+[components.web.services.slow]
+listeners = ["web"]
+from = "/slow"
+to = "http://127.0.0.1:18090"
+"""
+
+# An upstream that answers after 3 seconds, for a request in flight while relayd stops.
+SLOW_UPSTREAM = """
+import http.server, time
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(3)
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"slow\\n")
+http.server.HTTPServer(("127.0.0.1", 18090), Slow).serve_forever()
 """
 
 
@@ -386,13 +404,31 @@ def test_watchdog_restarts_a_stopped_daemon(container: Container) -> None:
 
 def test_stop_drains(container: Container) -> None:
     c = container
-    started = time.monotonic()
-    c.run("systemctl", "stop", "relayd", check=True, timeout=60)
-    took = time.monotonic() - started
+    c.run("systemd-run", "--unit=slow-upstream", "/usr/bin/python3", "-c", SLOW_UPSTREAM, check=True)
+    c.wait_for("the slow upstream to listen",
+               lambda: c.run("bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/18090").returncode == 0, 10)
+    code = ("import urllib.request\n"
+            "r = urllib.request.urlopen('http://127.0.0.1:18081/slow/x', timeout=30)\n"
+            "print(r.status, r.read().decode().strip())\n")
+    in_flight = subprocess.Popen(["nsenter", "-t", str(c.pid1), "-a", "/usr/lib/relayd/bin/python", "-c", code],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)                                 # the request is waiting for the upstream
+        started = time.monotonic()
+        c.run("systemctl", "stop", "relayd", check=True, timeout=60)
+        took = time.monotonic() - started
+        out, err = in_flight.communicate(timeout=30)
+    finally:
+        if in_flight.poll() is None:
+            in_flight.kill()
+            in_flight.wait()
+        c.run("systemctl", "stop", "slow-upstream")
+    # The request in flight was answered before relayd exited, which waited for it.
+    assert out.strip() == "200 slow", (out, err)
+    assert 1.0 <= took < 15, f"stop took {took:.1f}s"
     assert c.prop("relayd.service", "ActiveState") == "inactive"
     assert c.prop("relayd.service", "Result") == "success"
     assert "stopping: draining" in c.journal("-n", "50")
-    assert took < 15, f"stop took {took:.1f}s"
     # The sockets stay with systemd: the next connection starts relayd again.
     assert c.prop("relayd.socket", "ActiveState") == "active"
     c.wait_for("a connection to start relayd again", lambda: c.http_status() == 200, 20)
