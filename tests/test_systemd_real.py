@@ -121,8 +121,10 @@ def _install(tmp: Path) -> Path:
         # Where the host runs systemd, its daemon-reload is none of this install's business.
         "if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; fi\n"
         f"sh {ROOT}/scripts/install --system\n"
-        # An operator edits a file; installing again (an upgrade) keeps it.
+        # An operator edits a file and deletes another; installing again (an upgrade) keeps the
+        # edit and does not bring the deleted file back.
         "echo '# edited by the operator' >> /etc/relayd/relayd.toml\n"
+        "rm /etc/relayd/conf.d/60-relay.toml\n"
         "echo '=== second run ==='\n"
         f"exec sh {ROOT}/scripts/install --system\n")
     started = time.monotonic()
@@ -140,6 +142,9 @@ def _install(tmp: Path) -> Path:
     toml = upper / "etc" / "relayd" / "relayd.toml"
     assert toml.read_text().endswith("# edited by the operator\n")
     assert (ROOT / "etc" / "relayd" / "relayd.toml").read_bytes() == toml.with_name("relayd.toml.dist").read_bytes()
+    assert "/etc/relayd/conf.d/60-relay.toml: not in your /etc/relayd" in second, second
+    relay = upper / "etc" / "relayd" / "conf.d" / "60-relay.toml"
+    assert not relay.exists() and relay.with_name("60-relay.toml.dist").exists()
     print(f"scripts/install --system: {time.monotonic() - started:.1f}s")
     return upper
 
