@@ -73,6 +73,11 @@ class Component:
         """Stop accepting, let in-flight work finish for up to drain_timeout, then close."""
         self.state = "stopped"
 
+    def reloaded(self) -> None:
+        """A reload kept this component (its configuration did not change): re-read what it
+        caches from files, such as certificates of its own. Listener certificates need nothing:
+        the listener pool re-reads them and new handshakes get them."""
+
     def status(self) -> dict[str, Any]:
         """Counts for `relayctl status` (clients, sessions, requests...)."""
         return {}

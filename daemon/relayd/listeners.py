@@ -17,6 +17,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from relayd.accept_gate import UNLIMITED, AcceptGate
 from relayd.config.model import ListenerConfig, TLSConfig
@@ -100,6 +101,62 @@ def make_server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
+class ServerTLS:
+    """The server certificate of a listener, owned by the SocketPool rather than by a generation.
+
+    Servers are started with *front* contexts (``front()``) whose SNI callback, run at every
+    handshake whether or not the client sends SNI, hands the connection the current context.
+    A reload re-reads cert and key (``SocketPool.build`` stages the new context, the daemon
+    installs it after the swap): components the reload kept serve the renewed certificate to new
+    connections, open connections keep the one they shook hands with. One current context per
+    ALPN list (OpenSSL selects ALPN with the switched-to context, so it must offer the same).
+    """
+
+    def __init__(self, config: TLSConfig, context: ssl.SSLContext) -> None:
+        self.config = config
+        self._current: dict[tuple[str, ...], ssl.SSLContext] = {(): context}
+
+    def current(self, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+        context = self._current.get(alpn)
+        if context is None:
+            context = self._current[alpn] = _with_alpn(make_server_ssl_context(self.config), alpn)
+        return context
+
+    def front(self, alpn: tuple[str, ...] = (), hook: Any = None) -> ssl.SSLContext:
+        """A context to start a server with. `hook(sslobj, server_name)` may pick a context
+        first (http_proxy's per-service certificates) and return True."""
+        front = _with_alpn(make_server_ssl_context(self.config), alpn)
+        self.current(alpn)  # made now: a handshake never reads files
+
+        def switch(sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
+            if hook is not None and hook(sslobj, server_name):
+                return
+            current = self._current.get(alpn)
+            if current is not None and current is not context:
+                sslobj.context = current
+
+        front.sni_callback = switch  # type: ignore[assignment]
+        return front
+
+    def install(self, context: ssl.SSLContext) -> None:
+        """New handshakes get `context` (freshly loaded from the same files) from now on."""
+        renewed: dict[tuple[str, ...], ssl.SSLContext] = {(): context}
+        for alpn in self._current:
+            if alpn:
+                try:
+                    renewed[alpn] = _with_alpn(make_server_ssl_context(self.config), alpn)
+                except ListenerError as exc:
+                    log.error("keeping the old certificate (ALPN %s): %s", ",".join(alpn), exc)
+                    renewed[alpn] = self._current[alpn]
+        self._current = renewed
+
+
+def _with_alpn(context: ssl.SSLContext, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
 def describe_socket(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
@@ -120,6 +177,7 @@ class Listener:
     sockets: list[socket.socket]
     ssl_context: ssl.SSLContext | None
     activated: bool  # passed by systemd rather than bound by relayd
+    tls: ServerTLS | None = None  # the pool's certificate of these sockets (see ServerTLS)
     # Connection count and cap, shared by every generation serving these sockets (SocketPool);
     # a Listener made outside a pool gets its own, capped only by an explicit max_connections.
     gate: AcceptGate | None = None
@@ -180,6 +238,8 @@ class SocketPool:
         self.activated = activated or {}
         self._bound: dict[tuple[str, int], list[socket.socket]] = {}
         self.gates: dict[tuple[str, object], AcceptGate] = {}
+        self.tls: dict[tuple[tuple[str, object], str], ServerTLS] = {}  # (socket key, TLS config)
+        self._staged: dict[tuple[tuple[str, object], str], ssl.SSLContext] = {}
 
     def resolve(self, config: ListenerConfig) -> tuple[tuple[str, object], list[socket.socket], bool]:
         """(key, sockets, activated) for a listener config; binds if needed."""
@@ -200,11 +260,33 @@ class SocketPool:
         """`limit` applies to sockets opened now; those already open keep theirs until the
         daemon applies the new generation's limits (AcceptGate.set_limit) after the swap."""
         key, sockets, activated = self.resolve(config)
-        context = make_server_ssl_context(config.tls) if config.tls else None
+        tls = front = None
+        if config.tls:
+            fresh = make_server_ssl_context(config.tls)  # read now: a bad file rejects the reload
+            tls_key = (key, config.tls.model_dump_json())
+            tls = self.tls.get(tls_key)
+            if tls is None:
+                tls = self.tls[tls_key] = ServerTLS(config.tls, fresh)
+            else:
+                self._staged[tls_key] = fresh  # installed if this generation is swapped in
+            front = tls.front()
         gate = self.gates.get(key)
         if gate is None:
             gate = self.gates[key] = AcceptGate(name, limit, sockets)
-        return key, Listener(name, config, sockets, context, activated, gate)
+        return key, Listener(name, config, sockets, front, activated, tls=tls, gate=gate)
+
+    def install_tls(self, in_use: set[tuple[str, object]]) -> None:
+        """The generation built last serves: its re-read certificates go to new handshakes."""
+        for tls_key, context in self._staged.items():
+            if tls_key in self.tls:
+                self.tls[tls_key].install(context)
+        self._staged.clear()
+        # Replaced certificates stay alive as long as a server's front context refers to them.
+        self.tls = {k: v for k, v in self.tls.items() if k[0] in in_use}
+
+    def discard_tls(self) -> None:
+        """The generation built last was rejected: keep serving the certificates in use."""
+        self._staged.clear()
 
     def release_unused(self, in_use: set[tuple[str, object]]) -> None:
         """Close sockets relayd bound that no generation uses any more."""

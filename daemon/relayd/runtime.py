@@ -220,6 +220,7 @@ class Daemon:
 
     def _release_sockets(self, keep: Generation | None) -> None:
         in_use = set(keep.listener_keys.values()) if keep else set()
+        self.pool.discard_tls()  # certificates re-read for a generation that will not serve
         self.pool.release_unused(in_use)
 
     async def _stop_objects(self, objects: list[tuple[str, Any]], drain_timeout: float) -> None:
@@ -273,7 +274,9 @@ class Daemon:
             if new.config.settings.control != old.config.settings.control:
                 log.warning("[control] changes take effect at the next restart, not on reload")
             self.generation = new
+            self.pool.install_tls(set(new.listener_keys.values()))
             self._apply_limits(new)
+            self._renewed(old, new)
             self._retire(old, new)
             result = ReloadResult(True, new.number, f"generation {new.number} serving", [], changed)
             self.reload_counts["ok"] += 1
@@ -281,6 +284,15 @@ class Daemon:
             log.info("reloaded: generation %d (%s)", new.number, ", ".join(changed) or "no changes")
             self.notifier.ready(self.status_line())
             return result
+
+    def _renewed(self, old: Generation, new: Generation) -> None:
+        """Components the reload kept re-read what they cache from files (Component.reloaded)."""
+        for component in new.components.values():
+            if any(component is c for c in old.components.values()):
+                try:
+                    component.reloaded()
+                except Exception:  # a plugin's failure must not fail the reload
+                    log.exception("component %s: re-reading its files failed", component.name)
 
     def _retire(self, old: Generation, new: Generation) -> None:
         """Stop what the new generation no longer uses, in the background."""

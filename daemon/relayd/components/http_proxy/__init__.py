@@ -75,9 +75,6 @@ class HttpProxy(Component):
         self.routers: dict[str, Router] = {}
         self.services: dict[str, Service] = {}
         self.mgmt_http: HttpService | None = None
-        self._ssl_generation: int | None = None
-        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
-        self._context_listener: dict[int, str] = {}  # id(first context of a server) -> listener
         self._service_contexts: dict[tuple[str, str], ssl.SSLContext] = {}  # (listener, SNI name)
         try:
             await self._load_services()
@@ -209,41 +206,24 @@ class HttpProxy(Component):
         self.log.info("http_proxy listening on %s (listener %s)",
                       ", ".join(f"{listener.scheme}://{a}" for a in listener.addresses), lname)
 
-    # -- TLS: certificates are re-read on every reload ---------------------------------------
+    # -- TLS: the listener pool re-reads listener certificates on every reload; services' own
+    # certificates are re-read by reloaded() ----------------------------------------------------
 
     def _server_ssl(self, lname: str) -> ssl.SSLContext:
         listener = self.context.listener(lname)
-        assert listener.config.tls is not None
-        context = _tls_context(listener.config.tls.cert, listener.config.tls.key, listener.config.tls.client_ca)
-        context.sni_callback = self._sni  # type: ignore[assignment]
-        self._ssl_contexts[lname] = context
-        self._ssl_generation = self._generation()
-        self._context_listener[id(context)] = lname
-        return context
+        assert listener.tls is not None
 
-    def _generation(self) -> int | None:
-        daemon = self.context.daemon
-        return daemon.generation.number if daemon is not None and daemon.generation else None
+        def service_certificate(sslobj: Any, server_name: str | None) -> bool:
+            context = self._service_contexts.get((lname, (server_name or "").lower()))
+            if context is None:
+                return False
+            sslobj.context = context
+            return True
 
-    def _sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
-        # The daemon reuses this component when its configuration is unchanged; a reload must
-        # still pick up renewed certificate files, so the first handshake after one re-reads them.
-        generation = self._generation()
-        if generation != self._ssl_generation:
-            self._ssl_generation = generation
-            for lname in list(self._ssl_contexts):
-                tls = self.context.listener(lname).config.tls
-                try:
-                    self._ssl_contexts[lname] = _tls_context(tls.cert, tls.key, tls.client_ca)  # type: ignore[union-attr]
-                except ListenerError as exc:
-                    self.log.error("keeping the old certificate of listener %s: %s", lname, exc)
-            self._load_service_certs()
-        lname = self._context_listener.get(id(context), "")
-        current = self._service_contexts.get((lname, (server_name or "").lower()))
-        if current is None:
-            current = self._ssl_contexts.get(lname)
-        if current is not None and current is not context:
-            sslobj.context = current
+        return listener.tls.front(("http/1.1",), hook=service_certificate)
+
+    def reloaded(self) -> None:
+        self._load_service_certs()
 
     def _load_service_certs(self, strict: bool = False) -> None:
         """Services with their own cert/key: chosen by SNI among their server_names."""

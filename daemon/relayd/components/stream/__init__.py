@@ -25,7 +25,6 @@ from relayd.components.stream.forward import DataPlane, client_context, server_c
 from relayd.components.stream.manager import SessionManager
 from relayd.components.stream.ports import PortPool
 from relayd.components.stream.service import ControlService
-from relayd.listeners import make_server_ssl_context
 from relayd.logsetup import access_logger
 
 __all__ = ["StreamComponent", "StreamConfig"]
@@ -79,10 +78,9 @@ class StreamComponent(Component):
         self.manager.access = access_logger(self.name) if cfg.access_log else None
         self.service = ControlService(self.manager, auth, scope_id, self.log)
         ssl_context = None
-        if listener.config.tls is not None:
-            # Our own context (not the listener's shared one): gRPC clients require ALPN "h2".
-            ssl_context = make_server_ssl_context(listener.config.tls)
-            ssl_context.set_alpn_protocols(["h2"])
+        if listener.tls is not None:
+            # gRPC clients require ALPN "h2"; the pool's certificate, renewed on reload.
+            ssl_context = listener.tls.front(("h2",))
         self.servers: list[_Server] = []
         for sock in listener.serving_sockets():
             server = _Server([self.service])
