@@ -181,7 +181,7 @@ def test_browser_journey(relayd, fake_globus, tls_files, browser, tmp_path):  # 
         assert browser.links()["Sign out"] == base + "/.relayd/logout"
         browser.get(base + "/.relayd/login?code=x&state=forged", "400")
         assert "400 Bad Request" in browser.text and "not valid here" in browser.text
-        assert browser.links()["Sign in again"] == base + "/.relayd/login?rd=/"
+        assert browser.links()["Sign in again"] == base + "/.relayd/login?rd=/app/"
 
         # Sign-out with a return to the page given in rd; the tokens are revoked.
         browser.get(base + "/.relayd/logout?rd=/public/bye", "signed-out-return")
@@ -200,7 +200,7 @@ def test_browser_journey(relayd, fake_globus, tls_files, browser, tmp_path):  # 
         assert browser.url == base + "/app/again"
         browser.get(base + "/.relayd/logout", "signed-out-2")
         browser.click("Sign in again", "signed-in-again")
-        assert browser.url == base + "/"  # no rd on a plain sign-out: the start page
+        assert browser.url == base + "/app/"  # no rd nor Referer: the service using this sign-in
         assert browser.cookie("relayd_session")
         browser.get(base + "/app/after", "app-after-sign-in")
         assert '"path": "/after"' in browser.driver.page_source

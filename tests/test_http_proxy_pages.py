@@ -135,7 +135,7 @@ def test_api_clients_get_the_same_json(proxy):
             assert r.status == 404 and int(r.headers["Content-Length"]) > 0 and await r.read() == b""
         async with s.post(base + "/app/x", data=b"1", headers=HTML) as r:
             assert r.status == 401 and "WWW-Authenticate" in r.headers
-            assert 'href="/.relayd/login?rd=/"' in await r.text()
+            assert 'href="/.relayd/login?rd=/app/"' in await r.text()
 
     run(base, context, steps)
 
@@ -276,3 +276,79 @@ def test_operator_pages_dir(relayd, fake_globus, tls_files, tmp_path):  # noqa: 
                 assert r.status == 401 and "Sign-in needed" in await r.text()
 
         run(base, context, steps)
+
+
+def test_reloading_the_callback_repeats_its_outcome(proxy):
+    base, context, fake, _ = proxy
+
+    async def steps(s: aiohttp.ClientSession):
+        async with s.get(base + "/app/page", headers=HTML) as r:
+            assert r.status == 200
+            callback = next(str(h.url) for h in r.history if "/.relayd/login?" in str(h.url))
+        # Reloaded while signed in: back to the page, not "400 login state does not match".
+        async with s.get(callback, headers=HTML, allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == "/app/page"
+        # A refused sign-in reloaded: the same page again.
+        async with s.get(base + "/.relayd/logout"):
+            pass
+        fake.consent_error = "access_denied"
+        async with s.get(base + "/app/other", headers=HTML) as r:
+            assert r.status == 403
+            callback = str(r.url)
+            first = await r.text()
+        async with s.get(callback, headers=HTML) as r:
+            assert r.status == 403 and await r.text() == first
+        # A sign-out after a sign-in: its callback no longer signs anyone in.
+        fake.consent_error = None
+        async with s.get(base + "/app/third") as r:
+            callback = next(str(h.url) for h in r.history if "/.relayd/login?" in str(h.url))
+        async with s.get(base + "/.relayd/logout"):
+            pass
+        async with s.get(callback, headers=HTML, allow_redirects=False) as r:
+            assert r.status == 400 and "Sign in again" in await r.text()
+        assert not [c for c in s.cookie_jar if c.key == "relayd_session" and c.value]
+
+    run(base, context, steps)
+
+
+def test_sign_in_again_returns_to_the_referring_page(proxy):
+    base, context, _, _ = proxy
+
+    async def steps(s: aiohttp.ClientSession):
+        await login(s, base)
+        async with s.get(base + "/.relayd/logout", headers={**HTML, "Referer": base + "/app/where?x=1"}) as r:
+            assert 'href="/.relayd/login?rd=/app/where%3Fx%3D1"' in await r.text()
+        async with s.get(base + "/.relayd/logout", headers={**HTML, "Referer": "https://evil.example/x"}) as r:
+            text = await r.text()
+            assert "evil" not in text and 'href="/.relayd/login?rd=/app/"' in text
+
+    run(base, context, steps)
+
+
+def test_pending_revocations_survive_a_restart(relayd, fake_globus, tls_files):  # noqa: F811
+    cert, key, context = tls_files
+    tls_port = free_port()
+    fake = fake_globus
+    with Upstream() as up:
+        text = config(tls_port, cert, key, up.url, fake)
+        daemon = relayd(text)
+        base = f"https://127.0.0.1:{tls_port}"
+
+        async def sign_in_and_out_while_down(s: aiohttp.ClientSession):
+            await login(s, base)
+            fake.down = True
+            async with s.get(base + "/.relayd/logout", headers=HTML) as r:
+                assert r.status == 200 and "not yet revoked" in await r.text()
+            async with s.get(base + "/.relayd/logout") as r:  # API clients: the same JSON as ever
+                assert await r.read() == b'{"message": "logged out"}'
+
+        run(base, context, sign_in_and_out_while_down)
+        held = [t for t, rec in fake.tokens.items() if not rec["revoked"]]
+        assert held
+        daemon.stop()
+        fake.down = False
+        relayd(text)  # the new process finds the queued revocations in the database
+        deadline = time.monotonic() + 20
+        while not all(fake.tokens[t]["revoked"] for t in held):
+            assert time.monotonic() < deadline, "revocations lost across the restart"
+            time.sleep(0.05)

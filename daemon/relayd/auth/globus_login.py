@@ -245,6 +245,7 @@ class GlobusLogin(AuthMethod):
         self._key = hashlib.sha256(b"relayd session\0" + secret).digest() if secret else secrets.token_bytes(32)
         self.sessions: dict[str, Session] = {}  # by SHA-256 of the session id
         self.pending: dict[str, tuple[str, str, str, float]] = {}  # state -> verifier, redirect, target, at
+        self.done: dict[str, tuple[float, BrowserAnswer]] = {}  # state -> outcome (no cookies), for reloads
         self.http: aiohttp.ClientSession | None = None
         self.login_cookie = config.cookie_name + "_login"
         self.reachable_at = 0.0  # when Globus Auth last answered
@@ -350,13 +351,15 @@ class GlobusLogin(AuthMethod):
         return f"{self.config.login_path}?rd={quote(target, safe='/')}"
 
     async def browser_step(self, path: str, query: dict[str, str], cookie_header: bytes | None,
-                           scheme: str, host: str, target: str) -> BrowserAnswer:
+                           scheme: str, host: str, target: str, home: str = "/") -> BrowserAnswer:
+        """One step for a browser; ``home`` is where to go when nothing better is known (the page
+        the browser came from on this origin, else the first service using this method)."""
         if path == self.config.logout_path:
-            return await self.logout_answer(query, cookie_header, scheme, host)
+            return await self.logout_answer(query, cookie_header, scheme, host, home)
         if path == self.config.login_path and not any(k in query for k in ("code", "state", "error")):
-            target = self.return_to(query.get("rd"), scheme, host) or "/"
+            target = self.return_to(query.get("rd"), scheme, host) or home
         elif path == self.config.login_path:
-            return await self.finish_login_answer(query, cookie_header)
+            return await self.finish_login_answer(query, cookie_header, home)
         # A page of a service, by a browser without a session: to Globus, if it can be reached.
         if not await self.check_reachable():
             return BrowserAnswer(503, "Globus Auth is unavailable", page="unreachable.html", values={
@@ -407,14 +410,38 @@ class GlobusLogin(AuthMethod):
         answer = await self.finish_login_answer(query, cookie_header)
         return answer.status, answer.location or answer.message, answer.headers
 
-    async def finish_login_answer(self, query: dict[str, str], cookie_header: bytes | None) -> BrowserAnswer:
+    async def finish_login_answer(self, query: dict[str, str], cookie_header: bytes | None,
+                                  home: str = "/") -> BrowserAnswer:
         state, code = query.get("state", ""), query.get("code", "")
         clear = [self._cookie(self.login_cookie, "", 0)]
+        done = self.done.get(state) if state else None
+        if done is not None and time.time() - done[0] < _PENDING_TTL:
+            # The same callback URL again (a reload, the back button): the same outcome, no 400.
+            answer = done[1]
+            if answer.status == 302:
+                if self._session_of(cookie_header) is not None:
+                    return BrowserAnswer(303, location=answer.location, headers=clear)
+                return BrowserAnswer(400, "login expired; start again", clear, values={
+                    "title": "This sign-in has ended",
+                    "explanation": "This sign-in link was already used and its session has ended.",
+                    "links": [(self.login_link(answer.location or home), "Sign in again")]})
+            return BrowserAnswer(answer.status, answer.message, clear, page=answer.page, values=answer.values)
+        answer = await self._finish_login(query, cookie_header, home, clear)
+        if state and answer.status != 400:
+            if len(self.done) >= _MAX_PENDING:
+                self.done.pop(next(iter(self.done)))
+            self.done[state] = (time.time(), BrowserAnswer(answer.status, answer.message, page=answer.page,
+                                                            location=answer.location, values=answer.values))
+        return answer
+
+    async def _finish_login(self, query: dict[str, str], cookie_header: bytes | None, home: str,
+                            clear: list[bytes]) -> BrowserAnswer:
+        state, code = query.get("state", ""), query.get("code", "")
         signed = cookies(cookie_header).get(self.login_cookie, "")
         state_ok = bool(state) and self._unsign(signed) == state
         if query.get("error"):
             pending = self.pending.pop(state, None) if state_ok else None
-            target = pending[2] if pending else "/"
+            target = pending[2] if pending else home
             error = query.get("error_description") or query["error"]
             return BrowserAnswer(403, f"Globus login failed: {error}", clear, page="consent.html", values={
                 "title": "Sign-in was not completed",
@@ -423,13 +450,13 @@ class GlobusLogin(AuthMethod):
             return BrowserAnswer(400, "login state does not match this browser; start again", clear, values={
                 "title": "This sign-in link is not valid here",
                 "explanation": "It was already used, has expired, or was started in another browser.",
-                "links": [(self.login_link("/"), "Sign in again")]})
+                "links": [(self.login_link(home), "Sign in again")]})
         pending = self.pending.pop(state, None)
         if pending is None or time.time() - pending[3] > _PENDING_TTL:
             return BrowserAnswer(400, "login expired; start again", clear, values={
                 "title": "This sign-in has expired",
                 "explanation": "The sign-in took too long or was already completed.",
-                "links": [(self.login_link("/"), "Sign in again")]})
+                "links": [(self.login_link(home), "Sign in again")]})
         verifier, redirect_uri, target, _ = pending
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
@@ -504,7 +531,7 @@ class GlobusLogin(AuthMethod):
         return [self._cookie(self.config.cookie_name, "", 0)]
 
     async def logout_answer(self, query: dict[str, str], cookie_header: bytes | None, scheme: str,
-                            host: str) -> BrowserAnswer:
+                            host: str, home: str = "/") -> BrowserAnswer:
         found = self._session_of(cookie_header)
         username = found[1].identity.username or found[1].identity.sub if found else ""
         revoked = True
@@ -516,7 +543,7 @@ class GlobusLogin(AuthMethod):
         if rd and revoked:
             return BrowserAnswer(303, headers=headers, location=rd)
         links = [(rd, "Continue")] if rd else []
-        links.append((self.login_link(rd or "/"), "Sign in again"))
+        links.append((self.login_link(rd or home), "Sign in again"))
         links.append((f"{self.config.auth_base_url}/v2/web/logout?"
                       + urlencode({"client": self.config.client_id}), "Sign out at Globus"))
         return BrowserAnswer(200, "logged out", headers, page="signed_out.html", values={

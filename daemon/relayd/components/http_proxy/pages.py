@@ -204,19 +204,18 @@ def error_page(pages: Pages, ex: Any, status: int, json_body: bytes) -> bytes:
     method = route.auth if route is not None and route.browser else None
     target = ex.target if ex.target.startswith("/") and not ex.target.startswith("//") else "/"
     if status == 401 and method is not None:
-        try:
-            message = json.loads(json_body).get("message", "")
-        except (ValueError, AttributeError):
-            message = ""
-        return pages.render("signin.html", 401, message=message,
-                            links=[(method.login_link(target if ex.req.method in (b"GET", b"HEAD") else "/"),
+        # (The JSON's "log in with a web browser first" is for API clients: this is a browser.)
+        return pages.render("signin.html", 401,
+                            links=[(method.login_link(target if ex.req.method in (b"GET", b"HEAD")
+                                                      else route.prefix.rstrip("/") + "/"),
                                     "Sign in with Globus")])
     links: list[tuple[str, str]] = []
     if status >= 500 and ex.req.method in (b"GET", b"HEAD"):
         links.append((target, "Try again"))
     if status == 403 and method is not None:
         links.append((method.config.logout_path, "Sign out"))
-    links.append(("/", "Go to the start page"))
+    if target.partition("?")[0] != "/":
+        links.append(("/", "Go to the start page"))
     return pages.error(status, json_body, links)
 
 

@@ -225,8 +225,24 @@ class ClientConnection(asyncio.Protocol):
         scheme = "https" if self.tls else "http"
         if not where:
             where = hostname_of(ex.host)
-        answer = await method.browser_step(path, dict(parse_qsl(query)), ex.req.cookie, scheme, where, target)
+        answer = await method.browser_step(path, dict(parse_qsl(query)), ex.req.cookie, scheme, where, target,
+                                           self._home(ex, method, scheme, where))
         self.state.browser_reply(ex, answer)  # type: ignore[union-attr]
+
+    def _home(self, ex: Exchange, method: Any, scheme: str, host: str) -> str:
+        """Where a browser goes after signing in when it named no page: the page it came from on
+        this origin (Referer), else the first service using this auth method on this listener."""
+        from relayd.auth.globus_login import safe_return
+
+        for lname, _, value in ex.req.headers:
+            if lname == b"referer":
+                back = safe_return(value.decode("latin-1"), scheme, host)
+                if back and back.partition("?")[0] not in (method.config.login_path, method.config.logout_path):
+                    return back
+        for route in self.router.routes:
+            if route.auth is method:
+                return route.prefix.rstrip("/") + "/"
+        return "/"
 
     def connect(self, ex: Exchange, pooled: bool) -> None:
         conn = ex.route.pool_get() if pooled else None  # type: ignore[union-attr]
