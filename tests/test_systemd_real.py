@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ MACHINE = f"relayd-test-{os.getpid()}"
 BOOT_DEADLINE = 60.0
 STATUS_URL = "http://127.0.0.1:9100/metrics"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600)]
 
 
 def _why_not() -> str | None:
@@ -49,8 +50,6 @@ def _why_not() -> str | None:
 
 
 WHY_NOT = _why_not()
-if WHY_NOT:
-    pytestmark.append(pytest.mark.skip(reason=WHY_NOT))
 
 
 class Container:
@@ -151,6 +150,8 @@ def _install(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory):
+    if WHY_NOT:
+        pytest.skip(WHY_NOT)
     tmp = tmp_path_factory.mktemp("nspawn")
     upper = _install(tmp)
     conf = tmp / "etc-relayd"
@@ -226,6 +227,37 @@ def container(tmp_path_factory: pytest.TempPathFactory):
             subprocess.run(["umount", str(nspawn_dir)])
 
 
+# -- without a container: what the host install generates and the operator runs first -----------
+
+@pytest.mark.parametrize("prog, module", [("relayctl", "relayd.cli.ctl"), ("relayd", "relayd.cli.daemon")])
+def test_version_needs_no_arguments_nor_daemon(prog: str, module: str) -> None:
+    from relayd import __version__
+
+    result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "RELAYD_CONTROL__SOCKET": "/nonexistent/relayd.sock"})
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{prog} {__version__}\n", "")
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_from_the_argparse_trees(shell: str) -> None:
+    shtab = pytest.importorskip("shtab")
+    from relayd.cli.ctl import build_parser
+    from relayd.cli.daemon import parser
+
+    ctl = shtab.complete(build_parser(), shell=shell)
+    # Core commands, and command groups registered by the component modules.
+    for word in ("reload", "status", "users", "stream", "--version", "--socket"):
+        assert word in ctl, word
+    assert "--check" in shtab.complete(parser(), shell=shell)
+    if shell == "bash" and shutil.which("bash"):
+        script = ctl + "\ncomplete -p relayctl\n"
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and result.stdout.strip().endswith(" relayctl"), result.stderr
+
+
+# -- under systemd in the container ---------------------------------------------------------------
+
+@pytest.mark.slow
 def test_host_install_layout(container: Container) -> None:
     c = container
     assert c.run("relayd", "--version", check=True).stdout.strip().startswith("relayd ")
@@ -249,6 +281,7 @@ def test_host_install_layout(container: Container) -> None:
     assert c.run("relayd", "--check", check=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_socket_activation(container: Container) -> None:
     c = container
     c.run("systemctl", "start", "relayd.socket", "relayd-control.socket", check=True)
@@ -264,6 +297,7 @@ def test_socket_activation(container: Container) -> None:
     assert "(socket-activated)" in status, status
 
 
+@pytest.mark.slow
 def test_dynamic_user_and_limits(container: Container) -> None:
     c = container
     pid = c.main_pid()
@@ -284,6 +318,7 @@ def _nofile(limits: str) -> tuple[int, int]:
     return int(soft), int(hard)
 
 
+@pytest.mark.slow
 def test_security_online(container: Container) -> None:
     result = container.run("systemd-analyze", "security", "--no-pager", "--threshold=20", "relayd.service",
                            timeout=60)
@@ -296,6 +331,7 @@ def _generation(c: Container) -> int:
     return int(re.search(r"generation (\d+)", c.run("relayctl", "status", check=True).stdout).group(1))
 
 
+@pytest.mark.slow
 def test_reload_ok_and_rejected(container: Container) -> None:
     c = container
     pid, before = c.main_pid(), _generation(c)
@@ -317,6 +353,7 @@ def test_reload_ok_and_rejected(container: Container) -> None:
     assert _generation(c) == before + 2
 
 
+@pytest.mark.slow
 def test_journal_priority_of_rejected_reload(container: Container) -> None:
     # relayd prefixes its lines with <N> under journald (JOURNAL_STREAM), so the rejection is
     # an error in the journal and info lines are not.
@@ -364,6 +401,7 @@ def _usage(c: Container) -> dict:
     return {key: body[key] for key in ("requests", "bytesOut", "statuses", "rejected")}
 
 
+@pytest.mark.slow
 def test_restart_on_failure_after_sigkill(container: Container) -> None:
     c = container
     # An http_proxy in front of the status listener, so there are usage counters to lose.
@@ -383,6 +421,7 @@ def test_restart_on_failure_after_sigkill(container: Container) -> None:
     assert _usage(c) == before
 
 
+@pytest.mark.slow
 def test_watchdog_restarts_a_stopped_daemon(container: Container) -> None:
     c = container
     # The shipped WatchdogSec=30s is shortened by a drop-in, the way an operator would, so the
@@ -407,6 +446,7 @@ def test_watchdog_restarts_a_stopped_daemon(container: Container) -> None:
         c.run("systemctl", "restart", "relayd")
 
 
+@pytest.mark.slow
 def test_stop_drains(container: Container) -> None:
     c = container
     c.run("systemd-run", "--unit=slow-upstream", "/usr/bin/python3", "-c", SLOW_UPSTREAM, check=True)
