@@ -120,7 +120,8 @@ class ControlServer:
 
     async def config(self, request: web.Request) -> web.Response:
         loaded = self.daemon.generation.config  # type: ignore[union-attr]
-        body: dict[str, Any] = {"config": loaded.effective(), "files": [str(f) for f in loaded.files]}
+        body: dict[str, Any] = {"config": loaded.effective(), "files": [str(f) for f in loaded.files],
+                                "warnings": loaded.warnings}
         if request.query.get("origins"):
             body["origins"] = [list(row) for row in loaded.with_origins()]
         return web.json_response(body)

@@ -271,6 +271,7 @@ class Daemon:
                 self.notifier.notify(READY=1, STATUS=f"reload rejected: {errors[0]}")
                 return result
             configure_logging(new.config.settings.logging)
+            self._log_config_warnings(new.config)
             if new.config.settings.control != old.config.settings.control:
                 log.warning("[control] changes take effect at the next restart, not on reload")
             self.generation = new
@@ -284,6 +285,11 @@ class Daemon:
             log.info("reloaded: generation %d (%s)", new.number, ", ".join(changed) or "no changes")
             self.notifier.ready(self.status_line())
             return result
+
+    @staticmethod
+    def _log_config_warnings(config: LoadedConfig) -> None:
+        for warning in config.warnings:
+            log.warning("configuration: %s", warning)
 
     def _renewed(self, old: Generation, new: Generation) -> None:
         """Components the reload kept re-read what they cache from files (Component.reloaded)."""
@@ -397,6 +403,7 @@ class Daemon:
     async def start(self) -> None:
         config = await asyncio.to_thread(self.load)
         configure_logging(config.settings.logging)
+        self._log_config_warnings(config)
         before, now = raise_nofile_limit()
         if now != before:
             log.info("raised the open file limit (RLIMIT_NOFILE) from %d to %d", before, now)

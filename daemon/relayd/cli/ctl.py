@@ -124,6 +124,8 @@ def cmd_config(args: argparse.Namespace, client: ControlClient) -> int:
     status, body = client.request("GET", "/v1/config" + ("?origins=1" if args.origins else ""))
     if status != 200:
         return die(f"config failed: HTTP {status}: {body}")
+    for warning in body.get("warnings", []):
+        print(f"relayctl: warning: {warning}", file=sys.stderr)
     if args.json:
         _print_json(body)
     elif args.origins:

@@ -53,6 +53,8 @@ def check(config_path: Path, overrides: list[str], registry: Registry) -> int:
                 failed = True
     if failed:
         return 1
+    for warning in loaded.warnings:
+        print(f"relayd: warning: {warning}", file=sys.stderr)
     settings = loaded.settings
     print(f"relayd: configuration {config_path} is valid: {len(loaded.files)} file(s), "
           f"{len(settings.listeners)} listener(s), {len(settings.auth)} auth method(s), "

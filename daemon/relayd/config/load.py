@@ -28,6 +28,7 @@ class LoadedConfig:
     settings: CoreSettings
     origins: dict[Path_, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a conf.d value a later file overrides
 
     def effective(self) -> dict[str, Any]:
         """The merged configuration as JSON-able data; SecretStr values print as '**********'."""
@@ -111,7 +112,7 @@ def load_config(
     problems = _check_listener_claims(settings, layers, registry) + _check_components(settings, layers, registry)
     if problems:
         raise ConfigError(problems)
-    return LoadedConfig(settings, layers.origins, layers.files)
+    return LoadedConfig(settings, layers.origins, layers.files, layers.override_warnings())
 
 
 def _nearest(origins: dict[Path_, str], path: Path_) -> str:

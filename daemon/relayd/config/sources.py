@@ -44,18 +44,36 @@ class Layers:
     data: dict[str, Any] = field(default_factory=dict)
     origins: dict[Path_, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    # (key path, origin of the value replaced, origin of the new one): a conf.d file whose
+    # value a later file replaced, which an operator rarely means (see override_warnings).
+    overridden: list[tuple[Path_, str, str]] = field(default_factory=list)
 
-    def merge(self, new: dict[str, Any], origin_of: Any) -> None:
-        """Deep-merge `new` into data; origin_of(path) labels each key path."""
-        _merge(self.data, new, (), origin_of, self.origins)
+    def merge(self, new: dict[str, Any], origin_of: Any, watch: str | None = None) -> None:
+        """Deep-merge `new` into data; origin_of(path) labels each key path. Replacing a value
+        whose origin starts with `watch` (a conf.d directory) with a different one is recorded."""
+        _merge(self.data, new, (), origin_of, self.origins, watch, self.overridden)
+
+    def override_warnings(self) -> list[str]:
+        return [f"{new}: {_dotted(path)} overrides the value {old} set; the later file wins "
+                "(remove the key from one of them, or use other table names)"
+                for path, old, new in self.overridden]
 
 
-def _merge(dst: dict, src: dict, path: Path_, origin_of: Any, origins: dict[Path_, str]) -> None:
+def _dotted(path: Path_) -> str:
+    return ".".join(str(p) if re.fullmatch(r"[A-Za-z0-9_-]+", str(p)) else json.dumps(str(p)) for p in path)
+
+
+def _merge(dst: dict, src: dict, path: Path_, origin_of: Any, origins: dict[Path_, str],
+           watch: str | None = None, overridden: list | None = None) -> None:
     for key, value in src.items():
         sub = path + (key,)
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _merge(dst[key], value, sub, origin_of, origins)
+            _merge(dst[key], value, sub, origin_of, origins, watch, overridden)
             continue
+        if watch is not None and overridden is not None and key in dst and dst[key] != value:
+            earlier = origins.get(sub)
+            if earlier is not None and earlier.startswith(watch):
+                overridden.append((sub, earlier, origin_of(sub)))
         # A replaced subtree must not keep the origins of what it replaced.
         for old in [p for p in origins if p[: len(sub)] == sub]:
             del origins[old]
@@ -192,7 +210,8 @@ def read_layers(config_path: Path) -> Layers:
             problems += exc.problems
             continue
         layers.files.append(file)
-        layers.merge(data, _origin_with_line(file, lines))
+        confd = file.parent if file.parent.name == "conf.d" else None
+        layers.merge(data, _origin_with_line(file, lines), watch=f"{confd}/" if confd else None)
     if problems:
         raise ConfigError(problems)
     return layers
