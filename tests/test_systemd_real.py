@@ -119,6 +119,8 @@ def _install(tmp: Path) -> Path:
         f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper}/etc,workdir={upper}/work-etc /etc\n"
         # Where the host runs systemd, its daemon-reload is none of this install's business.
         "if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; fi\n"
+        # A first install, even where this host has one (hidden in the overlays only).
+        "rm -rf /etc/relayd /usr/lib/relayd /usr/bin/relayd /usr/bin/relayctl\n"
         f"sh {ROOT}/scripts/install --system\n"
         # An operator edits a file and deletes another; installing again (an upgrade) keeps the
         # edit and does not bring the deleted file back.
