@@ -71,8 +71,8 @@ class Container:
 
     def http_status(self, url: str = STATUS_URL) -> int:
         code = ("import sys, urllib.request\n"
-                f"print(urllib.request.urlopen({url!r}, timeout=5).status)\n")
-        result = self.run("/usr/lib/relayd/bin/python", "-c", code, timeout=15)
+                f"print(urllib.request.urlopen({url!r}, timeout=20).status)\n")
+        result = self.run("/usr/lib/relayd/bin/python", "-c", code, timeout=30)
         if result.returncode != 0:
             print(f"GET {url}: {result.stderr.strip().splitlines()[-1:]}")
         return int(result.stdout.strip()) if result.returncode == 0 else -1
