@@ -121,7 +121,8 @@ def _install(tmp: Path) -> Path:
         "if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; fi\n"
         # A first install, even where this host has one (hidden in the overlays only).
         "rm -rf /etc/relayd /usr/lib/relayd /usr/bin/relayd /usr/bin/relayctl\n"
-        f"sh {ROOT}/scripts/install --system\n"
+        # A root with a strict umask (the dynamic user must still read everything installed).
+        f"umask 077; sh {ROOT}/scripts/install --system\n"
         # An operator edits a file and deletes another; installing again (an upgrade) keeps the
         # edit and does not bring the deleted file back.
         "echo '# edited by the operator' >> /etc/relayd/relayd.toml\n"
