@@ -54,6 +54,7 @@ _MAX_PENDING = 10000
 _PENDING_TTL = 600.0
 _SEEN_EVERY = 60.0  # last-seen times are written at most this often per session
 _REACHABLE_TTL = 30.0  # a successful contact with Globus Auth is trusted this long
+_UNREACHABLE_TTL = 2.0  # a failed check is believed this long
 
 
 class GlobusLoginConfig(AuthConfig):
@@ -249,6 +250,7 @@ class GlobusLogin(AuthMethod):
         self.http: aiohttp.ClientSession | None = None
         self.login_cookie = config.cookie_name + "_login"
         self.reachable_at = 0.0  # when Globus Auth last answered
+        self.unreachable_at = 0.0  # when a check last found it unreachable
         self.revocations_pending = 0
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -270,7 +272,10 @@ class GlobusLogin(AuthMethod):
         if self.http:
             await self.http.close()
         if self.store:
-            self.store.close()
+            # Connections of a replaced generation may still ask about sessions while they
+            # drain: they see the memory copy, and nothing is written to a closed database.
+            store, self.store = self.store, None
+            store.close()
 
     async def authenticate(self, authorization: str | None) -> Identity:
         raise AuthError(AuthFailure.MISSING, "log in with a web browser (Globus login)")
@@ -371,8 +376,11 @@ class GlobusLogin(AuthMethod):
         return BrowserAnswer(302, location=location, headers=headers)
 
     async def check_reachable(self) -> bool:
-        if time.time() - self.reachable_at < _REACHABLE_TTL:
+        now = time.time()
+        if now - self.reachable_at < _REACHABLE_TTL:
             return True
+        if now - self.unreachable_at < _UNREACHABLE_TTL:
+            return False  # asked a moment ago: do not make every browser wait for a timeout
         assert self.http is not None
         try:
             async with self.http.get(self.config.auth_base_url + "/.well-known/openid-configuration",
@@ -382,6 +390,8 @@ class GlobusLogin(AuthMethod):
             ok = False
         if ok:
             self.reachable_at = time.time()
+        else:
+            self.unreachable_at = time.time()
         return ok
 
     # -- the flow --------------------------------------------------------------------------------
