@@ -352,3 +352,29 @@ def test_pending_revocations_survive_a_restart(relayd, fake_globus, tls_files): 
         while not all(fake.tokens[t]["revoked"] for t in held):
             assert time.monotonic() < deadline, "revocations lost across the restart"
             time.sleep(0.05)
+
+
+def test_idle_sessions_end(relayd, fake_globus, tls_files):  # noqa: F811
+    cert, key, context = tls_files
+    tls_port = free_port()
+    fake = fake_globus
+    with Upstream() as up:
+        relayd(config(tls_port, cert, key, up.url, fake, "session_idle = 1.5\nsession_lifetime = 3600"))
+        base = f"https://127.0.0.1:{tls_port}"
+
+        async def steps(s: aiohttp.ClientSession):
+            await login(s, base)
+            tokens = [t for t, rec in fake.tokens.items() if not rec["revoked"]]
+            async with s.get(base + "/app/y", allow_redirects=False) as r:
+                assert r.status == 200  # in use: alive
+            last_use = time.time()
+            deadline = time.monotonic() + 20
+            # Unused for longer than session_idle: ended, its tokens revoked, the next visit signs in.
+            while not all(fake.tokens[t]["revoked"] for t in tokens):
+                assert time.monotonic() < deadline, "idle session not ended"
+                await asyncio.sleep(0.05)
+            assert time.time() - last_use >= 1.5
+            async with s.get(base + "/app/z", allow_redirects=False) as r:
+                assert r.status == 302 and "/v2/oauth2/authorize" in r.headers["Location"]
+
+        run(base, context, steps)
