@@ -636,6 +636,21 @@ def test_early_reply_skips_a_framed_body_and_closes_on_an_unfinished_one(relayd,
     assert b"smuggled" not in reply and reply.count(b"HTTP/1.1") == 1
 
 
+def test_a_refused_upload_still_reads_its_answer(relayd, port, upstream):
+    # RFC 9112 section 9.6: the proxy answers 413 at the head and closes, while the client is
+    # still sending its megabyte; closing outright would reset the connection and the client
+    # would never see the answer. relayd half-closes and reads what still comes (lingering).
+    relayd(proxy_config(port, upstream.url, service_extra="max_body = 1000"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /acme/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+        for _ in range(64):
+            sock.sendall(b"a" * 16384)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413 Content Too Large\r\n") and b"Connection: close" in reply
+
+
 def test_unix_socket_upstream_pass_credentials_and_header_names(relayd, port, tmp_path):
     path = tmp_path / "up.sock"
     loop = asyncio.new_event_loop()

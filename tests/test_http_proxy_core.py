@@ -47,7 +47,7 @@ class IO:
     def send(self, *parts: bytes) -> None:
         self.log.append(("send", b"".join(parts)))
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
         self.log.append(("close",))
 
     def abort(self) -> None:

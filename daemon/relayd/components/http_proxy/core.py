@@ -55,7 +55,7 @@ class ProxyIO(Protocol):
 
     def now(self) -> float: ...
     def send(self, *parts: bytes) -> None: ...  # to the client
-    def close(self) -> None: ...  # the client connection, after what was sent
+    def close(self, linger: bool = False) -> None: ...  # the client connection, after what was sent
     def abort(self) -> None: ...
     def set_reading(self, on: bool) -> None: ...
     def wake_at(self, when: float) -> None: ...
@@ -500,6 +500,10 @@ class ClientCore:
         if self.closed:
             return
         if abort or not keep:
+            # The client may still be sending (a body refused early, bytes after a bad head):
+            # the shell then lingers, so the answer is not lost to a reset (RFC 9112 9.6).
+            linger = not ex.request_complete or ex.error is not None or self.reader is not None \
+                and self.reader.in_head
             self.closed = True
             self.queue.clear()
             self.reader = None
@@ -507,7 +511,7 @@ class ClientCore:
             if abort:
                 self.io.abort()
             else:
-                self.io.close()
+                self.io.close(linger)
             return
         if not self._advancing:
             self._advance()

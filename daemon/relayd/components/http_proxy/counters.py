@@ -403,6 +403,20 @@ class Counters:
         sgen = self.store.service_gens.get(service)
         return sum(n for (s, g), n in self.pending_rejected.items() if s == service and g in (sgen, None))
 
+    async def service_incarnations(self, service: str | None) -> list[tuple]:
+        """Each incarnation of the services, refusals not yet written included."""
+        async with self._lock:  # a flush moving refusals to the database cannot interleave
+            return self._with_pending_refusals(await self.call(self.store.service_incarnations, service))
+
+    def _with_pending_refusals(self, services: list[tuple]) -> list[tuple]:
+        """Rows (name, sgen, origin, created, deleted, rejected, note): the latest incarnation
+        of each name gets the refusals counted since the last flush. Call under ``_lock``."""
+        latest: dict[str, int] = {}
+        for row in services:
+            latest[row[0]] = max(latest.get(row[0], 0), row[1] or 0)
+        return [row[:5] + (row[5] + self.current_rejected(row[0]),) + row[6:]
+                if (row[1] or 0) == latest[row[0]] else row for row in services]
+
     def _matching(self, service: str | None, user: str | None, endpoints: bool) -> dict[tuple[Inc, str], list[int]]:
         return {k: list(v) for k, v in self.pending.items()
                 if (service is None or k[0].service == service) and (user is None or k[0].user == user)
@@ -462,6 +476,7 @@ class Counters:
             snapshot = self._matching(service, user, endpoints)
             services = await self.call(self.store.service_incarnations, service)
             rows = await self.call(self.store.history, service, user, endpoints)
+            services = self._with_pending_refusals(services)
         out: dict[tuple[str, str, int | None, str], dict[str, Any]] = {}
         latest: dict[tuple[str, str, int], int] = {}
         for row in rows:

@@ -411,12 +411,10 @@ class ManagementAPI:
     async def _service_heads(self, service: str | None) -> dict[str, dict[str, Any]]:
         """The current incarnation of each service name (database + pending refusals)."""
         heads: dict[str, dict[str, Any]] = {}
-        for name, sgen, origin, created, deleted, rejected, _note in await self.c.counters.call(
-                self.c.counters.store.service_incarnations, service):
+        for name, sgen, origin, created, deleted, rejected, _note in await self.c.counters.service_incarnations(
+                service):
             heads[name] = {"incarnation": sgen, "origin": origin, "createdAt": _time(created),
                            "deletedAt": _time(deleted), "rejected": rejected}
-        for name, head in heads.items():
-            head["rejected"] += self.c.counters.current_rejected(name)
         return heads
 
     async def stats(self, service: str | None = None, user: str | None = None,
@@ -481,11 +479,6 @@ class ManagementAPI:
                                          "rejected": rejected, "total": [0] * NCOL, "users": []}
             if note:
                 entry["note"] = note
-        latest: dict[str, int] = {}
-        for name, sgen in out:
-            latest[name] = max(latest.get(name, 0), sgen or 0)
-        for name, sgen in latest.items():
-            out[(name, sgen)]["rejected"] += counters.current_rejected(name)
         users: dict[tuple[str, str, int | None], dict[str, Any]] = {}
         for row in rows:
             entry = out.get((row["service"], row["sgen"]))

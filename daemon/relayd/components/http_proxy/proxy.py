@@ -34,6 +34,7 @@ log = logging.getLogger("relayd.http_proxy")
 _AUTH_STATUS = {AuthFailure.MISSING: 401, AuthFailure.MALFORMED: 401, AuthFailure.INVALID: 401,
                 AuthFailure.FORBIDDEN: 403, AuthFailure.UNAVAILABLE: 503}
 HIGH_WATER = 1 << 20
+LINGER = 5.0  # seconds a closing connection reads and drops what the client still sends
 
 
 def access_line(logger: logging.Logger, ex: Exchange, peer: str, now: float) -> None:
@@ -63,6 +64,7 @@ class ClientConnection(asyncio.Protocol):
         # checks the real deadlines. A request therefore costs no timer operations (~5 us each).
         self.timer: asyncio.TimerHandle | None = None
         self.timer_when = 0.0
+        self.lingering = False
 
     # -- asyncio callbacks ---------------------------------------------------------------------
 
@@ -89,6 +91,8 @@ class ClientConnection(asyncio.Protocol):
                 callback()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # read and dropped: the answer before it is already on its way
         try:
             self.state.client_data(data)  # type: ignore[union-attr]
         except Exception:  # a bug must cost one connection and a log line, never more
@@ -96,6 +100,8 @@ class ClientConnection(asyncio.Protocol):
             self.internal_error()
 
     def eof_received(self) -> bool | None:
+        if self.lingering:
+            return False  # the client read the answer and is done: close
         ex = self.state.ex if self.state else None
         if ex is not None and ex.tunnel and ex.upstream and ex.upstream.transport:
             if ex.upstream.transport.can_write_eof():
@@ -162,8 +168,22 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.transport.writelines(parts)  # type: ignore[union-attr]
 
-    def close(self) -> None:
-        self.transport.close()  # type: ignore[union-attr]
+    def close(self, linger: bool = False) -> None:
+        transport = self.transport
+        assert transport is not None
+        if linger and transport.can_write_eof():
+            # Like nginx's lingering close: send the answer and a FIN, then read and drop what
+            # the client still sends for a while, so its kernel does not see a reset before it
+            # could read the answer.
+            transport.write_eof()
+            transport.resume_reading()
+            self.lingering = True
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.wake_at(self.loop.time() + LINGER)
+        else:
+            transport.close()
 
     def abort(self) -> None:
         self.transport.abort()  # type: ignore[union-attr]
@@ -185,6 +205,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self.timer = None
+        if self.lingering:
+            self.transport.close()  # type: ignore[union-attr]
+            return
         if self.state is not None:
             self.state.timer()
 
