@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 
 from http_recorder import Cut, RawClient, Recorder, Response
 from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
+from test_http_proxy import proxy_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,21 +66,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("fuzz")
     rec = Recorder()
     port = PROXY_PORT[0] = free_port()
-    config = f"""
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        [auth.open]
-        method = "none"
-        [components.web]
-        kind = "http_proxy"
-        auth = "open"
-        flush_interval = 0.2
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{rec.url}/base"
-        read_timeout = 2
-    """
+    config = proxy_config(port, f"{rec.url}/base", service_extra="read_timeout = 2")
     daemon = start_relayd(tmp, write_config(tmp / "etc", config))
     try:
         yield Env(daemon, port, rec, itertools.count())

@@ -53,6 +53,16 @@ def test_safe_return(rd, expected):
     ("text/html;q=0", False),
     ("application/json, text/html;q=0.1", True),
     ("text/htmlx", False),
+    ("text/html;q=1.000", True),
+    ("text/html;q=0.000", False),
+    # not qvalues (RFC 9110 section 12.4.2): never a preference for pages
+    ("text/html;q=nan", False),
+    ("text/html;q=inf", False),
+    ("text/html;q=-1", False),
+    ("text/html;q=1_0", False),
+    ("text/html;q=2", False),
+    ("text/html;q=0.0001", False),
+    ("text/html;q=", False),
 ])
 def test_wants_html(accept, html):
     assert wants_html([(b"accept", b"Accept", accept.encode())]) is html

@@ -20,6 +20,7 @@ Templates and what they get (besides ``status``, ``reason``, ``title``, ``messag
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,9 @@ HTML_HEADERS = [
 HTML = b"text/html; charset=utf-8"
 
 
+_QVALUE = re.compile(rb"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)\Z")
+
+
 def wants_html(headers: list[tuple[bytes, bytes, bytes]]) -> bool:
     """Whether a request prefers a page: its ``Accept`` names text/html (browsers' navigations do)."""
     for lname, _, value in headers:
@@ -145,10 +149,10 @@ def wants_html(headers: list[tuple[bytes, bytes, bytes]]) -> bool:
             for param in params:
                 key, _, q = param.strip().partition(b"=")
                 if key.strip() == b"q":
-                    try:
-                        return float(q) > 0
-                    except ValueError:
-                        return False
+                    # qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] ), RFC 9110 12.4.2;
+                    # anything else (nan, inf, -1, 1_0) is not a preference for pages.
+                    q = q.strip()
+                    return _QVALUE.match(q) is not None and q.strip(b"0.") != b""
             return True
     return False
 
