@@ -1173,6 +1173,14 @@ def test_bad_response(env: Env, case: Bad) -> None:
         assert r is None and outcome.startswith("cut") or (r is not None and (
             r.status == 502 or (r.status == case.ok_status and r.body == case.ok_body))), \
             (outcome, r and (r.status, r.body[:300]))
+    raw = case.raw if isinstance(case.raw, bytes) else b"".join(case.raw)
+    if b"EVIL" in raw:
+        # Bytes after the response: the proxy must drop that upstream connection, whether they
+        # came with the response or later. Waiting for the drop keeps the follow-ups from racing
+        # bytes still on their way (which no proxy could tell from an answer to a new request).
+        conn = next(r.conn for r in env.rec.snapshot() if r.scripted and marker in r.target)
+        assert env.rec.wait_for(lambda: conn not in env.rec.conns), \
+            "an upstream connection that sent bytes after its response was kept open"
     _follow_ups(env)
 
 
