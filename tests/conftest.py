@@ -9,6 +9,9 @@ import pytest
 
 from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
 
+# Fixtures for real engines live in their own modules (tests/ is on sys.path).
+pytest_plugins = ["pg_server", "redis_server"]
+
 
 @pytest.fixture
 def relayd(tmp_path: Path) -> Iterator:

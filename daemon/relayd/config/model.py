@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from relayd.config.types import Name, RefTo, Seconds
+from relayd.config.types import Name, RefTo, Seconds, Secret
 from relayd.plugins import Registry
 
 
@@ -104,6 +105,31 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/relayd").split(":")[0])
 
 
+class StateConfig(Strict):
+    """Where durable state lives: SQLite files in state_dir (default) or one PostgreSQL database."""
+
+    url: Secret | None = Field(
+        None,
+        description="'postgresql://USER[:PASSWORD]@HOST[:PORT]/DB' (or credential:NAME / file:PATH "
+        "holding it); unset: SQLite files in state_dir, no external service",
+    )
+
+
+class ClusterConfig(Strict):
+    """Several relayd nodes acting as one service; unset redis: this node is on its own."""
+
+    redis: Secret | None = Field(
+        None,
+        description="'redis://[:PASSWORD@]HOST[:PORT][/DB]' or 'rediss://...' (or credential:NAME / "
+        "file:PATH holding it); nodes exchange relay messages through its PUB/SUB",
+    )
+    node: str = Field(
+        default_factory=socket.gethostname,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="this node's name, unique in the cluster; default: the host name",
+    )
+
+
 class CoreSettings(Strict):
     listeners: dict[Name, ListenerConfig] = Field(default_factory=dict)
     scope_maps: dict[Name, ScopeMapConfig] = Field(default_factory=dict)
@@ -111,6 +137,8 @@ class CoreSettings(Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     state_dir: Path = Field(default_factory=_default_state_dir, description="databases live here")
     drain_timeout: Seconds = Field(10.0, description="how long removed components may drain")
+    state: StateConfig = Field(default_factory=StateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def _union(models: list[type[BaseModel]], discriminator: str) -> Any:

@@ -1,0 +1,1 @@
+"""A real redis-server (and HAProxy) for the tests (filled in by the cluster work)."""
