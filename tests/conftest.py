@@ -10,7 +10,7 @@ import pytest
 from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
 
 # Fixtures for real engines live in their own modules (tests/ is on sys.path).
-pytest_plugins = ["pg_server", "redis_server"]
+pytest_plugins = ["pg_server", "redis_server", "haproxy_front"]
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from relayd.auth.base import AuthMethod
-    from relayd.config.model import ScopeMapConfig
+    from relayd.config.model import ClusterConfig, ScopeMapConfig, StateConfig
+    from relayd.engines import Engines
     from relayd.listeners import Listener
 
 
@@ -41,6 +42,12 @@ class Context:
     scope_maps: Mapping[str, ScopeMapConfig]
     state_dir: Path
     daemon: Any = None  # relayd.runtime.Daemon, for status pages; None in unit tests
+    # Where durable state lives ([state]) and the cluster this node belongs to ([cluster]);
+    # None in unit tests, which means the embedded default (SQLite, one node).
+    state: StateConfig | None = None
+    cluster: ClusterConfig | None = None
+    # Report the health of an external engine here (relayd.engines); None in unit tests.
+    engines: Engines | None = None
 
     def listener(self, name: str) -> Listener:
         return self.listeners[name]

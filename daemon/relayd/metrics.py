@@ -54,6 +54,15 @@ class DaemonCollector:
             limits.add_metric([name], gate.limit)
             reached.add_metric([name], gate.reached)
         yield from (connections, limits, reached)
+        engine_up = GaugeMetricFamily("relayd_engine_up", "1 while an external engine (Redis, "
+                                      "PostgreSQL) is reachable", labels=["name", "engine"])
+        engine_failures = CounterMetricFamily("relayd_engine_failures",
+                                              "Times an external engine became unreachable",
+                                              labels=["name", "engine"])
+        for name, health in daemon.engines:
+            engine_up.add_metric([name, health.engine], 1 if health.up else 0)
+            engine_failures.add_metric([name, health.engine], health.failures)
+        yield from (engine_up, engine_failures)
         # Components (and auth methods) of one kind yield families of the same names: the text
         # format allows one HELP/TYPE block per family, so their samples are merged into one
         # family, told apart by the `component` (`auth`) label.

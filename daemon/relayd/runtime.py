@@ -25,6 +25,7 @@ from relayd.auth.base import AuthMethod
 from relayd.component import Component, Context
 from relayd.config import ConfigError, LoadedConfig, Problem, load_config
 from relayd.config.model import iter_refs
+from relayd.engines import Engines
 from relayd.listeners import Listener, ListenerError, SocketPool
 from relayd.logsetup import configure_logging
 from relayd.plugins import Registry
@@ -32,6 +33,13 @@ from relayd.systemd import Notifier, listen_fds, watchdog_interval
 
 log = logging.getLogger("relayd")
 EXIT_STOP_FAILED = 74  # EX_IOERR: a component could not stop cleanly (e.g. counts held in a journal)
+
+
+def _engines_key(settings: Any) -> str:
+    """Where state and cluster live: a change rebuilds every component and auth method."""
+    state_url = settings.state.url.get_secret_value() if settings.state.url else ""
+    redis_url = settings.cluster.redis.get_secret_value() if settings.cluster.redis else ""
+    return _fingerprint(str(settings.state_dir), state_url, redis_url, settings.cluster.node)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -88,6 +96,7 @@ class Daemon:
         self.notifier = Notifier()
         self.generation: Generation | None = None
         self.started_at = time.time()
+        self.engines = Engines()
         self.last_reload: ReloadResult | None = None
         self.reload_counts = {"ok": 0, "rejected": 0}
         self.stopping = False
@@ -126,7 +135,8 @@ class Daemon:
             self._release_sockets(old)
             raise ConfigError(problems)
 
-        context = Context(listeners, {}, settings.scope_maps, Path(settings.state_dir), daemon=self)
+        context = Context(listeners, {}, settings.scope_maps, Path(settings.state_dir), daemon=self,
+                          state=settings.state, cluster=settings.cluster, engines=self.engines)
         fingerprints: dict[str, str] = {}
         auth: dict[str, AuthMethod] = {}
         components: dict[str, Component] = {}
@@ -136,7 +146,7 @@ class Daemon:
         try:
             for name, aconf in settings.auth.items():
                 building = ("auth", name)
-                fp = _fingerprint(aconf.model_dump(mode="json"), self._secret_values(aconf), str(settings.state_dir))
+                fp = _fingerprint(aconf.model_dump(mode="json"), self._secret_values(aconf), _engines_key(settings))
                 fingerprints[f"auth.{name}"] = fp
                 if old and old.fingerprints.get(f"auth.{name}") == fp:
                     auth[name] = old.auth[name]
@@ -191,7 +201,7 @@ class Daemon:
                 refs.append((table, target, fps.get(f"auth.{target}")))
             else:
                 refs.append((table, target, getattr(settings, table)[target].model_dump(mode="json")))
-        return _fingerprint(cconf.model_dump(mode="json"), self._secret_values(cconf), refs, str(settings.state_dir))
+        return _fingerprint(cconf.model_dump(mode="json"), self._secret_values(cconf), refs, _engines_key(settings))
 
     @staticmethod
     def _secret_values(model: Any) -> list[str]:
@@ -375,6 +385,9 @@ class Daemon:
                 for n, l in gen.listeners.items()
             },
             "components": components,
+            "node": gen.config.settings.cluster.node,
+            "engines": self.engines.as_dict(),
+            "degraded": self.engines.degraded(),
             "draining": sorted(self.retiring),
             "stopping": self.stopping,
         }

@@ -80,6 +80,14 @@ def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
             extra += f"  connections {'-' if open_ is None else open_}/{info['max_connections']}"
             extra += "" if info.get("accepting", True) else " (AT LIMIT: not accepting)"
         print(f"  {name:16} {', '.join(info['addresses'])}{extra}")
+    engines = body.get("engines") or {}
+    if engines:
+        print(f"node: {body.get('node')}")
+        print("engines:")
+        for name, info in engines.items():
+            state = "up" if info["up"] else "DOWN"
+            since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+            print(f"  {name:16} {info['engine']:12} {state:5} since {since}  {info['url']}  ({info['detail']})")
     print("components:")
     for name, info in body["components"].items():
         counts = ", ".join(f"{k}={v}" for k, v in info.items()

@@ -1,6 +1,7 @@
 """``kind = "status"``: health, Prometheus metrics and a status summary over HTTP.
 
-GET /healthz   200 "ok" while serving, 503 while stopping
+GET /healthz   200 "ok" while serving ("degraded: ENGINE down" while Redis or PostgreSQL is
+               unreachable: the node still serves locally), 503 while stopping
 GET /metrics   Prometheus text exposition of relayd and every component
 GET /status    JSON: generation, uptime, components with their state and counts
 GET /.well-known/relayd   unauthenticated discovery document (relayd.auth.discovery)
@@ -52,7 +53,12 @@ class StatusComponent(Component):
         daemon = self.context.daemon
         if request.path == "/healthz":
             ok = daemon is not None and not daemon.stopping
-            return web.Response(text="ok\n" if ok else "stopping\n", status=200 if ok else 503)
+            if not ok:
+                return web.Response(text="stopping\n", status=503)
+            # Still 200: a node whose Redis or PostgreSQL is down serves its local clients, so a
+            # load balancer should keep it; the body says what is missing.
+            degraded = daemon.engines.degraded()
+            return web.Response(text=f"degraded: {', '.join(degraded)} down\n" if degraded else "ok\n")
         if request.path == discovery.PATH and request.method in ("GET", "HEAD"):
             methods = [self.context.auth_method(self.config.auth)] if self.config.auth else []
             return web.json_response(discovery.document(methods))
