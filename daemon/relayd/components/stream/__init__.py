@@ -73,7 +73,7 @@ class StreamComponent(Component):
             }
         self.pool = PortPool(cfg.data_bind, *cfg.port_range)
         self.plane = DataPlane(role_ssl=role_ssl, buffer_size=cfg.buffer_size,
-                               connect_timeout=cfg.connect_timeout)
+                               connect_timeout=cfg.connect_timeout, splice=cfg.splice)
         self.manager = SessionManager(cfg, self.pool, self.plane, self.log)
         self.manager.access = access_logger(self.name) if cfg.access_log else None
         self.service = ControlService(self.manager, auth, scope_id, self.log)

@@ -92,6 +92,11 @@ class StreamConfig(ComponentConfig):
     access_log: bool = Field(
         False, description="log one line per session when it ends to the logger relayd.access.NAME (uid, identity, role, targets, reason, bytes each way, connections, duration; never credentials)"
     )
+    splice: bool = Field(
+        True,
+        description="security = \"plain\": forward with splice(2) (kernel zero-copy) in two threads per "
+        "connection, so sessions use several cores; false forwards on the event loop like TLS does",
+    )
     buffer_size: int = Field(
         1 << 20, ge=65536, description="bytes queued per connection before reading from its peer pauses"
     )

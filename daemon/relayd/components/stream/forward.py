@@ -1,16 +1,18 @@
-"""The data plane: per session port, an asyncio server forwarding each connection to its target.
+"""The data plane: per session port, accept connections and pump each to its target.
 
-Protocol-level I/O (no StreamReader copy loop), as ``asyncio.BufferedProtocol``: the event
-loop receives straight into a 1 MiB buffer of ours and we hand a view of it to the peer
-transport's ``write``, so a chunk is not copied on its way through (a new buffer is taken only
-while the peer still queues part of the previous one). Backpressure: when the peer's write buffer passes
-``buffer_size`` it calls ``pause_writing`` and we stop reading from this side until
-``resume_writing``, so a slow reader never makes memory grow. The session's rate limit pauses
-reading the same way, for as long as the token bucket is in debt.
+The byte moving is `relayd.pump`'s; this module adds what belongs to a session: which target a
+port dials (read at connect time, so an update re-targets new connections), the target policy
+for names resolved late, the session's and the component's counters, and ending a session's
+connections when it ends.
 
-TLS (security = "tls"): the PROD (inbound) side accepts mutual TLS from the other facility and
-connects in plain text to its local application; the CONS (outbound) side accepts its local
-application in plain text and connects with mutual TLS to the PROD side's listener.
+Two paths:
+- ``security = "plain"`` with ``splice = true`` (the default): the port's listening socket is
+  watched on the event loop, each accepted socket is connected to its target with a
+  non-blocking connect, then both sockets go to a `SplicePump` (splice(2) in two threads).
+- otherwise (TLS, or ``splice = false``): asyncio server and ``create_connection`` joined by a
+  `ProtocolPump`. TLS: the PROD (inbound) side accepts mutual TLS from the other facility and
+  connects in plain text to its local application; the CONS (outbound) side accepts its local
+  application in plain text and connects with mutual TLS to the PROD side's listener.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 from typing import TYPE_CHECKING, Any
 
-from relayd.components.stream.ratelimit import TokenBucket
+from relayd.pump import SPLICE_AVAILABLE, ProtocolPump, SplicePump, TokenBucket
 
 if TYPE_CHECKING:
     from relayd.components.stream.model import Session
 
 log = logging.getLogger("relayd.stream.data")
 
-# Reasons a side is not reading; it reads again only when none is left.
-BACKPRESSURE, RATE, LINKING = 1, 2, 4
-READ_SIZE = 1024 * 1024
+ACCEPTS_PER_WAKEUP = 64  # bounded so one busy port cannot hold the loop
+ACCEPT_BACKOFF = 0.5  # after EMFILE and the like: the listening socket would stay readable
 
 
 class Totals:
@@ -45,118 +47,17 @@ class Totals:
         self.connect_failures = 0
 
 
-class Side(asyncio.BufferedProtocol):
-    """One TCP/TLS connection of a forwarded pair; what it reads is written to `peer`."""
-
-    def __init__(self, conn: Connection, to_target: bool) -> None:
-        self.conn = conn
-        self.to_target = to_target  # True: reads the accepted client, writes the target
-        self.bucket = conn.buckets[0 if to_target else 1]
-        self.peer: Side | None = None
-        self.transport: asyncio.Transport | None = None
-        self.paused = 0
-        self.eof = False
-        self.closed = False
-        self.early: list[bytes] = []
-        self.view: memoryview | None = None  # allocated at the first read: idle sides cost nothing
-
-    # -- flow control ------------------------------------------------------------------------
-
-    def pause(self, reason: int) -> None:
-        # Asks the transport whether it reads rather than trusting `paused`: uvloop starts
-        # reading after connection_made() returns even if connection_made paused it.
-        transport = self.transport
-        if transport is not None and not self.closed and transport.is_reading():
-            transport.pause_reading()
-        self.paused |= reason
-
-    def resume(self, reason: int) -> None:
-        was = self.paused
-        self.paused &= ~reason
-        if was and not self.paused and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-
-    def pause_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.pause(BACKPRESSURE)
-
-    def resume_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.resume(BACKPRESSURE)
-
-    # -- protocol callbacks --------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=self.conn.plane.buffer_size)  # type: ignore[attr-defined]
-        if self.to_target:  # the accepted side: wait for the target before reading
-            self.pause(LINKING)
-            self.conn.accepted(self)
-            # uvloop resumes reading right after connection_made: pause again once it has
-            self.conn.plane.loop.call_soon(self._repause)
-
-    def _repause(self) -> None:
-        if self.paused and self.transport is not None and not self.closed and self.transport.is_reading():
-            self.transport.pause_reading()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        peer = self.peer
-        if self.view is None or (peer is not None and peer.transport is not None
-                                 and peer.transport.get_write_buffer_size()):
-            # the peer's transport may still hold a view of the old buffer: never overwrite it
-            self.view = memoryview(bytearray(READ_SIZE))
-        return self.view
-
-    def buffer_updated(self, n: int) -> None:
-        self.data_received(self.view[:n])  # type: ignore[index]
-
-    def data_received(self, data: memoryview | bytes) -> None:
-        peer = self.peer
-        if peer is None:  # only if the transport delivers despite pause_reading
-            self.early.append(bytes(data))
-            return
-        n = len(data)
-        peer.transport.write(data)  # type: ignore[union-attr]
-        session, totals = self.conn.session, self.conn.plane.totals
-        if self.to_target:
-            session.bytes_to_target += n
-            totals.bytes_to_target += n
-        else:
-            session.bytes_from_target += n
-            totals.bytes_from_target += n
-        if self.bucket is not None:
-            loop = self.conn.plane.loop
-            delay = self.bucket.consume(n, loop.time())
-            if delay > 0:
-                self.pause(RATE)
-                loop.call_later(delay, self.resume, RATE)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        peer = self.peer
-        if peer is None or peer.transport is None:
-            return True  # accepted side, target not connected yet: Connection forwards it
-        return self.conn.forward_eof(self, peer)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.conn.side_lost(self)
-
-
-class Connection:
-    """An accepted connection and its connection to the target."""
+class _Connection:
+    """What both paths share: bookkeeping of an accepted connection and dialling its target."""
 
     def __init__(self, port: PortForwarder) -> None:
         self.port = port
         self.plane = port.plane
         self.session = port.session
-        self.buckets = port.buckets
-        self.client = Side(self, to_target=True)
-        self.target: Side | None = None
         self.task: asyncio.Task | None = None
         self.done = False
 
-    def accepted(self, client: Side) -> None:
+    def accepted(self) -> None:
         self.session.connections += 1
         self.session.connections_total += 1
         self.plane.totals.connections += 1
@@ -166,41 +67,26 @@ class Connection:
         self.task = self.plane.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
-        host, port = self.session.targets[self.port.index]  # read now: update may re-target
-        plane = self.plane
-        kwargs: dict = {}
-        if plane.client_ssl is not None:
-            kwargs = {"ssl": plane.client_ssl, "server_hostname": host,
-                      "ssl_handshake_timeout": plane.connect_timeout}
-        target = Side(self, to_target=False)
-        target.peer = self.client  # the target may send before create_connection returns
-        try:
-            async with asyncio.timeout(plane.connect_timeout):
-                address = await self._allowed_address(host, port)
-                if address is None:
-                    self.abort()
-                    return
-                await plane.loop.create_connection(lambda: target, address, port, **kwargs)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            plane.totals.connect_failures += 1
-            log.warning("session %s port %d: cannot connect to %s:%d: %s", self.session.uid,
-                        self.port.port, host, port, exc or type(exc).__name__)
-            self.abort()
-            return
-        self.target = target
-        client = self.client
-        client.peer = target
-        if client.closed:
-            target.transport.close()  # type: ignore[union-attr]
-            return
-        for data in client.early:
-            client.data_received(data)
-        client.early.clear()
-        if client.eof:
-            self.forward_eof(client, target)
-        client.resume(LINKING)
+        raise NotImplementedError
 
-    async def _allowed_address(self, host: str, port: int) -> str | None:
+    def count(self, forward: bool, n: int) -> None:
+        """Bytes moved; the splice pump calls this from its threads, hence the lock (`+=` on an
+        attribute is not atomic between threads)."""
+        session, totals = self.session, self.plane.totals
+        with self.plane.count_lock:
+            if forward:
+                session.bytes_to_target += n
+                totals.bytes_to_target += n
+            else:
+                session.bytes_from_target += n
+                totals.bytes_from_target += n
+
+    def connect_failed(self, host: str, port: int, exc: BaseException) -> None:
+        self.plane.totals.connect_failures += 1
+        log.warning("session %s port %d: cannot connect to %s:%d: %s", self.session.uid,
+                    self.port.port, host, port, exc or type(exc).__name__)
+
+    async def allowed_address(self, host: str, port: int) -> str | None:
         """The address to dial: a literal as is (update checked it), a name resolved now and
         checked again (its addresses may have changed since update)."""
         policy = self.plane.policy
@@ -217,29 +103,8 @@ class Connection:
                     self.port.port, host, port, "; ".join(reasons) or "no address")
         return None
 
-    def forward_eof(self, side: Side, peer: Side) -> bool:
-        """`side` read EOF: half-close towards its peer; True keeps side's transport open."""
-        pt = peer.transport
-        assert pt is not None
-        if pt.is_closing():
-            return False
-        if peer.eof:  # both directions done
-            pt.close()
-            return False
-        if pt.can_write_eof():
-            pt.write_eof()
-            return side.transport.can_write_eof()  # type: ignore[union-attr]
-        pt.close()  # TLS cannot half-close: close after flushing what is queued
-        return False
-
-    def side_lost(self, side: Side) -> None:
-        other = self.target if side is self.client else self.client
-        if other is not None and other.transport is not None and not other.closed:
-            other.transport.close()  # flushes what is queued, then closes
-        if not self.done and (other is None or other.closed or other.transport is None):
-            self._finish()
-
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        """Both connections closed (or the target never connected): on the event loop."""
         if self.done:
             return
         self.done = True
@@ -250,13 +115,92 @@ class Connection:
         self.port.connections.discard(self)
 
     def abort(self) -> None:
+        raise NotImplementedError
+
+
+class Connection(_Connection):
+    """Event-loop path: an accepted transport and its target's, joined by a ProtocolPump."""
+
+    def __init__(self, port: PortForwarder) -> None:
+        super().__init__(port)
+        self.pump = ProtocolPump(self.plane.loop, buffer_size=self.plane.buffer_size, gates=port.buckets,
+                                 count=self.count, on_first=self.accepted, on_closed=self.finish)
+
+    async def _connect(self) -> None:
+        host, port = self.session.targets[self.port.index]  # read now: update may re-target
+        plane = self.plane
+        kwargs: dict = {}
+        if plane.client_ssl is not None:
+            kwargs = {"ssl": plane.client_ssl, "server_hostname": host,
+                      "ssl_handshake_timeout": plane.connect_timeout}
+        target = self.pump.second_side()
+        try:
+            async with asyncio.timeout(plane.connect_timeout):
+                address = await self.allowed_address(host, port)
+                if address is None:
+                    self.abort()
+                    return
+                await plane.loop.create_connection(lambda: target, address, port, **kwargs)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            self.connect_failed(host, port, exc)
+            self.abort()
+            return
+        self.pump.link(target)
+
+    def abort(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        for side in (self.client, self.target):
-            if side is not None and side.transport is not None and not side.closed:
-                side.transport.abort()
-        if self.target is None or self.target.transport is None:
-            self._finish()
+        self.pump.abort()
+
+
+class SpliceConnection(_Connection):
+    """Splice path: an accepted socket and its target's, joined by a SplicePump once connected."""
+
+    def __init__(self, port: PortForwarder, client: socket.socket) -> None:
+        super().__init__(port)
+        self.client: socket.socket | None = client
+        self.pump: SplicePump | None = None
+
+    async def _connect(self) -> None:
+        host, port = self.session.targets[self.port.index]  # read now: update may re-target
+        plane = self.plane
+        target: socket.socket | None = None
+        try:
+            async with asyncio.timeout(plane.connect_timeout):
+                address = await self.allowed_address(host, port)
+                if address is None:
+                    self.abort()
+                    return
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                target = socket.socket(family, socket.SOCK_STREAM)
+                target.setblocking(False)
+                await plane.loop.sock_connect(target, (address, port))
+        except (OSError, TimeoutError) as exc:
+            if target is not None:
+                target.close()
+            self.connect_failed(host, port, exc)
+            self.abort()
+            return
+        except asyncio.CancelledError:  # aborted while dialling: abort() closes the client
+            if target is not None:
+                target.close()
+            raise
+        client, self.client = self.client, None
+        assert client is not None
+        self.pump = SplicePump(client, target, loop=plane.loop, gates=self.port.buckets, count=self.count,
+                               on_closed=self.finish, name=f"{self.session.uid}:{self.port.port}")
+        self.pump.start()
+
+    def abort(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.pump is not None:
+            self.pump.abort()  # its threads end, close both sockets, then call finish()
+            return
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.finish()
 
 
 class PortForwarder:
@@ -271,20 +215,68 @@ class PortForwarder:
         self.port = sock.getsockname()[1]
         self.buckets = buckets
         self.server: asyncio.AbstractServer | None = None
-        self.connections: set[Connection] = set()
+        self.accepting = False
+        self.retry: asyncio.TimerHandle | None = None
+        self.connections: set[_Connection] = set()
 
     async def start(self) -> None:
         plane = self.plane
+        if plane.splice:
+            self.sock.setblocking(False)
+            self._watch()
+            return
         kwargs: dict = {}
         if plane.server_ssl is not None:
             kwargs = {"ssl": plane.server_ssl, "ssl_handshake_timeout": plane.connect_timeout}
         self.server = await plane.loop.create_server(
-            lambda: Connection(self).client, sock=self.sock, **kwargs)
+            lambda: Connection(self).pump.first, sock=self.sock, **kwargs)
 
-    def close(self) -> None:
-        """Stop accepting and abort every connection (the socket is closed with the server)."""
+    # -- the splice path's accept loop -------------------------------------------------------
+
+    def _watch(self) -> None:
+        self.retry = None
+        if not self.accepting and self.sock.fileno() >= 0:
+            self.plane.loop.add_reader(self.sock.fileno(), self._accept)
+            self.accepting = True
+
+    def _unwatch(self) -> None:
+        if self.accepting:
+            self.plane.loop.remove_reader(self.sock.fileno())
+            self.accepting = False
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                client, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or buffers: retry later, do not spin
+                log.warning("session %s port %d: accept: %s", self.session.uid, self.port, exc)
+                self._unwatch()
+                self.retry = self.plane.loop.call_later(ACCEPT_BACKOFF, self._watch)
+                return
+            SpliceConnection(self, client).accepted()
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """Shutdown's first step: no new connections, the open ones go on."""
         if self.server is not None:
             self.server.close()
+        elif self.plane.splice:
+            self._unwatch()
+            self.sock.close()
+
+    def close(self) -> None:
+        """Stop accepting and abort every connection (the listening socket is closed)."""
+        if self.server is not None:
+            self.server.close()
+        else:
+            self._unwatch()
+            self.sock.close()
         for conn in list(self.connections):
             conn.abort()
 
@@ -293,8 +285,11 @@ class DataPlane:
     """Per component: TLS contexts, limits and counters shared by all sessions."""
 
     def __init__(self, *, role_ssl: dict[str, tuple[ssl.SSLContext | None, ssl.SSLContext | None]],
-                 buffer_size: int, connect_timeout: float) -> None:
+                 buffer_size: int, connect_timeout: float, splice: bool = True) -> None:
         self.role_ssl = role_ssl  # role -> (server context, client context)
+        self.splice_wanted = splice and SPLICE_AVAILABLE
+        self.splice = False  # per role: only where neither side is TLS (see for_role)
+        self.count_lock = threading.Lock()
         self.buffer_size = buffer_size
         self.connect_timeout = connect_timeout or None
         self.totals = Totals()
@@ -313,6 +308,7 @@ class DataPlane:
         view = object.__new__(DataPlane)
         view.__dict__.update(self.__dict__)
         view.server_ssl, view.client_ssl = self.role_ssl.get(role, (None, None))
+        view.splice = self.splice_wanted and view.server_ssl is None and view.client_ssl is None
         return view
 
 

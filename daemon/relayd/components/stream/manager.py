@@ -227,8 +227,7 @@ class SessionManager:
                 self._end(live, "shutdown")
             else:
                 for fwd in live.forwarders:
-                    if fwd.server is not None:
-                        fwd.server.close()
+                    fwd.stop_accepting()
 
     def end_all(self) -> None:
         for live in list(self.live.values()):
