@@ -18,8 +18,10 @@ Two paths:
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -174,7 +176,7 @@ class SpliceConnection(_Connection):
                 family = socket.AF_INET6 if ":" in address else socket.AF_INET
                 target = socket.socket(family, socket.SOCK_STREAM)
                 target.setblocking(False)
-                await plane.loop.sock_connect(target, (address, port))
+                await _dial(plane.loop, target, (address, port))
         except (OSError, TimeoutError) as exc:
             if target is not None:
                 target.close()
@@ -310,6 +312,22 @@ class DataPlane:
         view.server_ssl, view.client_ssl = self.role_ssl.get(role, (None, None))
         view.splice = self.splice_wanted and view.server_ssl is None and view.client_ssl is None
         return view
+
+
+async def _dial(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]) -> None:
+    """Non-blocking connect to an IP literal. Not ``loop.sock_connect``: uvloop's resolves the
+    address in libuv's thread pool first, a round trip (and four threads) for nothing."""
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        ready = loop.create_future()
+        loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _is_ip(host: str) -> bool:
