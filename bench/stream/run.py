@@ -1,15 +1,25 @@
 """Throughput of relayd's stream data plane (iperf3 over 127.0.0.1), same run as the references.
 
 Paths (each a real process; iperf3 -s is the application, iperf3 -c the client):
-  direct                     iperf3 -c -> iperf3 -s
-  haproxy 1 thread           -> haproxy (mode tcp, nbthread 1, default 16 KiB buffers) ->
-  haproxy 1t bufsize 256K    -> haproxy (tune.bufsize 262144) ->
-  relayd plain               -> relayd stream session (PROD, security plain) ->
-  stunnel TLS chain          -> stunnel client (plain->TLS) -> stunnel server (TLS->plain) ->
-  relayd TLS chain           -> relayd CONS (plain->mutual TLS) -> relayd PROD (mutual TLS->plain) ->
-  relayd rate R              relayd plain session with rate = R kB/s (accuracy of the limit)
+  direct                       iperf3 -c -> iperf3 -s
+  haproxy 1 thread             -> haproxy (mode tcp, nbthread 1, default 16 KiB buffers) ->
+  haproxy 1t bufsize 256K      -> haproxy (tune.bufsize 262144) ->
+  haproxy 1t 256K splice-auto  -> haproxy (tune.bufsize 262144, option splice-auto) ->
+  relayd plain                 -> relayd stream session (PROD, security plain: splice pump) ->
+  relayd plain, event loop     -> the same with splice = false (asyncio BufferedProtocol pump)
+  relayd rate R kB/s           relayd plain session with rate = R kB/s (accuracy of the limit)
+  stunnel TLS chain            -> stunnel client (plain->TLS) -> stunnel server (TLS->plain) ->
+  relayd TLS chain             -> relayd CONS (plain->mutual TLS) -> relayd PROD (mutual TLS->plain) ->
 Sessions are made with `relayctl stream` like a user would. Rounds are interleaved (every path
-once per round); medians [min-max] are reported with the forwarder's CPU (whole process tree).
+once per round); medians [min-max] are reported with the forwarders' CPU (utime+stime of every
+thread of the forwarder processes), CPU per Gbit, the host's steal and load average.
+
+Never fails half-way: a peer that cannot start is reported (with its log) and its paths skipped;
+a run that fails three times is reported and the bench goes on. Before each run it waits until
+iperf3 -s has finished the previous test: a client that reaches a busy iperf3 through stunnel is
+told "control socket has closed unexpectedly" (iperf3 refuses with one byte then closes without
+reading, the kernel answers the unread bytes with a reset, and stunnel drops the byte when it sees
+the reset) instead of "busy", which is why this bench used to stop at the stunnel chain.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import signal
 import statistics
@@ -28,11 +39,12 @@ from pathlib import Path
 
 import trustme
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 IPERF = 19700
 CLK = os.sysconf("SC_CLK_TCK")
 RATES = [50_000, 250_000]  # kB/s: 0.4 and 2 Gbit/s
+BEST_HAPROXY = "haproxy 1t 256K splice-auto"
+BUSY_STATES = {"01", "08"}  # ESTABLISHED, CLOSE_WAIT: iperf3 -s still holds a test's socket
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -46,8 +58,32 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def steal() -> int:
-    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8])
+def cpu_ticks() -> list[int]:
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def tcp_sockets(port: int) -> list[str]:
+    """States (hex, as in /proc/net/tcp) of the sockets whose local port is `port`."""
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                states.append(fields[3])
+    return states
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+class PeerFailed(Exception):
+    pass
 
 
 class Bench:
@@ -55,12 +91,29 @@ class Bench:
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
         self.paths: dict[str, tuple[int, list[int], float | None]] = {}  # name -> (port, pids, rate B/s)
+        self.skipped: dict[str, str] = {}  # path -> why
 
-    def spawn(self, *cmd: str, **kw) -> subprocess.Popen:
-        log = open(self.tmp / f"{Path(cmd[0]).name}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+    def spawn(self, *cmd: str) -> subprocess.Popen:
+        with open(self.tmp / f"{Path(cmd[0]).name}-{len(self.procs)}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = log.name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
+
+    def listening(self, proc: subprocess.Popen, *ports: int) -> None:
+        if not wait_until(lambda: proc.poll() is not None or all("0A" in tcp_sockets(p) for p in ports), 30) \
+                or proc.poll() is not None:
+            tail = Path(proc.log).read_text(errors="replace")[-1500:]  # type: ignore[attr-defined]
+            raise PeerFailed(f"{proc.args[0]} not listening on {ports} (exit {proc.poll()}): {tail}")
+
+    def peer(self, names: list[str], start) -> None:  # start: a callable adding paths
+        try:
+            start()
+        except (PeerFailed, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+            for name in names:
+                self.skipped[name] = str(exc).strip()[-2000:]
+                self.paths.pop(name, None)
+            print(f"skipped {', '.join(names)}: {exc}", file=sys.stderr)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -81,7 +134,7 @@ class Bench:
                 str(self.tmp / f"{side}.pem"))
             self.ca[other].cert_pem.write_to_path(str(self.tmp / f"{side}-peer-ca.pem"))
 
-    def haproxy(self, name: str, port: int, extra_global: str = "") -> None:
+    def haproxy(self, name: str, port: int, extra_global: str = "", extra_proxy: str = "") -> None:
         cfg = self.tmp / f"haproxy-{port}.cfg"
         cfg.write_text(f"""global
     nbthread 1
@@ -95,8 +148,10 @@ defaults
 listen fwd
     bind 127.0.0.1:{port}
     server s1 127.0.0.1:{IPERF}
+{extra_proxy}
 """)
         proc = self.spawn("haproxy", "-db", "-f", str(cfg))
+        self.listening(proc, port)
         self.paths[name] = (port, [proc.pid], None)
 
     def stunnel(self) -> None:
@@ -115,7 +170,9 @@ cert = {self.tmp / f"{side}.pem"}
 CAfile = {self.tmp / f"{side}-peer-ca.pem"}
 verifyChain = yes
 """)
-            pids.append(self.spawn("stunnel4", str(cfg)).pid)
+            proc = self.spawn("stunnel4", str(cfg))
+            self.listening(proc, accept)
+            pids.append(proc.pid)
         self.paths["stunnel TLS chain"] = (19750, pids, None)
 
     def relayd(self, name: str, ctl: int, ports: str, extra: str = "") -> tuple[subprocess.Popen, str]:
@@ -137,17 +194,18 @@ listener = "ctl"
 auth = "open"
 data_bind = "127.0.0.1"
 ports = "{ports}"
+allowed_targets = ["127.0.0.0/8"]
+rate_unit = "kB/s"
 {extra}
 """)
         proc = self.spawn(str(BIN / "relayd"), "--config", str(conf))
-        deadline = time.monotonic() + 30
-        while subprocess.run([str(BIN / "relayctl"), "--socket", sock, "status"], capture_output=True).returncode:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"relayd {name} did not start: {(self.tmp / name).glob('*')}")
-            time.sleep(0.2)
+        ok = wait_until(lambda: proc.poll() is not None or not subprocess.run(
+            [str(BIN / "relayctl"), "--socket", sock, "status"], capture_output=True, check=False).returncode, 30)
+        if not ok or proc.poll() is not None:
+            raise PeerFailed(f"relayd {name} did not start: {Path(proc.log).read_text()[-1500:]}")  # type: ignore[attr-defined]
         return proc, sock
 
-    def session(self, role: str, ctl: int, targets: str, rate: int = 0, uid: str | None = None) -> dict:
+    def session(self, role: str, ctl: int, targets: str, rate: int = 0, uid: str | None = None) -> tuple[int, str]:
         if role == "PROD":
             host, _, ports = targets.rpartition(":")
             args = ["inbound-request", "--remote_ip", host, "--receiver_ports", ports]
@@ -157,52 +215,77 @@ ports = "{ports}"
                               "--insecure", "--no-auth", "--num_conn", "1", "--rate", str(rate), "--json",
                               *args[1:]], capture_output=True, text=True, check=False)
         if out.returncode:
-            raise SystemExit(out.stderr)
-        return json.loads(out.stdout)
+            raise PeerFailed(f"relayctl stream {args[0]}: {out.stderr}")
+        data = json.loads(out.stdout)
+        return int(data["listeners"][0].rsplit(":", 1)[1]), data
 
     def start(self) -> None:
         self.certs()
-        self.spawn("iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF))
+        iperf = self.spawn("iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF))
+        self.listening(iperf, IPERF)  # without the application nothing can be measured: fatal
         self.paths["direct"] = (IPERF, [], None)
-        self.haproxy("haproxy 1 thread", 19701)
-        self.haproxy("haproxy 1t bufsize 256K", 19702, "    tune.bufsize 262144")
+        self.peer(["haproxy 1 thread"], lambda: self.haproxy("haproxy 1 thread", 19701))
+        self.peer(["haproxy 1t bufsize 256K"],
+                  lambda: self.haproxy("haproxy 1t bufsize 256K", 19702, "    tune.bufsize 262144"))
+        self.peer([BEST_HAPROXY], lambda: self.haproxy(BEST_HAPROXY, 19703, "    tune.bufsize 262144",
+                                                       "    option splice-auto"))
+        rated = [f"relayd rate {rate} kB/s" for rate in RATES]
+        self.peer(["relayd plain", *rated], self._relayd_plain)
+        self.peer(["relayd plain, event loop"], self._relayd_event_loop)
+        self.peer(["stunnel TLS chain"], self.stunnel)
+        self.peer(["relayd TLS chain"], self._relayd_tls)
+
+    def _relayd_plain(self) -> None:
         plain, _ = self.relayd("plain", 19710, "19720-19729")
-        inbound = self.session("PROD", 19710, f"127.0.0.1:{IPERF}")
-        self.paths["relayd plain"] = (int(inbound["listeners"][0].rsplit(":", 1)[1]), [plain.pid], None)
+        port, _ = self.session("PROD", 19710, f"127.0.0.1:{IPERF}")
+        self.paths["relayd plain"] = (port, [plain.pid], None)
         for rate in RATES:
-            limited = self.session("PROD", 19710, f"127.0.0.1:{IPERF}", rate=rate)
-            self.paths[f"relayd rate {rate} kB/s"] = (
-                int(limited["listeners"][0].rsplit(":", 1)[1]), [plain.pid], rate * 1000.0)
-        self.stunnel()
+            port, _ = self.session("PROD", 19710, f"127.0.0.1:{IPERF}", rate=rate)
+            self.paths[f"relayd rate {rate} kB/s"] = (port, [plain.pid], rate * 1000.0)
+
+    def _relayd_event_loop(self) -> None:
+        loop, _ = self.relayd("event-loop", 19713, "19760-19769", "splice = false")
+        port, _ = self.session("PROD", 19713, f"127.0.0.1:{IPERF}")
+        self.paths["relayd plain, event loop"] = (port, [loop.pid], None)
+
+    def _relayd_tls(self) -> None:
         tls = {}
         for side, ctl, ports in (("prod", 19711, "19730-19739"), ("cons", 19712, "19740-19749")):
             extra = (f'security = "tls"\n[components.s2cs.tls]\ncert = "{self.tmp / f"{side}.pem"}"\n'
                      f'key = "{self.tmp / f"{side}.pem"}"\nca = "{self.tmp / f"{side}-peer-ca.pem"}"\n')
             tls[side], _ = self.relayd(f"tls-{side}", ctl, ports, extra)
-        inbound = self.session("PROD", 19711, f"127.0.0.1:{IPERF}")
-        outbound = self.session("CONS", 19712, inbound["listeners"][0], uid=inbound["uid"])
-        self.paths["relayd TLS chain"] = (int(outbound["listeners"][0].rsplit(":", 1)[1]),
-                                          [tls["prod"].pid, tls["cons"].pid], None)
+        port, inbound = self.session("PROD", 19711, f"127.0.0.1:{IPERF}")
+        port, _ = self.session("CONS", 19712, inbound["listeners"][0], uid=inbound["uid"])
+        self.paths["relayd TLS chain"] = (port, [tls["prod"].pid, tls["cons"].pid], None)
 
     # -- measuring -------------------------------------------------------------------------
 
     def run_one(self, name: str, parallel: int, seconds: int) -> dict:
         port, pids, _ = self.paths[name]
-        for _attempt in range(20):  # iperf3 -s serves one test at a time: wait for the last to end
-            cpu0, st0, t0 = cpu_seconds(pids), steal(), time.monotonic()
+        error = ""
+        for _attempt in range(3):
+            # iperf3 -s serves one test at a time: wait until it let go of the last one
+            if not wait_until(lambda: not BUSY_STATES & set(tcp_sockets(IPERF)), 60):
+                print(f"{name}: iperf3 -s still busy after 60 s, trying anyway", file=sys.stderr)
+            cpu0, ticks0, t0 = cpu_seconds(pids), cpu_ticks(), time.monotonic()
+            load = float(Path("/proc/loadavg").read_text().split()[0])
             out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-O", "1",
-                                  "-P", str(parallel), "-J"], capture_output=True, text=True, timeout=seconds + 60)
+                                  "-P", str(parallel), "-J"], capture_output=True, text=True,
+                                 timeout=seconds + 60, check=False)
             wall = time.monotonic() - t0
             cpu = cpu_seconds(pids) - cpu0
-            data = json.loads(out.stdout)
-            if "busy" not in data.get("error", ""):
-                break
-            time.sleep(0.5)
-        if "error" in data:
-            raise SystemExit(f"{name}: {data['error']}")
-        gbps = data["end"]["sum_received"]["bits_per_second"] / 1e9
-        return {"path": name, "P": parallel, "gbps": gbps, "cpu": 100 * cpu / wall if pids else None,
-                "steal_ticks": steal() - st0}
+            ticks = [b - a for a, b in zip(ticks0, cpu_ticks(), strict=False)]
+            try:
+                data = json.loads(out.stdout)
+            except json.JSONDecodeError:
+                data = {"error": f"iperf3 exit {out.returncode}: {out.stderr.strip()[-300:]}"}
+            if "error" not in data:
+                gbps = data["end"]["sum_received"]["bits_per_second"] / 1e9
+                return {"path": name, "P": parallel, "gbps": gbps, "cpu": 100 * cpu / wall if pids else None,
+                        "steal": 100 * ticks[7] / max(1, sum(ticks)), "load": load}
+            error = data["error"]
+            print(f"{name} P{parallel}: {error} (attempt {_attempt + 1})", file=sys.stderr)
+        return {"path": name, "P": parallel, "error": error}
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
@@ -210,23 +293,38 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 
 def table(results: list[dict], bench: Bench) -> str:
-    rows = ["| path | P | Gbit/s | ÷ direct | ÷ haproxy 1t | forwarder CPU % | Gbit/s per forwarder core |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    med = {}
-    for (name, p) in dict.fromkeys((r["path"], r["P"]) for r in results):
-        runs = [r for r in results if r["path"] == name and r["P"] == p]
-        med[(name, p)] = statistics.median(r["gbps"] for r in runs)
-    for (name, p) in dict.fromkeys((r["path"], r["P"]) for r in results):
-        runs = [r for r in results if r["path"] == name and r["P"] == p]
-        g = [r["gbps"] for r in runs]
+    ok = [r for r in results if "gbps" in r]
+    keys = list(dict.fromkeys((r["path"], r["P"]) for r in results))
+    med = {k: statistics.median(r["gbps"] for r in ok if (r["path"], r["P"]) == k)
+           for k in keys if any((r["path"], r["P"]) == k for r in ok)}
+    rows = [("| path | P | Gbit/s | ÷ direct | ÷ HAProxy 1t 256K splice-auto | ÷ stunnel | forwarder CPU % "
+             "| CPU ms per Gbit | steal % | load |"),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ratio(key: tuple[str, int], ref: str) -> str:
+        base = med.get((ref, key[1]))
+        return f"{med[key] / base:.2f}" if base else "–"
+
+    for key in keys:
+        runs = [r for r in ok if (r["path"], r["P"]) == key]
+        failed = len([r for r in results if (r["path"], r["P"]) == key and "error" in r])
+        name, p = key
+        if not runs:
+            rows.append(f"| {name} | {p} | failed ({failed} runs) | | | | | | | |")
+            continue
         cpu = [r["cpu"] for r in runs if r["cpu"] is not None]
-        per_core = [r["gbps"] / (r["cpu"] / 100) for r in runs if r["cpu"]]
-        rate = bench.paths[name][2]
-        ratio_d = med[(name, p)] / med[("direct", p)]
-        ratio_h = med[(name, p)] / med[("haproxy 1 thread", p)]
-        extra = f" (limit {rate * 8 / 1e9:.2f}: {med[(name, p)] / (rate * 8 / 1e9):.3f}×)" if rate else ""
-        rows.append(f"| {name}{extra} | {p} | {fmt(g)} | {ratio_d:.2f} | {ratio_h:.2f} | "
-                    f"{fmt(cpu, 0) if cpu else '–'} | {fmt(per_core, 1) if per_core else 'n/a'} |")
+        per_gbit = [10 * r["cpu"] / r["gbps"] for r in runs if r["cpu"]]  # (cpu% / 100) s per Gbit, in ms
+        rate = bench.paths.get(name, (0, [], None))[2]
+        label = name + (f" (limit {rate * 8 / 1e9:.2f}: {med[key] / (rate * 8 / 1e9):.3f}×)" if rate else "")
+        label += f" ({failed} failed)" if failed else ""
+        tls = "TLS" in name
+        rows.append(f"| {label} | {p} | {fmt([r['gbps'] for r in runs])} | {ratio(key, 'direct')} | "
+                    f"{ratio(key, BEST_HAPROXY) if not tls else '–'} | "
+                    f"{ratio(key, 'stunnel TLS chain') if tls else '–'} | "
+                    f"{fmt(cpu, 0) if cpu else '–'} | {fmt(per_gbit, 0) if per_gbit else '–'} | "
+                    f"{fmt([r['steal'] for r in runs], 1)} | {fmt([r['load'] for r in runs], 1)} |")
+    for name, why in bench.skipped.items():
+        rows.append(f"\nskipped {name}: {why.splitlines()[0] if why else '?'}")
     return "\n".join(rows)
 
 
@@ -235,29 +333,33 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None, help="write raw results as JSON here")
-    ap.add_argument("--only", nargs="*", help="paths to run (default: all)")
+    ap.add_argument("--only", nargs="*", help="paths to run (default: all; direct and the best HAProxy always)")
     args = ap.parse_args()
-    for tool in ("haproxy", "stunnel4", "iperf3"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is missing: run bench/stream/run.sh, which installs it")
+    if not shutil.which("iperf3"):
+        raise SystemExit("iperf3 is missing: run bench/stream/run.sh, which installs it")
     tmp = Path(tempfile.mkdtemp(prefix="relayd-bench-stream-"))
     bench = Bench(tmp)
     results: list[dict] = []
+    env = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": Path("/proc/loadavg").read_text().strip()}
+    print(f"environment: {env}", file=sys.stderr)
     try:
         bench.start()
-        names = [n for n in bench.paths if not args.only or n in args.only or n in ("direct", "haproxy 1 thread")]
+        names = [n for n in bench.paths if not args.only or n in args.only or n in ("direct", BEST_HAPROXY)]
         for rnd in range(args.rounds):
             for name in names:
                 for p in (1, 4):
                     r = bench.run_one(name, p, args.seconds)
                     r["round"] = rnd
                     results.append(r)
-                    print(f"round {rnd} {name:28} P{p}: {r['gbps']:6.2f} Gbit/s"
-                          + (f"  cpu {r['cpu']:.0f}%" if r["cpu"] is not None else ""), file=sys.stderr)
+                    if "gbps" in r:
+                        print(f"round {rnd} {name:28} P{p}: {r['gbps']:6.2f} Gbit/s"
+                              + (f"  cpu {r['cpu']:.0f}%" if r["cpu"] is not None else "")
+                              + f"  steal {r['steal']:.1f}%  load {r['load']:.1f}", file=sys.stderr)
     finally:
         bench.stop()
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        args.out.write_text(json.dumps({"environment": env, "skipped": bench.skipped, "results": results}, indent=1))
     print(table(results, bench))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
