@@ -16,7 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from relayd.component import Component
 from relayd.components.relay.config import RelayConfig
+from relayd.components.relay.cluster import ClusterBus
 from relayd.components.relay.server import RelayServer
+from relayd.engines import EngineHealth, redact_url
 from relayd.logsetup import access_logger
 
 
@@ -31,6 +33,19 @@ class RelayComponent(Component):
     async def start(self) -> None:
         self.server = RelayServer(self.config, self.context.auth_method(self.config.auth), self.log)
         self.server.access = access_logger(self.name) if self.config.access_log else None
+        self.bus: ClusterBus | None = None
+        cluster = self.context.cluster
+        if cluster is not None and cluster.redis is not None:
+            url = cluster.redis.get_secret_value()
+            if self.context.engines is not None:
+                health = self.context.engines.register("cluster", "redis", url)
+            else:
+                health = EngineHealth("cluster", "redis", redact_url(url))
+            self.bus = ClusterBus(url, cluster.node, self.name, self.server.core, self.server.execute,
+                                  health, self.log)
+            self.server.core.clustered = True
+            self.server.cluster = self.bus
+            self.bus.start()
         listener = self.context.listener(self.config.listener)
         await self.server.start(listener)
         scheme = "wss" if listener.ssl_context else "ws"
@@ -45,6 +60,8 @@ class RelayComponent(Component):
         if self._logger:
             self._logger.cancel()
         await self.server.stop(drain_timeout)
+        if self.bus is not None:
+            await self.bus.stop()
         self.state = "stopped"
 
     def listener_names(self) -> set[str]:
@@ -69,7 +86,8 @@ class RelayComponent(Component):
         core = self.server.core
         return {"clients": core.registered, "connections": len(core.connections),
                 "forwarded": core.forwarded, "errors": core.echoed,
-                "closes": {str(k): v for k, v in sorted(core.closes.items())}}
+                "closes": {str(k): v for k, v in sorted(core.closes.items())},
+                **({"cluster": self.bus.status()} if self.bus is not None else {})}
 
     def clients(self) -> list[dict[str, Any]]:
         rows = []
@@ -97,6 +115,19 @@ class RelayComponent(Component):
             counter = CounterMetricFamily(metric, help_text, labels=labels)
             counter.add_metric(name, value)
             yield counter
+        if self.bus is not None:
+            for metric, help_text, value in (
+                ("relayd_relay_cluster_sent", "peer_connection messages published to another node", self.bus.sent),
+                ("relayd_relay_cluster_received", "peer_connection messages received from another node",
+                 self.bus.received),
+                ("relayd_relay_cluster_failed", "cross-node sends that failed (Redis unreachable); "
+                 "the sender got an error", self.bus.failed),
+                ("relayd_relay_cluster_dropped", "malformed or misaddressed messages dropped from this "
+                 "node's channel", self.bus.dropped),
+            ):
+                counter = CounterMetricFamily(metric, help_text, labels=labels)
+                counter.add_metric(name, value)
+                yield counter
         closes = CounterMetricFamily("relayd_relay_closes", "Connections closed by the relay, by close code",
                                      labels=["component", "code"])
         for code, count in sorted(core.closes.items()):

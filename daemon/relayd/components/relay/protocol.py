@@ -147,6 +147,26 @@ def encode_peer(prefix: str, peer_uuid: str, description_type: str, description:
             + ', "message_type": "peer_connection"}')
 
 
+def not_registered_error(peer: str) -> str:
+    return (f"Cannot forward peer connection message to peer {peer} because this peer is "
+            "not registered this relay server.")  # sic: proxystore's clients match this text
+
+
+def other_user_error(peer: str) -> str:
+    return f"The requested peer {peer} is owned by a different user."
+
+
+def cluster_unreachable_error(peer: str) -> str:
+    """A peer not on this node while the cluster bus is down: it may exist elsewhere. Starts like
+    the not-registered text, which is what clients match."""
+    return (f"Cannot forward peer connection message to peer {peer} because this relay node cannot "
+            "reach the rest of the cluster; try again later.")
+
+
+def other_user_registration(uuid: str) -> str:
+    return f"ForbiddenError: The client UUID {uuid} is already registered to another user."
+
+
 # -- actions ----------------------------------------------------------------------------------
 
 class Send(NamedTuple):
@@ -160,6 +180,17 @@ class Close(NamedTuple):
     reason: str
 
 
+class Remote(NamedTuple):
+    """No local client has the peer: the shell asks the cluster (relay/cluster.py), which
+    delivers it on the node holding the peer or has the core echo it back with an error."""
+
+    client: Client
+    peer: str
+    description_type: str
+    description: str
+    error: str | None
+
+
 class Register(NamedTuple):
     """The shell must authenticate the connection, then call RelayCore.register."""
 
@@ -167,7 +198,7 @@ class Register(NamedTuple):
     uuid: str
 
 
-Action = Send | Close
+Action = Send | Close | Remote
 
 
 @dataclass(eq=False)
@@ -182,6 +213,7 @@ class Client:
     identity_label: str | None = None  # for display: username or sub
     name: str | None = None
     uuid: str | None = None
+    cluster_id: str = ""  # names this connection in the cluster registry (relay/cluster.py)
     prefix: str = ""
     messages_in: int = 0
     messages_out: int = 0
@@ -199,8 +231,9 @@ class RelayCore:
     """Registry of clients and every routing decision of one relay."""
 
     def __init__(self, *, max_message_bytes: int | None = None, max_clients: int | None = None,
-                 max_messages_per_second: float | None = None) -> None:
+                 max_messages_per_second: float | None = None, clustered: bool = False) -> None:
         self.max_message_bytes = max_message_bytes
+        self.clustered = clustered  # a peer not found here may be on another node
         self.max_clients = max_clients
         self.rate = max_messages_per_second
         self.burst = max(1.0, max_messages_per_second or 0.0)
@@ -304,18 +337,38 @@ class RelayCore:
             raise BadMessage("bad field type")
         if client.uuid is None:
             return [self.close(client, FORBIDDEN, REASON_NOT_REGISTERED)]
+        if target is None and self.clustered:
+            return [Remote(client, peer, description_type, description, error)]
         if target is None:
-            error = (f"Cannot forward peer connection message to peer {peer} because this peer is "
-                     "not registered this relay server.")  # sic: proxystore's clients match this text
+            error = not_registered_error(peer)
         elif target.identity != client.identity:
-            target, error = None, f"The requested peer {peer} is owned by a different user."
+            target, error = None, other_user_error(peer)
         if target is None:
-            self.echoed += 1
-            client.messages_out += 1
-            return [Send(client, encode_peer(client.prefix, peer, description_type, description, error))]
+            return [self.echo(client, peer, description_type, description, error)]
         self.forwarded += 1
         target.messages_out += 1
         return [Send(target, encode_peer(client.prefix, peer, description_type, description, error))]
+
+    def echo(self, client: Client, peer: str, description_type: str, description: str,
+             error: str) -> Send:
+        """The request back to its sender with ``error`` set (proxystore-relay's way to fail)."""
+        self.echoed += 1
+        client.messages_out += 1
+        return Send(client, encode_peer(client.prefix, peer, description_type, description, error))
+
+    def deliver_remote(self, identity: str, source_uuid: str, source_name: str, peer: str,
+                       description_type: str, description: str, error: str | None) -> Send | str:
+        """A request another node forwarded here: the Send to the local peer, or the error text
+        the sender must get back (the peer left meanwhile, or belongs to someone else)."""
+        target = self.by_uuid.get(peer)
+        if target is None:
+            return not_registered_error(peer)
+        if target.identity != identity:
+            return other_user_error(peer)
+        self.forwarded += 1
+        target.messages_out += 1
+        return Send(target, encode_peer(_source_prefix(source_uuid, source_name), peer, description_type,
+                                        description, error))
 
     # -- registration ------------------------------------------------------------------------
 
@@ -331,8 +384,7 @@ class RelayCore:
         holder = self.by_uuid.get(uuid)
         if holder is not None and holder is not client:
             if holder.identity != identity:
-                return [self.close(client, FORBIDDEN, f"ForbiddenError: The client UUID {uuid} is "
-                                   "already registered to another user.")]
+                return [self.close(client, FORBIDDEN, other_user_registration(uuid))]
             actions.append(self.close(holder, DUPLICATE, REASON_DUPLICATE))
         if client.uuid is not None and client.uuid != uuid and self.by_uuid.get(client.uuid) is client:
             del self.by_uuid[client.uuid]  # one UUID per socket: re-registering replaces it

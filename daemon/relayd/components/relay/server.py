@@ -24,6 +24,7 @@ from relayd.logsetup import quote
 
 if TYPE_CHECKING:
     from relayd.auth.base import AuthMethod
+    from relayd.components.relay.cluster import ClusterBus
     from relayd.components.relay.config import RelayConfig
 
 _HEADER2 = struct.Struct("!BBH").pack
@@ -71,6 +72,7 @@ class RelayServer:
         self.stopping = False
         self.auth_failures = 0
         self.access: logging.Logger | None = None  # access_log = true
+        self.cluster: ClusterBus | None = None  # set by the component when [cluster] redis is
 
     # -- HTTP entry --------------------------------------------------------------------------
 
@@ -136,11 +138,9 @@ class RelayServer:
                     if kind is WSMsgType.ERROR:
                         core.count_close(ws.close_code or p.MESSAGE_TOO_BIG)
                     break
-                for action in actions:
-                    if type(action) is p.Send:
-                        self.send(action.client, action.text)
-                    else:
-                        self.close_peer(action)
+                self.execute(actions)
+                if self.cluster is not None:
+                    await self.cluster.wait_for_room()
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # a bug: say so with 1011 rather than leave the client hanging
@@ -149,6 +149,8 @@ class RelayServer:
                 self.close_peer(core.close(client, p.INTERNAL_ERROR, p.REASON_INTERNAL_ERROR))
         finally:
             core.disconnect(client)
+            if self.cluster is not None and client.uuid is not None:
+                self.cluster.release(client, client.uuid)
             if client.uuid is not None:
                 self.log.info("unregistered client %s (%r), close code %s", client.uuid, client.name,
                               ws.close_code)
@@ -186,7 +188,16 @@ class RelayServer:
             self.log.exception("auth method %s failed", self.auth.name)
             return self.core.auth_failed(client, p.TRY_AGAIN_LATER, "Authentication failed; try again later.")
         label = identity.username or identity.sub
+        if self.cluster is not None and not await self.cluster.claim(client, identity.sub, request.uuid):
+            # the same verdict as for a UUID another identity holds on this node
+            return [self.core.close(client, p.FORBIDDEN, p.other_user_registration(request.uuid))]
+        previous = client.uuid
         actions = self.core.register(client, identity.sub, label, request.name, request.uuid)
+        if self.cluster is not None:
+            if previous is not None and previous != client.uuid:
+                self.cluster.release(client, previous)  # one UUID per socket, here as in Redis
+            if client.uuid != request.uuid or client.closed:
+                self.cluster.release(client, request.uuid)  # closed while we were claiming
         if client.uuid == request.uuid and not client.closed:
             if client.conn.timer:
                 client.conn.timer.cancel()
@@ -201,6 +212,16 @@ class RelayServer:
             self.close_peer(self.core.close(client, p.REGISTER_TIMEOUT, p.REASON_REGISTER_TIMEOUT))
 
     # -- output ------------------------------------------------------------------------------
+
+    def execute(self, actions: Any) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is p.Send:
+                self.send(action.client, action.text)
+            elif kind is p.Close:
+                self.close_peer(action)
+            else:  # p.Remote: only a clustered core returns these
+                self.cluster.forward(action)  # type: ignore[union-attr]
 
     def send(self, client: p.Client, text: str) -> None:
         """Queue a frame; a client's frames are written together once per loop iteration (one

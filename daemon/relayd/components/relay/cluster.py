@@ -1,0 +1,431 @@
+"""The relay across nodes on Redis PUB/SUB ([cluster] redis): a registry and one channel per node.
+
+Like Centrifugo's Redis engine, Redis is only a directory and a bus; every relay decision stays in
+the sans-I/O core (protocol.py). Design (docs/scaling.md tells why):
+
+* **Registry**: ``relayd:COMPONENT:uuid:UUID`` -> ``"NODE\\nCONN\\nIDENTITY"`` with a TTL that a
+  per-node heartbeat refreshes; claimed at registration, deleted (if still ours) at disconnect.
+* **Bus**: node N subscribes to ``relayd:COMPONENT:node:N``. A peer_connection for a peer not on
+  this node runs FORWARD, a Lua script doing lookup, identity check and PUBLISH in one round trip;
+  PUBLISH reaching no subscriber means the owner node is dead: the entry is deleted and the sender
+  gets the single node's "not registered" echo, so a SIGKILLed node never black-holes messages.
+* **Order**: every publish of a node goes through one FIFO outbox, sent in pipelined batches on one
+  connection; the receiving node handles its channel in order: A -> B messages stay in order.
+* **Envelopes** are ``DEST_NODE\\n{json}``; a node drops (and logs) any envelope not addressed to
+  it, too big, not JSON, of an unknown type or with bad fields: Redis is a boundary too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from relayd.components.relay import protocol as p
+from relayd.engines import EngineHealth
+
+HEARTBEAT = 5.0  # seconds between registry refreshes and bus pings
+TTL = 30  # seconds a registration outlives its node's last heartbeat (PUBLISH finds dead nodes sooner)
+BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0  # reconnect delays, doubled per failure, jittered
+BATCH = 512  # publishes per pipeline round trip
+OUTBOX_LIMIT = 10_000  # queued publishes past which senders wait (memory stays bounded)
+MAX_ENVELOPE = 2 * p.HARD_MAX_BYTES + 4096  # a 1 MiB description may double when JSON-escaped
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_PEER_FIELDS = ("source_uuid", "source_name", "peer_uuid", "description_type", "description")
+
+# KEYS[1] registry key; ARGV: sender identity, channel prefix, envelope, this node.
+# Returns 1 published, 0 nobody has the peer (a dead node's entry is removed), -1 other identity.
+FORWARD = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local node, identity = string.match(v, '^([^\\n]*)\\n[^\\n]*\\n(.*)$')
+if not node or node == ARGV[4] then redis.call('DEL', KEYS[1]) return 0 end
+if identity ~= ARGV[1] then return -1 end
+if redis.call('PUBLISH', ARGV[2] .. node, node .. '\\n' .. ARGV[3]) == 0 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+return 1
+"""
+# KEYS[1] registry key; ARGV: our value, identity, channel prefix, TTL, this node, evict envelope head.
+# Returns -1 if another identity holds the UUID (the caller refuses with 4002), else takes it and
+# tells the previous holder's node to close that connection with 4004, as one node does.
+CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then
+  local node, conn, identity = string.match(v, '^([^\\n]*)\\n([^\\n]*)\\n(.*)$')
+  if node and identity ~= ARGV[2] then return -1 end
+  if node and node ~= ARGV[5] then
+    redis.call('PUBLISH', ARGV[3] .. node, node .. '\\n' .. ARGV[6] .. conn .. '"}')
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+return 1
+"""
+# KEYS registry keys; ARGV[1] TTL, then our value per key. Returns the 1-based indexes of keys
+# another node holds now (it claimed the UUID: our connection must go, as an evict would say).
+REFRESH = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if not v or v == ARGV[i + 1] then redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+  else lost[#lost + 1] = i end
+end
+return lost
+"""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ClusterBus:
+    """One relay component's link to the other nodes; I/O only, decisions in ``core``."""
+
+    def __init__(self, url: str, node: str, component: str, core: p.RelayCore,
+                 execute: Callable[[Iterable[p.Action]], None], health: EngineHealth,
+                 log: logging.Logger) -> None:
+        self.node, self.core, self.execute, self.health, self.log = node, core, execute, health, log
+        self.prefix = f"relayd:{component}:"
+        self.channel_prefix = f"{self.prefix}node:"
+        self.channel = self.channel_prefix + node
+        # No retries inside redis-py: a failure must reach us, so that we resubscribe and resync.
+        options: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 3,
+                                   "decode_responses": True}
+        self.redis = aioredis.from_url(url, socket_timeout=5, **options)
+        self.subscriber = aioredis.from_url(url, **options)  # blocking reads: no socket_timeout
+        self.scripts = {name: self.redis.register_script(src) for name, src in
+                        (("forward", FORWARD), ("claim", CLAIM), ("refresh", REFRESH), ("release", RELEASE))}
+        self.outbox: deque[tuple] = deque()
+        self.wakeup = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.up = False
+        self.sent = self.received = self.failed = self.dropped = 0
+        self.tasks: list[asyncio.Task] = []
+
+    def key(self, uuid: str) -> str:
+        return f"{self.prefix}uuid:{uuid}"
+
+    def value(self, client: p.Client, identity: str | None = None) -> str:
+        """The registry entry of a connection: node, connection id, identity."""
+        if not client.cluster_id:
+            client.cluster_id = secrets.token_hex(8)
+        return f"{self.node}\n{client.cluster_id}\n{identity or client.identity}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._connect_forever()), loop.create_task(self._send_forever())]
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Send what is queued (the releases of the clients just closed), then disconnect."""
+        if self.up and self.outbox:
+            self.wakeup.set()
+            try:
+                await asyncio.wait_for(self._drained(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for client in (self.redis, self.subscriber):
+            try:
+                await client.aclose()
+            except Exception:  # closing a dead connection
+                pass
+
+    async def _drained(self) -> None:
+        while self.outbox:
+            await asyncio.sleep(0.01)
+
+    # -- what the shell calls ----------------------------------------------------------------
+
+    def forward(self, action: p.Remote) -> None:
+        client = action.client
+        if not self.up:
+            self.failed += 1
+            self.execute([self.core.echo(client, action.peer, action.description_type, action.description,
+                                         p.cluster_unreachable_error(action.peer))])
+            return
+        envelope = json.dumps({"type": "deliver", "from": self.node, "identity": client.identity,
+                               "source_uuid": client.uuid, "source_name": client.name,
+                               "peer_uuid": action.peer, "description_type": action.description_type,
+                               "description": action.description, "error": action.error})
+        self._queue(("forward", action, envelope))
+
+    async def wait_for_room(self) -> None:
+        """Senders wait here while the outbox is full (Redis slower than they are)."""
+        if len(self.outbox) >= OUTBOX_LIMIT:
+            self.room.clear()
+            await self.room.wait()
+
+    async def claim(self, client: p.Client, identity: str, uuid: str) -> bool:
+        """Take ``uuid`` for this connection; False if another identity holds it on any node.
+        With Redis down the registration is local only, and claimed again on reconnection."""
+        if not self.up:
+            return True
+        evict = json.dumps({"type": "evict", "from": self.node, "uuid": uuid})[:-1] + ', "conn": "'
+        value = self.value(client, identity)
+        try:
+            result = await self.scripts["claim"](keys=[self.key(uuid)],
+                                                 args=[value, identity, self.channel_prefix, TTL, self.node, evict])
+        except (aioredis.RedisError, OSError) as exc:
+            self.log.warning("cluster: could not claim %s (%s); registered on this node only", uuid, exc)
+            return True
+        return result != -1
+
+    def release(self, client: p.Client, uuid: str) -> None:
+        """The connection no longer holds ``uuid``: delete the entry unless another took it."""
+        if self.up and client.cluster_id:
+            self._queue(("release", self.key(uuid), self.value(client)))
+
+    def _queue(self, item: tuple) -> None:
+        self.outbox.append(item)
+        self.wakeup.set()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.outbox:
+                batch = [self.outbox.popleft() for _ in range(min(BATCH, len(self.outbox)))]
+                if len(self.outbox) < OUTBOX_LIMIT // 2:
+                    self.room.set()
+                await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[tuple]) -> None:
+        results: list[Any]
+        if not self.up:
+            results = [ConnectionError("cluster down")] * len(batch)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for item in batch:
+                if item[0] == "forward":
+                    await self.scripts["forward"](keys=[self.key(item[1].peer)], client=pipe,
+                                            args=[item[1].client.identity, self.channel_prefix, item[2], self.node])
+                elif item[0] == "release":
+                    await self.scripts["release"](keys=[item[1]], args=[item[2]], client=pipe)
+                else:  # ("publish", channel, data)
+                    pipe.publish(item[1], item[2])
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except (aioredis.RedisError, OSError) as exc:
+                results = [exc] * len(batch)
+        actions: list[p.Action] = []
+        for item, result in zip(batch, results):
+            if item[0] != "forward":
+                continue
+            action: p.Remote = item[1]
+            if result == 1:
+                self.sent += 1
+                continue
+            if result == -1:
+                error = p.other_user_error(action.peer)
+            elif result == 0:
+                error = p.not_registered_error(action.peer)
+            else:
+                self.failed += 1
+                error = p.cluster_unreachable_error(action.peer)
+            if not action.client.closed:
+                actions.append(self.core.echo(action.client, action.peer, action.description_type,
+                                              action.description, error))
+        if actions:
+            self.execute(actions)
+
+    # -- connection, subscription, heartbeat --------------------------------------------------
+
+    async def _connect_forever(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # anything from Redis: report, back off, start again
+                detail = f"{type(exc).__name__}: {exc}"
+            else:
+                detail = "connection closed"
+            if self.up:
+                delay = BACKOFF_FIRST  # it worked for a while: retry quickly
+            self.up = False
+            self.health.report(False, detail)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    async def _serve(self) -> None:
+        pubsub = self.subscriber.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            loop = asyncio.get_running_loop()
+            self.last_pong = loop.time()
+            listener = loop.create_task(self._listen(pubsub))
+            # Claim every local client again: Redis may have restarted empty, or other nodes have
+            # deleted our entries while our channel was gone.
+            await self._resync()
+            subscribers = (await self.redis.pubsub_numsub(self.channel))[0][1]
+            self.up = True
+            self.health.report(True, f"node {self.node}" + (
+                f"; {subscribers} subscribers on its channel: is the node name unique?" if subscribers > 1 else ""))
+            heartbeat = loop.create_task(self._heartbeat(pubsub))
+            done, pending = await asyncio.wait({listener, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for task in done:
+                task.result()  # raises what ended it
+        finally:
+            self.up = False
+            try:
+                await pubsub.aclose()
+            except Exception:
+                pass
+
+    async def _listen(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message.get("type")
+            if kind == "message":
+                self.on_envelope(message.get("data"))
+            elif kind not in ("subscribe", "unsubscribe"):
+                # our PING's answer (redis-py parses a decoded "PONG" into odd types: any will do)
+                self.last_pong = loop.time()
+
+    async def _heartbeat(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            await pubsub.ping()  # answered on the subscription: proves our channel still works
+            await self._refresh()
+            if loop.time() - self.last_pong > 3 * HEARTBEAT:
+                raise ConnectionError("no answer on the subscription connection")
+
+    def _local(self) -> list[p.Client]:
+        return [c for c in self.core.by_uuid.values() if not c.closed]
+
+    async def _resync(self) -> None:
+        clients = self._local()
+        if not clients:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for client in clients:
+            evict = json.dumps({"type": "evict", "from": self.node, "uuid": client.uuid})[:-1] + ', "conn": "'
+            await self.scripts["claim"](keys=[self.key(client.uuid or "")], client=pipe, args=[
+                self.value(client), client.identity, self.channel_prefix, TTL, self.node, evict])
+        results = await pipe.execute()
+        refused = [c for c, r in zip(clients, results) if r == -1]
+        self.execute([self.core.close(c, p.FORBIDDEN, p.other_user_registration(c.uuid or "")) for c in refused])
+        self.log.info("cluster: %d registrations of this node claimed again", len(clients) - len(refused))
+
+    async def _refresh(self) -> None:
+        clients = self._local()
+        for start in range(0, len(clients), 1000):
+            chunk = clients[start:start + 1000]
+            lost = await self.scripts["refresh"](keys=[self.key(c.uuid or "") for c in chunk],
+                                                 args=[TTL] + [self.value(c) for c in chunk])
+            victims = [chunk[i - 1] for i in lost if not chunk[i - 1].closed]
+            if victims:
+                self.log.info("cluster: %d UUIDs were registered again on other nodes", len(victims))
+                self.execute([self.core.close(c, p.DUPLICATE, p.REASON_DUPLICATE) for c in victims])
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _drop(self, why: str, data: Any) -> None:
+        self.dropped += 1
+        if self.dropped <= 20 or self.dropped % 1000 == 0:  # a flood must not flood the journal
+            self.log.warning("cluster: dropped a message on %s (%s; %d dropped so far): %.80r",
+                             self.channel, why, self.dropped, data)
+
+    def on_envelope(self, data: Any) -> None:
+        """One message from our channel: anything not well-formed is dropped with a log."""
+        if not isinstance(data, str):
+            return self._drop("not text", data)
+        if len(data) > MAX_ENVELOPE:
+            return self._drop("oversize", data[:80])
+        dest, _, body = data.partition("\n")
+        if dest != self.node:
+            return self._drop(f"addressed to node {dest!r}", data)
+        try:
+            msg = p.parse_json(body)
+        except (ValueError, RecursionError):
+            return self._drop("not JSON", data)
+        if type(msg) is not dict or type(msg.get("from")) is not str or not NODE_NAME.match(msg["from"]):
+            return self._drop("no valid sender node", data)
+        kind = msg.get("type")
+        if kind == "deliver":
+            return self._on_deliver(msg, data)
+        if kind == "echo":
+            return self._on_echo(msg, data)
+        if kind == "evict":
+            return self._on_evict(msg, data)
+        return self._drop("unknown type", data)
+
+    def _peer_fields(self, msg: dict[str, Any]) -> tuple[str, ...] | None:
+        """The peer_connection fields of an envelope, if each has the type a client's must have."""
+        try:
+            values = tuple(msg[name] for name in _PEER_FIELDS)
+            if (not all(type(v) is str for v in values) or type(msg["identity"]) is not str
+                    or values[3] not in ("offer", "answer")
+                    or (msg["error"] is not None and type(msg["error"]) is not str)
+                    or p.canonical_uuid(values[0]) != values[0] or p.canonical_uuid(values[2]) != values[2]):
+                return None
+        except (KeyError, p.BadMessage):
+            return None
+        limit = self.core.max_message_bytes
+        if limit is not None and len(values[4].encode("utf-8", "surrogatepass")) > limit:
+            return None  # its sender's node would have refused the message
+        return values
+
+    def _on_deliver(self, msg: dict[str, Any], data: str) -> None:
+        fields = self._peer_fields(msg)
+        if fields is None:
+            return self._drop("bad deliver fields", data)
+        self.received += 1
+        source_uuid, source_name, peer, description_type, description = fields
+        result = self.core.deliver_remote(msg["identity"], source_uuid, source_name, peer, description_type,
+                                          description, msg["error"])
+        if type(result) is p.Send:
+            self.execute([result])
+            return
+        # The peer left between lookup and delivery: the sender gets what one node would say.
+        echo = dict(msg, type="echo", **{"from": self.node, "error": result})
+        self._queue(("publish", self.channel_prefix + msg["from"], msg["from"] + "\n" + json.dumps(echo)))
+
+    def _on_echo(self, msg: dict[str, Any], data: str) -> None:
+        fields = self._peer_fields(msg)
+        if fields is None or type(msg["error"]) is not str:
+            return self._drop("bad echo fields", data)
+        client = self.core.by_uuid.get(fields[0])
+        if client is not None and client.identity == msg["identity"]:
+            self.execute([self.core.echo(client, fields[2], fields[3], fields[4], msg["error"])])
+
+    def _on_evict(self, msg: dict[str, Any], data: str) -> None:
+        uuid, conn = msg.get("uuid"), msg.get("conn")
+        if type(uuid) is not str or type(conn) is not str:
+            return self._drop("bad evict fields", data)
+        client = self.core.by_uuid.get(uuid)
+        if client is not None and client.cluster_id == conn and not client.closed:
+            self.log.info("cluster: %s registered again on node %s: closing it here with 4004", uuid, msg["from"])
+            self.execute([self.core.close(client, p.DUPLICATE, p.REASON_DUPLICATE)])
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {"node": self.node, "up": self.up, "sent": self.sent, "received": self.received,
+                "failed": self.failed, "dropped": self.dropped, "outbox": len(self.outbox)}

@@ -1,0 +1,105 @@
+"""Several real relayd nodes sharing one real redis-server, optionally behind a real HAProxy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
+
+
+def node_config(port: int, redis_url: str | None, node: str, extra: str = "", auth: str = "") -> str:
+    cluster = f'[cluster]\nredis = "{redis_url}"\nnode = "{node}"\n' if redis_url else ""
+    auth_table = auth or '[auth.open]\nmethod = "none"'
+    return f"""
+{cluster}
+{auth_table}
+[listeners.relay]
+bind = "127.0.0.1:{port}"
+[components.relay]
+kind = "relay"
+listener = "relay"
+auth = "{'globus' if auth else 'open'}"
+{extra}
+"""
+
+
+@dataclass
+class Node:
+    name: str
+    port: int
+    config_dir: Path
+    tmp: Path
+    process: RelaydProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = start_relayd(self.tmp, self.config_dir)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+    def status(self) -> dict:
+        assert self.process is not None
+        result = self.process.ctl("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def relay(self) -> dict:
+        return self.status()["components"]["relay"]
+
+    def clients(self) -> list[dict]:
+        assert self.process is not None
+        result = self.process.ctl("clients", "relay", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["clients"]
+
+
+@dataclass
+class Cluster:
+    nodes: list[Node] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def cluster_up(self) -> bool:
+        return all(n.relay().get("cluster", {}).get("up") for n in self.nodes if n.process
+                   and n.process.process.poll() is None)
+
+
+def start_cluster(tmp: Path, redis_url: str | None, count: int, extra: str = "", auth: str = "") -> Cluster:
+    cluster = Cluster()
+    for index in range(count):
+        port = free_port()
+        name = f"node{index}"
+        config_dir = write_config(tmp / f"etc-{name}", node_config(port, redis_url, name, extra, auth))
+        node = Node(name, port, config_dir, tmp / name)
+        node.tmp.mkdir(parents=True, exist_ok=True)
+        cluster.nodes.append(node)
+    for node in cluster.nodes:
+        node.start()
+    if redis_url:
+        assert wait_until(cluster.cluster_up, 30), [n.relay() for n in cluster.nodes]
+    return cluster
+
+
+def wait_until(predicate, timeout: float = 20.0):
+    """Poll `predicate` until true or the deadline; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+async def await_until(predicate, timeout: float = 20.0):
+    return await asyncio.to_thread(wait_until, predicate, timeout)
