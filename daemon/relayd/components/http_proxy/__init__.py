@@ -79,8 +79,8 @@ class HttpProxy(Component):
         try:
             await self._load_services()
             self._load_service_certs(strict=True)
-            for listener in self._listener_names():
-                await self._serve(listener)
+            for lname in self._listener_names():
+                await self._serve(lname)
             if cfg.management:
                 listener = self.context.listener(cfg.management.listener)
                 if not listener.is_loopback:
@@ -141,12 +141,12 @@ class HttpProxy(Component):
             if other.name != name and conflicts(scfg, other.config):
                 raise ValueError(f"Service '{other.name}' is already bound to '{other.config.from_}'")
         # Browser logins (globus_login) of two methods on one listener must not share paths or cookies.
-        uses = []
+        uses: list[tuple[str, str, Any, tuple[str | int, ...]]] = []
         others = [(s.name, s.config) for s in self.services.values() if s.name != name]
         for sname, service in others + [(name, scfg)]:  # the new one last: the clash is reported on it
             aname = service.auth or self.config.auth
             method = self.context.auth.get(aname) if aname else None
-            if method is not None:
+            if method is not None and aname is not None:
                 uses += [(lname, aname, method.config, ("services", sname)) for lname in service.listeners]
         for path, message in browser_clashes(uses):
             if path[:2] == ("services", name):
@@ -344,7 +344,7 @@ class HttpProxy(Component):
             })
         return out
 
-    def metrics(self):  # type: ignore[no-untyped-def]
+    def metrics(self):
         if not hasattr(self, "counters"):
             return
         totals = self.counters.totals()
@@ -399,14 +399,14 @@ class HttpProxy(Component):
         management = self.config.management
         assert management is not None
         if management.token is None:  # token = "none": loopback only (checked at load and start)
-            return await self.api.handle(request, request.path.lstrip("/"))  # type: ignore[arg-type]
+            return await self.api.handle(request, request.path.lstrip("/"))
         token = management.token.get_secret_value().encode()
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
             return web.json_response({"message": "a valid 'Authorization: Bearer <token>' is required"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="relayd"'})
-        return await self.api.handle(request, request.path.lstrip("/"))  # type: ignore[arg-type]
+        return await self.api.handle(request, request.path.lstrip("/"))
 
 
 def _tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:

@@ -115,7 +115,7 @@ class IdentityHeaders(BaseModel):
     email: str = Field("X-Forwarded-Email", pattern=_HEADER_NAME, description="header carrying the e-mail")
 
 
-NO_TOKEN = "none"
+NO_TOKEN = "none"  # noqa: S105 - the word that disables the token, not a token
 
 
 def _management_token(value: Any) -> Any:
@@ -126,7 +126,7 @@ def _management_token(value: Any) -> Any:
     if value == NO_TOKEN:
         return None
     if not isinstance(value, (str, SecretStr)):
-        raise ValueError("expected a string")  # noqa: TRY004 (pydantic reports ValueError, not TypeError)
+        raise ValueError("expected a string")
     return _read_secret(value)
 
 
@@ -304,11 +304,11 @@ def config_problems(config: HttpProxyConfig, settings: Any) -> list[tuple[tuple[
             problems.append((("management", "listener"),
                              (f"{what}: listener {management.listener!r} binds {bind!r}; use 127.0.0.1:PORT, "
                               "[::1]:PORT or unix:PATH (the API creates users and reads billing data)")))
-    uses = []
+    uses: list[tuple[str, str, Any, tuple[str | int, ...]]] = []
     for name, service in config.services.items():
         auth_name = service.auth or config.auth
         auth = settings.auth.get(auth_name) if auth_name else None
-        if auth is None:
+        if auth is None or auth_name is None:
             continue
         path: tuple[str | int, ...] = ("services", name, "auth") if service.auth else ("services", name)
         uses += [(listener, auth_name, auth, path) for listener in service.listeners]

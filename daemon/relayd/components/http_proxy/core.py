@@ -502,8 +502,8 @@ class ClientCore:
         if abort or not keep:
             # The client may still be sending (a body refused early, bytes after a bad head):
             # the shell then lingers, so the answer is not lost to a reset (RFC 9112 9.6).
-            linger = not ex.request_complete or ex.error is not None or self.reader is not None \
-                and self.reader.in_head
+            linger = not ex.request_complete or ex.error is not None or (
+                self.reader is not None and self.reader.in_head)
             self.closed = True
             self.queue.clear()
             self.reader = None

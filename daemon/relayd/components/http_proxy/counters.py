@@ -167,8 +167,8 @@ class Counters:
     def _put_back(self, batch: dict[tuple[Inc, str], list[int]], rejected: dict[tuple[str, int | None], int]) -> None:
         for key, values in batch.items():
             _add_into(self.pending.setdefault(key, [0] * NCOL), values)
-        for key, n in rejected.items():
-            self.pending_rejected[key] = self.pending_rejected.get(key, 0) + n
+        for rkey, n in rejected.items():
+            self.pending_rejected[rkey] = self.pending_rejected.get(rkey, 0) + n
 
     def _failed(self, error: BaseException) -> None:
         now = time.monotonic()
@@ -434,6 +434,7 @@ class Counters:
                 incarnations = await self.call(self.store.current, service, user, False)
         out: dict[tuple[str, str, str], dict[str, Any]] = {}
         heads: dict[tuple[str, str], dict[str, Any]] = {}
+        entry: dict[str, Any] | None
         for row in rows:
             entry = {"service": row[0], "user": row[1], "sgen": row[2], "gen": row[3], "member": bool(row[4]),
                      "created": row[5], "deleted": row[6], "endpoint": row[7], "values": list(row[8:])}

@@ -16,6 +16,7 @@ message it forwards itself, from what was parsed, never from the headers it rece
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import httptools
 
@@ -131,6 +132,7 @@ class _Reader:
         self.trailer_size = 0
         self.stalled = 0  # bytes fed since the last event: an incomplete head or trailer section
         self.failed = False
+        self.parser: Any = None  # the httptools parser of the subclass; None once released
 
     def _trailer(self, name: bytes, value: bytes, status: int) -> None:
         # A trailer field of a chunked body: counted, never forwarded.
@@ -150,7 +152,7 @@ class _Reader:
 
     def release(self) -> None:
         """Break the parser <-> reader reference cycle (no garbage for the collector)."""
-        self.parser = None  # type: ignore[assignment]
+        self.parser = None
 
     def _begin(self) -> None:
         self.in_head = True
@@ -158,7 +160,7 @@ class _Reader:
         self.trailer_size = 0
         self.headers = []
 
-    def _run(self, parser: httptools.HttpParser, data: bytes, status: int) -> list[tuple[int, object]]:
+    def _run(self, parser: Any, data: bytes, status: int) -> list[tuple[int, object]]:
         events = self.events = []
         if self.failed:
             return events
@@ -327,7 +329,7 @@ class ResponseReader(_Reader):
 
     def __init__(self) -> None:
         super().__init__()
-        self.parser: httptools.HttpResponseParser | None = None
+        self.parser = None  # an httptools.HttpResponseParser once a request was sent
         self.head_request = False
         self.upgrade_requested = False
         self.reason = b""
@@ -356,7 +358,7 @@ class ResponseReader(_Reader):
         if self.complete:
             self.extra = True
             return []
-        events = self._run(self.parser, data, 502)  # type: ignore[arg-type]
+        events = self._run(self.parser, data, 502)
         if self.complete and self.failed and events and events[-1][0] == ERROR:
             events.pop()  # junk after a complete response: not an error of this exchange
             self.extra = True

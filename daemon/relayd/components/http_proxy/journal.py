@@ -110,8 +110,8 @@ class Journal:
     def open(self) -> None:
         # Lock .0 before anything else exists: a scan by another writer that opens it in
         # between waits or skips it (and never removes files younger than ORPHAN_AGE).
-        self.fds[0] = os.open(self.paths[0], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fds[0], fcntl.LOCK_EX)
+        self.fds[0] = fd = os.open(self.paths[0], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         self.fds[1] = os.open(self.paths[1], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         _fsync_dir(self.db_path.parent)
 

@@ -90,7 +90,8 @@ class ManagementAPI:
         if n >= 1 and parts[0] in ("stats", "usage", "history") and method == "GET" and n <= 3:
             if parts[0] == "history":
                 return _json(await self.history(*parts[1:]))
-            return _json(await self.stats(*parts[1:], compat=parts[0] == "stats"))
+            return _json(await self.stats(parts[1] if n > 1 else None, parts[2] if n > 2 else None,
+                                          compat=parts[0] == "stats"))
         if not parts or parts[0] != "services" or n > 6:
             raise ApiError(404, "no such management route")
         if n == 1:
@@ -182,7 +183,7 @@ class ManagementAPI:
         store = getattr(auth, "users", None)
         if store is None:
             raise ApiError(400, f"service '{service.name}' uses auth method '{auth.name}' "
-                                f"({auth.config.method}), which has no user store")  # type: ignore[attr-defined]
+                                f"({auth.config.method}), which has no user store")
         return store
 
     def _auth(self, service: Service) -> Any:
@@ -221,7 +222,7 @@ class ManagementAPI:
             else:
                 http += listener.addresses
         auth = scfg.auth or self.c.config.auth
-        method = getattr(self.c.context.auth.get(auth), "config", None) if auth in self.c.context.auth else None
+        method = getattr(self.c.context.auth.get(auth or ""), "config", None) if auth in self.c.context.auth else None
         return {
             "name": service.name,
             "description": scfg.description,
@@ -229,7 +230,7 @@ class ManagementAPI:
             "bindHttps": https or None,
             "bindHttp": http or None,
             "cert": cert,
-            "auth": {"method": method.method} if method is not None else None,  # type: ignore[attr-defined]
+            "auth": {"method": method.method} if method is not None else None,
             "authName": auth,
             "from": scfg.from_,
             "to": scfg.to,
@@ -473,6 +474,8 @@ class ManagementAPI:
         if service is not None and not services and not rows:
             raise ApiError(404, f"Service '{service}' not found")
         out: dict[tuple[str, int | None], dict[str, Any]] = {}
+        entry: dict[str, Any] | None
+        item: dict[str, Any] | None
         for name, sgen, origin, created, deleted, rejected, note in services:
             entry = out[(name, sgen)] = {"name": name, "incarnation": sgen, "origin": origin,
                                          "createdAt": _time(created), "deletedAt": _time(deleted),

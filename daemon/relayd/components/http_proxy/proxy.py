@@ -279,7 +279,7 @@ class ClientConnection(asyncio.Protocol):
         assert state is not None
         try:
             conn = await ex.route.connect()  # type: ignore[union-attr]
-        except asyncio.TimeoutError:
+        except TimeoutError:
             state.upstream_failed(ex, 504, "upstream connect timed out")
             return
         except (OSError, ssl.SSLError) as exc:
@@ -297,7 +297,7 @@ class ClientConnection(asyncio.Protocol):
         self.state.upstream_ready(ex, conn, reused, conn.reader)  # type: ignore[union-attr]
 
     def send_upstream(self, ex: Exchange, *parts: bytes) -> None:
-        transport = ex.upstream.transport  # type: ignore[union-attr]
+        transport = ex.upstream.transport
         if len(parts) == 1:
             transport.write(parts[0])
         else:

@@ -160,7 +160,7 @@ class Route:
             coro = loop.create_connection(UpstreamConnection, self.host, self.port,
                                           ssl=self.ssl_context, server_hostname=server_hostname)
         _, protocol = await asyncio.wait_for(coro, cfg.connect_timeout or None)
-        return protocol  # type: ignore[return-value]
+        return protocol
 
     def close_idle(self) -> None:
         for conn in self.idle:

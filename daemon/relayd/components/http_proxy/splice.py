@@ -139,6 +139,6 @@ class Splicer:
         self.client.state.splice_done(self.ex)  # type: ignore[union-attr]
 
     def _fail(self, why: str) -> None:
-        log.info("%s %s: body cut: %s", self.ex.route.name, self.ex.target[:200], why)
+        log.info("%s %s: body cut: %s", getattr(self.ex.route, "name", "?"), self.ex.target[:200], why)
         self._close()
         self.client.state.abort(self.ex)  # type: ignore[union-attr]

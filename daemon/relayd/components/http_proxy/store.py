@@ -271,8 +271,8 @@ class Store:
                     _add_into(totals.setdefault(inc.service, [0] * NCOL), values)
             db.executemany(_UPSERT, rows)
             refused: dict[str, int] = {}
-            for (service, sgen), n in rejected.items():
-                sgen = sgen if sgen is not None else self._service_gen(service)
+            for (service, known), n in rejected.items():
+                sgen = known if known is not None else self._service_gen(service)
                 db.execute("UPDATE service_incarnations SET rejected = rejected + ? WHERE service = ? AND sgen = ?",
                            (n, service, sgen))
                 refused[service] = refused.get(service, 0) + n
