@@ -30,7 +30,7 @@ _GETSIZEOF_ASCII_OVERHEAD = 49  # sys.getsizeof("") on CPython 3.11-3.13 (64-bit
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 
-class ImportError_(Exception):  # noqa: N801 - not the builtin
+class ImportError_(Exception):
     """The input is not a usable proxystore-relay configuration."""
 
 
@@ -48,7 +48,7 @@ def _typed(data: dict[str, Any], key: str, types: tuple[type, ...], where: str =
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         expected = " or ".join(t.__name__ for t in types)
         raise ImportError_(f"{where}{key} = {value!r}: expected {expected} (proxystore-relay reads it strictly)")
     return value

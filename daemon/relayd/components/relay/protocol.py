@@ -92,7 +92,7 @@ class BadMessage(Exception):
 
 # json.loads without its Python-level wrapping (about half its time for a 200-byte message):
 # the same C scanner, with json.loads's rules for surrounding whitespace (" \t\n\r") and a BOM.
-_scan_once = json.scanner.make_scanner(json.JSONDecoder())
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # typeshed: a context
 _JSON_WS = " \t\n\r"
 
 

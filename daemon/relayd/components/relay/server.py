@@ -129,9 +129,8 @@ class RelayServer:
                 kind = msg.type
                 if kind is WSMsgType.TEXT:
                     received += len(msg.data)
-                    actions = core.receive(client, msg.data, loop.time())
-                    if type(actions) is p.Register:
-                        actions = await self.register(client, actions)
+                    result = core.receive(client, msg.data, loop.time())
+                    actions = await self.register(client, result) if isinstance(result, p.Register) else result
                 elif kind is WSMsgType.BINARY:
                     actions = core.receive_binary(client)
                 else:  # CLOSE, CLOSING, CLOSED, ERROR (e.g. 1009 from the WebSocket layer)
@@ -279,7 +278,7 @@ class RelayServer:
         try:
             await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode(), drain=False),
                                    self.config.close_timeout + 1)
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             # A receiver that stopped reading never takes our close frame: cut it off.
