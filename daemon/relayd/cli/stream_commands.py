@@ -114,7 +114,7 @@ def cmd_stream(args: argparse.Namespace, _client_unused: Any) -> int:
             print(f"relayctl: {args.stream_command} refused by {args.s2cs}: {exc.status.name}: {exc.message}",
                   file=sys.stderr)
         return 1
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         print(f"relayctl: cannot reach {args.s2cs}: {exc or type(exc).__name__}", file=sys.stderr)
         return 2
     except (StreamTerminatedError, ProtocolError) as exc:

@@ -38,7 +38,7 @@ class _Server(Server):
         super().__init__(*args, **kwargs)
         self.protocols: weakref.WeakSet = weakref.WeakSet()
 
-    def _protocol_factory(self):  # type: ignore[no-untyped-def]
+    def _protocol_factory(self):
         protocol = super()._protocol_factory()
         self.protocols.add(protocol)
         return protocol

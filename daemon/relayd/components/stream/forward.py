@@ -97,9 +97,10 @@ class _Connection:
         infos = await self.plane.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         reasons = []
         for info in infos:
-            reason = policy.refusal(info[4][0], port)
+            address = str(info[4][0])
+            reason = policy.refusal(address, port)
             if reason is None:
-                return info[4][0]
+                return address
             reasons.append(reason)
         log.warning("session %s port %d: not connecting to %s:%d: %s", self.session.uid,
                     self.port.port, host, port, "; ".join(reasons) or "no address")

@@ -181,7 +181,7 @@ class SessionManager:
                 raise StreamError(Status.INVALID_ARGUMENT,
                                   f"remote_listeners: cannot resolve {host!r}: {exc}") from None
             for address in addresses:
-                reason = self.policy.refusal(address, port)
+                reason = self.policy.refusal(str(address), port)
                 if reason is not None:
                     where = "" if address == host else f"{format_hostport(host, port)}: "
                     raise StreamError(Status.PERMISSION_DENIED, f"remote_listeners: {where}{reason}")

@@ -179,7 +179,8 @@ class TargetPolicy:
                 continue
             # A wide entry (0.0.0.0/0) does not open loopback or metadata: only an entry that
             # lies inside the guarded range names it on purpose.
-            if guard is None or any(network.subnet_of(net) for net, _ in GUARDED_NETWORKS
+            if guard is None or any(network.subnet_of(net)  # type: ignore[arg-type]  # same version
+                                    for net, _ in GUARDED_NETWORKS
                                     if net.version == network.version and ip in net):
                 return None
         if guard is not None:

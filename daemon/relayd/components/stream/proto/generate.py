@@ -1,10 +1,10 @@
 """Regenerate the committed protobuf/gRPC modules from scistream.proto.
 
-    .venv/bin/pip install grpcio-tools grpclib
+    .venv/bin/pip install grpcio-tools grpclib mypy-protobuf
     .venv/bin/python daemon/relayd/components/stream/proto/generate.py
 
-Writes scistream_pb2.py (messages), scistream_grpc.py (grpclib service base and stub, used by
-relayd) and scistream_pb2_grpc.py (grpcio stub: the stack s2uc uses; the tests talk to relayd
+Writes scistream_pb2.py (messages) with its type stub scistream_pb2.pyi (mypy-protobuf),
+scistream_grpc.py (grpclib service base and stub, used by relayd) and scistream_pb2_grpc.py (grpcio stub: the stack s2uc uses; the tests talk to relayd
 through it). Generated imports are made package-relative so the modules live inside relayd.
 """
 
@@ -25,12 +25,18 @@ def main() -> int:
     if plugin is None:
         print("protoc-gen-grpclib_python not found: pip install grpclib", file=sys.stderr)
         return 1
+    mypy_plugin = shutil.which("protoc-gen-mypy", path=str(Path(sys.executable).parent))
+    if mypy_plugin is None:
+        print("protoc-gen-mypy not found: pip install mypy-protobuf", file=sys.stderr)
+        return 1
     args = [
         "protoc",
         f"-I{HERE}",
         f"--plugin=protoc-gen-grpclib_python={plugin}",
         f"--python_out={HERE}",
         f"--grpclib_python_out={HERE}",
+        f"--plugin=protoc-gen-mypy={mypy_plugin}",
+        f"--mypy_out={HERE}",
         f"--grpc_python_out={HERE}",
         str(HERE / "scistream.proto"),
     ]
