@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pydantic import AfterValidator, Field, field_validator
 
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
-from relayd.config.types import Secret, Seconds
+from relayd.config.types import Seconds, Secret
 
 DEFAULT_AUTH_BASE_URL = "https://auth.globus.org"
 # RFC 6750 b64token; Globus tokens are alphanumeric, this only keeps junk away from Globus.
@@ -272,7 +272,7 @@ class GlobusAuth(AuthMethod):
                 body = await response.json(content_type=None)
         except AuthError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             self._unavailable("Globus introspection at %s failed: %s", self.introspect_url,
                               type(exc).__name__ + (f": {exc}" if str(exc) else ""))
         if not isinstance(body, dict):

@@ -128,7 +128,7 @@ def cookies(header: bytes | str | None) -> dict[str, str]:
     if not header:
         return {}
     text = header.decode("latin-1") if isinstance(header, bytes) else header
-    out = {}
+    out: dict[str, str] = {}
     for part in text.split(";"):
         name, sep, value = part.strip().partition("=")
         if sep:
@@ -386,7 +386,7 @@ class GlobusLogin(AuthMethod):
             async with self.http.get(self.config.auth_base_url + "/.well-known/openid-configuration",
                                      timeout=aiohttp.ClientTimeout(total=min(self.config.timeout, 5.0))) as r:
                 ok = r.status < 500
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
         if ok:
             self.reachable_at = time.time()
@@ -422,7 +422,7 @@ class GlobusLogin(AuthMethod):
 
     async def finish_login_answer(self, query: dict[str, str], cookie_header: bytes | None,
                                   home: str = "/") -> BrowserAnswer:
-        state, code = query.get("state", ""), query.get("code", "")
+        state = query.get("state", "")
         clear = [self._cookie(self.login_cookie, "", 0)]
         done = self.done.get(state) if state else None
         if done is not None and time.time() - done[0] < _PENDING_TTL:
@@ -491,7 +491,7 @@ class GlobusLogin(AuthMethod):
                                              "explanation": "Globus Auth did not answer as expected.",
                                              "links": again})
                 info = await response.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, OSError):
+        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, OSError):
             self.reachable_at = 0.0
             return BrowserAnswer(503, "Globus Auth is unavailable", clear, page="unreachable.html", values={
                 "title": "Globus sign-in is unreachable",
@@ -502,7 +502,7 @@ class GlobusLogin(AuthMethod):
         identity = Identity(sub=info["sub"], method=self.name, username=info.get("preferred_username"),
                             name=info.get("name"), email=info.get("email"),
                             scopes=frozenset(" ".join(t.get("scope", "") for t in all_tokens).split()))
-        linked = {i.get("sub") for i in info.get("identity_set") or [] if isinstance(i, dict)} | {identity.sub}
+        linked = {str(i.get("sub")) for i in info.get("identity_set") or [] if isinstance(i, dict)} | {identity.sub}
         refusal = self._refusal(identity, linked)
         if refusal:
             await self._revoke(held)
@@ -595,7 +595,7 @@ class GlobusLogin(AuthMethod):
             try:
                 await self._post("/v2/oauth2/token/revoke", {"token": token})
                 done.append(token)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+            except (TimeoutError, aiohttp.ClientError, ValueError, OSError):
                 self.reachable_at = 0.0
                 self.log.warning("could not revoke a token at Globus Auth; will retry")
                 break
