@@ -29,6 +29,14 @@ def relayd(tmp_path: Path) -> Iterator:
         daemon.kill()
 
 
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """A directory to put on PYTHONPATH, holding the installed test plugins (plugin_package.py)."""
+    from plugin_package import build_plugin_site
+
+    return build_plugin_site(tmp_path_factory.mktemp("plugins"))
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

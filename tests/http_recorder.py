@@ -425,7 +425,7 @@ class RawClient:
             return False
 
     def send_segments(self, pieces: Sequence[bytes]) -> bool:
-        for piece in pieces:
+        for piece in pieces:  # noqa: SIM110 - stop at the first refused send, in order
             if piece and not self.send(piece):
                 return False
         return True

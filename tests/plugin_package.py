@@ -1,6 +1,6 @@
 """A tiny third-party relayd plugin, written and pip-installed by the tests.
 
-``plugin_site`` (session fixture) builds three distributions in a temporary directory and
+``build_plugin_site`` (behind conftest's session fixture ``plugin_site``) builds three distributions in a temporary directory and
 installs them with ``pip install --no-deps --no-build-isolation --target SITE``; a relayd
 started with ``PYTHONPATH=SITE`` sees them through its entry points exactly as it would see
 a package installed from PyPI:
@@ -25,8 +25,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-import pytest
 
 TINYPLUGIN = '''
 """A third-party relayd plugin used by relayd's tests."""
@@ -178,10 +176,9 @@ def write_distribution(root: Path, name: str, version: str, modules: dict[str, s
     return root
 
 
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory) -> Path:
-    """A directory to put on PYTHONPATH, holding the installed test plugins."""
-    root = tmp_path_factory.mktemp("plugins")
+def build_plugin_site(root: Path) -> Path:
+    """Build and install the test plugins under ``root``; returns the directory to put on
+    PYTHONPATH (conftest's session fixture ``plugin_site`` calls this once)."""
     tiny = write_distribution(
         root / "src-tiny", "relayd-tinyplugin", "0.1.0",
         {"tinyplugin": TINYPLUGIN,

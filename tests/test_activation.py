@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from relayd.testing import free_port, get_text as get, have, listening_socket, start_relayd, write_config
+from relayd.testing import free_port, have, listening_socket, start_relayd, write_config
+from relayd.testing import get_text as get
 
 ACTIVATED = """
     [listeners.web]

@@ -94,12 +94,12 @@ def test_discovery_scopes_parsing():
         globus_scopes({"auth": []})
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from relayd.auth.base import AuthError  # noqa: E402
-from relayd.auth.basic import parse_basic  # noqa: E402
-from relayd.auth.globus import parse_bearer  # noqa: E402
+from relayd.auth.base import AuthError
+from relayd.auth.basic import parse_basic
+from relayd.auth.globus import parse_bearer
 
 
 @settings(max_examples=300, deadline=None)

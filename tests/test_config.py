@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from plugin_package import plugin_site  # noqa: F401  (session fixture)
 
 from relayd.config import ConfigError, load_config
 from relayd.plugins import Registry

@@ -291,7 +291,7 @@ def request(draw: st.DrawFn, rid: str, inner: int) -> Req:
     else:
         body = b""
     others = draw(st.permutations(others))
-    head_lines = [f"{method} {target} HTTP/1.1".encode("utf-8"), *lines, *others]
+    head_lines = [f"{method} {target} HTTP/1.1".encode(), *lines, *others]
     endings = [b"\r\n"] * len(head_lines) + [b"\r\n"]
     if draw(st.integers(0, 11)) == 0:
         endings[draw(st.integers(0, len(endings) - 1))] = draw(st.sampled_from([b"\n", b"\r", b"\r\r\n"]))

@@ -84,7 +84,7 @@ def test_globus_login_session_identity_headers_and_logout(relayd, fake_globus, t
             assert headers["x-forwarded-user"] == ["alice@example.org"]
             assert headers["x-forwarded-email"] == ["alice@example.org"]
             assert "relayd_session" not in ";".join(headers.get("cookie", []))
-            cookie = [c for c in session.cookie_jar if c.key == "relayd_session"][0]
+            cookie = next(c for c in session.cookie_jar if c.key == "relayd_session")
             assert cookie["httponly"] and cookie["secure"] and cookie["samesite"] == "Lax"
             # Session cookies never reach an upstream, whichever service; the app's own do.
             session.cookie_jar.update_cookies({"app": "1"}, response_url=aiohttp.client.URL(base))

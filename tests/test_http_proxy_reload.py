@@ -9,8 +9,8 @@ component serves what its connections ask and closes them after the response.
 from __future__ import annotations
 
 import socket
-import time
 import threading
+import time
 
 from test_http_proxy import Upstream, proxy_config
 

@@ -1167,10 +1167,10 @@ def test_bad_response(env: Env, case: Bad) -> None:
         assert r is not None and r.status == 502, (outcome, r and (r.status, r.body[:300]))
         assert_error_json(r)
     elif case.expect == "502-or-cut":
-        assert r is None and outcome.startswith("cut") or (r is not None and r.status == 502), \
+        assert (r is None and outcome.startswith("cut")) or (r is not None and r.status == 502), \
             (outcome, r and (r.status, r.body[:300]))
     else:
-        assert r is None and outcome.startswith("cut") or (r is not None and (
+        assert (r is None and outcome.startswith("cut")) or (r is not None and (
             r.status == 502 or (r.status == case.ok_status and r.body == case.ok_body))), \
             (outcome, r and (r.status, r.body[:300]))
     raw = case.raw if isinstance(case.raw, bytes) else b"".join(case.raw)

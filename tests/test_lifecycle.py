@@ -54,8 +54,9 @@ def test_status_and_metrics(relayd, port):
 
 
 def test_relayctl_unreachable_exits_2(tmp_path):
-    from relayd.testing import BIN
     import subprocess
+
+    from relayd.testing import BIN
 
     result = subprocess.run([str(BIN / "relayctl"), "--socket", str(tmp_path / "none.sock"), "status"],
                             capture_output=True, text=True, env={**os.environ, "RELAYD_CONTROL__SOCKET": ""})

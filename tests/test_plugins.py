@@ -9,8 +9,6 @@ import urllib.error
 import urllib.request
 from importlib.metadata import EntryPoint
 
-from plugin_package import plugin_site  # noqa: F401  (session fixture)
-
 from relayd.plugins import Registry
 from relayd.testing import BIN, free_port, write_config
 

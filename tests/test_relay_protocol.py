@@ -33,7 +33,7 @@ def test_registration_reply_is_byte_exact():
     core = p.RelayCore()
     c = client(core)
     assert register(core, c) == [p.Send(c, p.REGISTERED_REPLY)]
-    assert p.REGISTERED_REPLY == p.encode_response()
+    assert p.encode_response() == p.REGISTERED_REPLY
 
 
 def test_forward_rewrites_source_and_matches_proxystores_encoder():

@@ -203,7 +203,7 @@ def test_twenty_reloads_under_load(relayd):
             if state["second"]:
                 assert http_get(ports.extra, "/healthz") == (200, b"ok\n")
         # Both clients make progress after every reload.
-        wait_until(lambda: holder.requests > before[0] + 2 and looper.requests > before[1] + 2,
+        wait_until(lambda before=before: holder.requests > before[0] + 2 and looper.requests > before[1] + 2,
                    f"clients to progress after reload {index} ({step})")
 
     holder.done.set()
@@ -303,6 +303,7 @@ def test_rejected_reload_via_relayctl_json(relayd):
 
 def test_tls_certificate_rotation_by_reload_and_a_broken_key_rejected(relayd, tmp_path):
     import ssl
+
     import trustme
 
     first_ca, second_ca = trustme.CA(), trustme.CA()

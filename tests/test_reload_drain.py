@@ -8,7 +8,6 @@ import socket
 import time
 
 import pytest
-from plugin_package import plugin_site  # noqa: F401  (session fixture)
 
 from relayd.testing import free_port
 

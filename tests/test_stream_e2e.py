@@ -209,7 +209,7 @@ def transfer(f: Facilities, num_conn: int, total: int, app_ports: int, tag: byte
                 except ConnectionResetError:
                     pass
             assert len(got) < 100 and len(app.sent) == served
-        for daemon, ctl in ((f.prod, f.prod_ctl), (f.cons, f.cons_ctl)):
+        for daemon in (f.prod, f.cons):
             rows = json.loads(daemon.ctl("sessions", "s2cs", "--json").stdout)["sessions"]
             (row,) = [r for r in rows if r["uid"] == uid]
             assert row["bytes_from_target"] == total and row["bytes_to_target"] == 4 * num_conn

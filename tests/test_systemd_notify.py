@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-from plugin_package import plugin_site  # noqa: F401  (session fixture)
-
 from relayd.systemd import Notifier, listen_fds, monotonic_usec, parse_listen_env, watchdog_interval
 from relayd.testing import FakeServiceManager
 

@@ -290,7 +290,7 @@ def set_on_closed(protocol: Any, release: Release) -> None:
 # -- one component's servers on one listener -----------------------------------------------------
 
 def _counted_tls(base: type) -> type:
-    class CountedTLS(base):  # type: ignore[misc, valid-type]
+    class CountedTLS(base):
         """The loop's TLS layer, releasing its slot when the raw connection closes."""
 
         release: Release
@@ -307,7 +307,7 @@ def _counted_tls(base: type) -> type:
 _AsyncioTLS = _counted_tls(sslproto.SSLProtocol)
 try:
     import uvloop
-    from uvloop.loop import SSLProtocol as _UvloopSSLProtocol
+    from uvloop.loop import SSLProtocol as _UvloopSSLProtocol  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - uvloop is a dependency
     uvloop = None  # type: ignore[assignment]
     _UvloopTLS = None
@@ -371,7 +371,7 @@ class GatedServer:
 
     @property
     def sockets(self) -> list[Any]:
-        return [sock for server in self.servers for sock in server.sockets]
+        return [sock for server in self.servers for sock in server.sockets]  # type: ignore[attr-defined]
 
     @property
     def is_serving(self) -> bool:

@@ -87,5 +87,5 @@ class Engines:
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {name: health.as_dict() for name, health in sorted(self._engines.items())}
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(sorted(self._engines.items()))

@@ -47,7 +47,7 @@ class HttpService:
         self._handler = handler
         self._busy: dict[object, int] = {}  # connection (RequestHandler) -> handlers running
         self._changed = asyncio.Event()
-        self.web_server = _WebServer(self._track, access_log=None, **server_kwargs)  # type: ignore[arg-type]
+        self.web_server = _WebServer(self._track, access_log=None, **server_kwargs)
         self.servers: list[GatedServer] = []
 
     async def _track(self, request: web.BaseRequest) -> web.StreamResponse:

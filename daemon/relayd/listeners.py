@@ -29,7 +29,7 @@ class ListenerError(Exception):
     pass
 
 
-def parse_bind(bind: str) -> tuple[int, object]:
+def parse_bind(bind: str) -> tuple[int, Any]:
     """(family, address) for a bind string; see ListenerConfig.bind."""
     if bind.startswith("unix:"):
         path = bind.removeprefix("unix:")
@@ -55,7 +55,7 @@ def bind_socket(bind: str, backlog: int) -> socket.socket:
                 _remove_stale_unix_socket(Path(address))
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and address[0] == "::":  # type: ignore[index]
+            if family == socket.AF_INET6 and address[0] == "::":
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
         sock.listen(backlog)
@@ -135,7 +135,7 @@ class ServerTLS:
             if current is not None and current is not context:
                 sslobj.context = current
 
-        front.sni_callback = switch  # type: ignore[assignment]
+        front.sni_callback = switch
         return front
 
     def install(self, context: ssl.SSLContext) -> None:
@@ -236,7 +236,7 @@ class SocketPool:
 
     def __init__(self, activated: dict[str, list[socket.socket]] | None = None) -> None:
         self.activated = activated or {}
-        self._bound: dict[tuple[str, int], list[socket.socket]] = {}
+        self._bound: dict[tuple[str, str], list[socket.socket]] = {}  # ("bind", ADDRESS)
         self.gates: dict[tuple[str, object], AcceptGate] = {}
         self.tls: dict[tuple[tuple[str, object], str], ServerTLS] = {}  # (socket key, TLS config)
         self._staged: dict[tuple[tuple[str, object], str], ssl.SSLContext] = {}
@@ -253,8 +253,8 @@ class SocketPool:
             )
         key = ("bind", config.bind)
         if key not in self._bound:
-            self._bound[key] = [bind_socket(config.bind, config.backlog)]  # type: ignore[index]
-        return key, self._bound[key], False  # type: ignore[index]
+            self._bound[key] = [bind_socket(config.bind, config.backlog)]
+        return key, self._bound[key], False
 
     def build(self, name: str, config: ListenerConfig, limit: int = UNLIMITED) -> tuple[tuple[str, object], Listener]:
         """`limit` applies to sockets opened now; those already open keep theirs until the

@@ -22,7 +22,7 @@ class DaemonCollector:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self):
         daemon = self.daemon
         gen = daemon.generation
         yield GaugeMetricFamily("relayd_generation", "Configuration generation being served",
@@ -111,7 +111,7 @@ class _Families:
 
 def render(daemon: Daemon) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(daemon))  # type: ignore[arg-type]
+    registry.register(DaemonCollector(daemon))
     return generate_latest(registry)
 
 

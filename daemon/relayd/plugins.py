@@ -76,7 +76,7 @@ class Registry:
         else:
             self.plugins[group][ep.name] = plugin
 
-    def usable(self, group: str) -> dict[str, type]:
+    def usable(self, group: str) -> dict[str, typing.Any]:  # the plugin classes of `group`
         return {n: p.cls for n, p in self.plugins[group].items() if p.cls is not None}
 
     def problem(self, group: str, name: str) -> str | None:

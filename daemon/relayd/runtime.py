@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relayd import __version__
 from relayd.accept_gate import LimitPlan, nofile_limit, plan_limits, raise_nofile_limit
@@ -30,6 +30,9 @@ from relayd.listeners import Listener, ListenerError, SocketPool
 from relayd.logsetup import configure_logging
 from relayd.plugins import Registry
 from relayd.systemd import Notifier, listen_fds, watchdog_interval
+
+if TYPE_CHECKING:
+    from relayd.control import ControlServer
 
 log = logging.getLogger("relayd")
 EXIT_STOP_FAILED = 74  # EX_IOERR: a component could not stop cleanly (e.g. counts held in a journal)
@@ -106,7 +109,7 @@ class Daemon:
         self._shutdown = asyncio.Event()
         self.stop_failures: list[str] = []  # objects that could not stop cleanly during shutdown
         self._reload_after_start = False
-        self.control = None
+        self.control: ControlServer | None = None
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -314,7 +317,7 @@ class Daemon:
         """Stop what the new generation no longer uses, in the background."""
         kept_components = {id(c) for c in new.components.values()}
         kept_auth = {id(a) for a in new.auth.values()}
-        retired = [("component", c) for c in old.components.values() if id(c) not in kept_components]
+        retired: list[tuple[str, Any]] = [("component", c) for c in old.components.values() if id(c) not in kept_components]
         retired += [("auth", a) for a in old.auth.values() if id(a) not in kept_auth]
         timeout = new.config.settings.drain_timeout
 
@@ -514,7 +517,7 @@ class Daemon:
         if self.control:
             await self.control.stop()
         if gen:
-            objects = [("component", c) for c in gen.components.values()]
+            objects: list[tuple[str, Any]] = [("component", c) for c in gen.components.values()]
             objects += [("auth", a) for a in gen.auth.values()]
             await self._stop_objects(objects, timeout)
         # Objects a reload replaced may still be draining: let them finish (an http_proxy saves

@@ -43,7 +43,7 @@ class Notifier:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ
         value = environ.get("NOTIFY_SOCKET", "")
-        self.address = _notify_address(value) if value else None
+        self.address: str | bytes | None = _notify_address(value) if value else None
         self._sock: socket.socket | None = None
         if self.address is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -55,7 +55,7 @@ class Notifier:
 
     def notify(self, **fields: object) -> bool:
         """Send ``KEY=VALUE`` lines in one datagram; ``notify(READY=1, STATUS="up")``."""
-        if self._sock is None:
+        if self._sock is None or self.address is None:
             return False
         lines = []
         for key, value in fields.items():

@@ -280,11 +280,10 @@ def start_relayd(
     if systemd_activate:
         wrapper = systemd_socket_activate_command(systemd_activate, full_env) + wrapper
     log_path = _unused(tmp_path / "relayd.log")
-    log_file = open(log_path, "ab")
     command = [*wrapper, str(BIN / "relayd"), "--config", str(config_dir), *args]
-    process = subprocess.Popen(command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                               pass_fds=tuple(pass_fds))
-    log_file.close()
+    with open(log_path, "ab") as log_file:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   pass_fds=tuple(pass_fds))
     daemon = RelaydProcess(config_dir, control, manager, process, log_path, full_env)
     if systemd_activate:
         trigger_lazy_activation(systemd_activate[0][0], time.monotonic() + ready_timeout)
@@ -307,7 +306,7 @@ def get_text(url: str) -> tuple[int, str]:
     """(status, body) of a GET that must succeed."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - test helper, loopback URLs
         return response.status, response.read().decode()
 
 
@@ -317,9 +316,9 @@ def get_json(url: str, authorization: str | None = None) -> tuple[int, dict, Any
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})  # noqa: S310
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback URLs
             return response.status, dict(response.headers), json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), json.loads(exc.read())

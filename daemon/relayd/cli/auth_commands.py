@@ -197,7 +197,7 @@ def cmd_check_auth(args: argparse.Namespace, client: None) -> int:
         for rs, data in sorted(selected.items()):
             data, refreshed = fresh(settings, store, data, hint[rs])
             extra = store.identities().get(data.identity_id or "", {})
-            row = {"resource_server": rs, "identity_id": data.identity_id, "username": extra.get("username"),
+            row: dict[str, Any] = {"resource_server": rs, "identity_id": data.identity_id, "username": extra.get("username"),
                    "name": extra.get("name"), "email": extra.get("email"), "scopes": data.scope.split(),
                    "expires_at": data.expires_at_seconds, "refreshed": refreshed,
                    "has_refresh_token": bool(data.refresh_token)}

@@ -73,7 +73,7 @@ class _LayeredSource(PydanticBaseSettingsSource):
         return self._data
 
 
-def _settings_class(model: type[CoreSettings], data: dict[str, Any]) -> type[BaseSettings]:
+def _settings_class(model: type[CoreSettings], data: dict[str, Any]) -> type[CoreSettings]:
     class Settings(model, BaseSettings):  # type: ignore[misc, valid-type]
         model_config = SettingsConfigDict(extra="forbid")
 
@@ -162,8 +162,8 @@ def _explain(exc: ValidationError, layers: Layers, registry: Registry, model: ty
             if kind == "union_tag_not_found":
                 message = f"missing '{tag}' (one of: {installed})"
             else:
-                message = registry.problem(group, value) if group in GROUPS else None
-                message = message or f"unknown {tag} {value!r} (installed: {installed})"
+                problem = registry.problem(group, str(value)) if group in GROUPS else None
+                message = problem or f"unknown {tag} {value!r} (installed: {installed})"
             key = f"{key}.{tag}"
             if kind == "union_tag_invalid":
                 loc = loc + (tag,)  # point at the `kind = ...` line, not the table header
@@ -210,7 +210,7 @@ def _model_at(model: type, data: Any, loc: Path_, registry: Registry) -> type[Ba
             if depth == 1 and loc[0] in GROUPS:
                 entry = _get(data, loc[:2])
                 tag = entry.get(GROUPS[str(loc[0])][1]) if isinstance(entry, dict) else None
-                cls = registry.usable(str(loc[0])).get(tag)
+                cls = registry.usable(str(loc[0])).get(str(tag))
                 current = cls.Config if cls else None
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
@@ -279,7 +279,7 @@ def _check_listener_claims(settings: CoreSettings, layers: Layers, registry: Reg
     (the kernel wakes either accept loop): refused, naming both."""
     claims: list[tuple[str, str, Path_]] = []  # (component, listener, key path of the reference)
     for cname, entry in settings.components.items():
-        cls = registry.usable("components").get(getattr(entry, "kind", None))
+        cls = registry.usable("components").get(getattr(entry, "kind", ""))
         claim = getattr(cls, "listener_claims", None)
         if claim is None:
             continue
@@ -327,7 +327,7 @@ def _check_components(settings: CoreSettings, layers: Layers, registry: Registry
     """Each component kind's own checks across tables (Component.config_problems)."""
     problems = []
     for cname, entry in settings.components.items():
-        cls = registry.usable("components").get(getattr(entry, "kind", None))
+        cls = registry.usable("components").get(getattr(entry, "kind", ""))
         check = getattr(cls, "config_problems", None)
         if check is None:
             continue

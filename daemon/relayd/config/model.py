@@ -139,6 +139,10 @@ class CoreSettings(Strict):
     drain_timeout: Seconds = Field(10.0, description="how long removed components may drain")
     state: StateConfig = Field(default_factory=StateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    if typing.TYPE_CHECKING:
+        # Added by build_settings_model(), typed by the installed plugins' Config classes.
+        auth: dict[str, Any] = Field(default_factory=dict)
+        components: dict[str, Any] = Field(default_factory=dict)
 
 
 def _union(models: list[type[BaseModel]], discriminator: str) -> Any:
@@ -150,13 +154,15 @@ def _union(models: list[type[BaseModel]], discriminator: str) -> Any:
 
 def build_settings_model(registry: Registry, *, fragment: bool = False) -> type[CoreSettings]:
     """Settings with `components` and `auth` tables typed by the installed plugins."""
-    components = [cls.Config for cls in registry.usable("components").values()]
-    auth = [cls.Config for cls in registry.usable("auth").values()]
+    components: list[type[BaseModel]] = [cls.Config for cls in registry.usable("components").values()]
+    auth: list[type[BaseModel]] = [cls.Config for cls in registry.usable("auth").values()]
+    auth_table: Any = dict[Name, _union(auth, "method")]  # type: ignore[misc]  # built at run time
+    component_table: Any = dict[Name, _union(components, "kind")]  # type: ignore[misc]
     return create_model(
         "RelaydSettings",
         __base__=CoreSettings,
-        auth=(dict[Name, _union(auth, "method")], Field(default_factory=dict)),
-        components=(dict[Name, _union(components, "kind")], Field(default_factory=dict)),
+        auth=(auth_table, Field(default_factory=dict)),
+        components=(component_table, Field(default_factory=dict)),
     )
 
 

@@ -260,6 +260,6 @@ def parse_set(assignment: str) -> dict[str, Any]:
     result: dict[str, Any] = {}
     node = result
     for part in path[:-1]:
-        node = node.setdefault(part, {})
-    node[path[-1]] = value
+        node = node.setdefault(str(part), {})
+    node[str(path[-1])] = value
     return result

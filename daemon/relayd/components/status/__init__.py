@@ -73,7 +73,8 @@ class StatusComponent(Component):
             except AuthError as exc:
                 status = 503 if exc.reason is AuthFailure.UNAVAILABLE else (
                     403 if exc.reason is AuthFailure.FORBIDDEN else 401)
-                headers = {"WWW-Authenticate": method.challenge()} if status == 401 and method.challenge() else {}
+                challenge = method.challenge()
+                headers = {"WWW-Authenticate": challenge} if status == 401 and challenge else {}
                 return web.json_response({"message": exc.message}, status=status, headers=headers)
         if request.path == "/metrics":
             return web.Response(body=metrics.render(daemon), headers={"Content-Type": metrics.CONTENT_TYPE})
