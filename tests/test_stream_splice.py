@@ -216,7 +216,7 @@ def test_one_gib_is_byte_exact_and_counted(plane, num_conn):
         def run():
             try:
                 fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
         t = threading.Thread(target=run)
         t.start()

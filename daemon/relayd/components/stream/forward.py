@@ -321,7 +321,12 @@ async def _dial(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: t
     err = sock.connect_ex(address)
     if err in (errno.EINPROGRESS, errno.EAGAIN):
         ready = loop.create_future()
-        loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+
+        def writable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_writer(sock.fileno(), writable)
         try:
             await ready
         finally:
