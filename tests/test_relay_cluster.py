@@ -16,10 +16,10 @@ import websockets
 from proxystore.p2p.relay.client import RelayClient
 from proxystore.p2p.relay.exceptions import RelayRegistrationError
 from proxystore.p2p.relay.messages import PeerConnectionRequest
-from redis_server import RedisServer
-from relay_cluster_helpers import await_until, start_cluster, wait_until
 
 from haproxy_front import HAProxyFront
+from redis_server import RedisServer
+from relay_cluster_helpers import start_cluster
 
 
 def run(coro):

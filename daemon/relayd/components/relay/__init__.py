@@ -15,8 +15,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from relayd.component import Component
-from relayd.components.relay.config import RelayConfig
 from relayd.components.relay.cluster import ClusterBus
+from relayd.components.relay.config import RelayConfig
 from relayd.components.relay.server import RelayServer
 from relayd.engines import EngineHealth, redact_url
 from relayd.logsetup import access_logger

@@ -135,7 +135,7 @@ class ClusterBus:
             self.wakeup.set()
             try:
                 await asyncio.wait_for(self._drained(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for task in self.tasks:
             task.cancel()
@@ -263,7 +263,7 @@ class ClusterBus:
                 delay = BACKOFF_FIRST  # it worked for a while: retry quickly
             self.up = False
             self.health.report(False, detail)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
             delay = min(delay * 2, BACKOFF_CAP)
 
     async def _serve(self) -> None:
@@ -327,7 +327,7 @@ class ClusterBus:
         for client in clients:
             evict = json.dumps({"type": "evict", "from": self.node, "uuid": client.uuid})[:-1] + ', "conn": "'
             await self.scripts["claim"](keys=[self.key(client.uuid or "")], client=pipe, args=[
-                self.value(client), client.identity, self.channel_prefix, TTL, self.node, evict])
+                self.value(client), client.identity or "", self.channel_prefix, TTL, self.node, evict])
         results = await pipe.execute()
         refused = [c for c, r in zip(clients, results) if r == -1]
         self.execute([self.core.close(c, p.FORBIDDEN, p.other_user_registration(c.uuid or "")) for c in refused])

@@ -344,6 +344,7 @@ class RelayCore:
         elif target.identity != client.identity:
             target, error = None, other_user_error(peer)
         if target is None:
+            assert error is not None  # set by both branches above
             return [self.echo(client, peer, description_type, description, error)]
         self.forwarded += 1
         target.messages_out += 1
