@@ -435,3 +435,54 @@ def test_stop_with_splice_connections_open_ends_promptly(tmp_path):
         app.close()
         channel.close()
         daemon.kill()
+
+
+def test_reload_replacing_the_component_lets_a_spliced_transfer_finish(tmp_path):
+    """A reload that rebuilds the stream component: the old one drains (drain_timeout), so a
+    spliced connection in flight carries on and ends byte-exact; descriptors are released."""
+    ctl = free_port()
+    ports = port_range(8)
+    config = "drain_timeout = 60\n" + stream_config(ctl, ports, auth=auth_none())
+    daemon = start(tmp_path, "reload", config)
+    channel, control = stub(ctl)
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen()
+    try:
+        [address] = _session(control, "reloaded", app)
+        client = socket.create_connection(address, timeout=60)
+        served, _ = app.accept()
+        served.settimeout(60)
+        sent, got = hashlib.sha256(), hashlib.sha256()
+        chunks = _stream(5)
+        first = bytes(next(chunks))
+        client.sendall(first)
+        sent.update(first)
+        received = 0
+        while received < len(first):
+            data = served.recv(1 << 20)
+            got.update(data)
+            received += len(data)
+        # rebuild the component (max_sessions changed), keeping the listener
+        (tmp_path / "reload" / "etc" / "relayd.toml").write_text(config.replace(
+            'kind = "stream"', 'kind = "stream"\nmax_sessions = 512'))
+        result = daemon.ctl("reload")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "draining (replaced or removed): components.s2cs" in daemon.ctl("status").stdout
+        total = [received]
+
+        def read_rest():
+            total[0] += _drain(served, got)
+
+        reader = threading.Thread(target=read_rest)
+        reader.start()
+        _send(client, 256 << 20, 6, sent)
+        reader.join(120)
+        assert total[0] == len(first) + (256 << 20) and got.hexdigest() == sent.hexdigest()
+        served.close()  # the application's close reaches the client through the old component
+        _poll(lambda: _closed(client), "the client sees the close")
+        client.close()
+    finally:
+        app.close()
+        channel.close()
+        daemon.kill()
