@@ -11,7 +11,8 @@ from pathlib import Path
 from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
 
 
-def node_config(port: int, redis_url: str | None, node: str, extra: str = "", auth: str = "") -> str:
+def node_config(port: int, redis_url: str | None, node: str, extra: str = "", auth: str = "",
+                status_port: int = 0) -> str:
     cluster = f'[cluster]\nredis = "{redis_url}"\nnode = "{node}"\n' if redis_url else ""
     auth_table = auth or '[auth.open]\nmethod = "none"'
     return f"""
@@ -24,7 +25,13 @@ kind = "relay"
 listener = "relay"
 auth = "{'globus' if auth else 'open'}"
 {extra}
-"""
+""" + (f"""
+[listeners.web]
+bind = "127.0.0.1:{status_port}"
+[components.health]
+kind = "status"
+listener = "web"
+""" if status_port else "")
 
 
 @dataclass
@@ -33,7 +40,19 @@ class Node:
     port: int
     config_dir: Path
     tmp: Path
+    status_port: int = 0
     process: RelaydProcess | None = None
+
+    def healthz(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/healthz", timeout=10) as reply:
+            assert reply.status == 200
+            return reply.read().decode()
+
+    def metrics(self) -> str:
+        assert self.process is not None
+        return self.process.ctl("metrics").stdout
 
     @property
     def url(self) -> str:
@@ -78,10 +97,11 @@ class Cluster:
 def start_cluster(tmp: Path, redis_url: str | None, count: int, extra: str = "", auth: str = "") -> Cluster:
     cluster = Cluster()
     for index in range(count):
-        port = free_port()
+        port, status_port = free_port(), free_port()
         name = f"node{index}"
-        config_dir = write_config(tmp / f"etc-{name}", node_config(port, redis_url, name, extra, auth))
-        node = Node(name, port, config_dir, tmp / name)
+        config_dir = write_config(tmp / f"etc-{name}", node_config(port, redis_url, name, extra, auth,
+                                                                     status_port))
+        node = Node(name, port, config_dir, tmp / name, status_port)
         node.tmp.mkdir(parents=True, exist_ok=True)
         cluster.nodes.append(node)
     for node in cluster.nodes:

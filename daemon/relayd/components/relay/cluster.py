@@ -100,10 +100,11 @@ class ClusterBus:
         self.channel_prefix = f"{self.prefix}node:"
         self.channel = self.channel_prefix + node
         # No retries inside redis-py: a failure must reach us, so that we resubscribe and resync.
-        options: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 3,
-                                   "decode_responses": True}
-        self.redis = aioredis.from_url(url, socket_timeout=5, **options)
-        self.subscriber = aioredis.from_url(url, **options)  # blocking reads: no socket_timeout
+        options: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 3}
+        self.redis = aioredis.from_url(url, socket_timeout=5, decode_responses=True, **options)
+        # Blocking reads: no socket_timeout. Bytes: anyone may publish anything, even invalid
+        # UTF-8, and redis-py's decoding error would cost us the subscription.
+        self.subscriber = aioredis.from_url(url, **options)
         self.scripts = {name: self.redis.register_script(src) for name, src in
                         (("forward", FORWARD), ("claim", CLAIM), ("refresh", REFRESH), ("release", RELEASE))}
         self.outbox: deque[tuple] = deque()
@@ -352,12 +353,16 @@ class ClusterBus:
             self.log.warning("cluster: dropped a message on %s (%s; %d dropped so far): %.80r",
                              self.channel, why, self.dropped, data)
 
-    def on_envelope(self, data: Any) -> None:
+    def on_envelope(self, raw: Any) -> None:
         """One message from our channel: anything not well-formed is dropped with a log."""
-        if not isinstance(data, str):
-            return self._drop("not text", data)
-        if len(data) > MAX_ENVELOPE:
-            return self._drop("oversize", data[:80])
+        if not isinstance(raw, bytes):
+            return self._drop("not bytes", raw)
+        if len(raw) > MAX_ENVELOPE:
+            return self._drop("oversize", raw[:80])
+        try:
+            data = raw.decode()
+        except UnicodeDecodeError:
+            return self._drop("not UTF-8", raw)
         dest, _, body = data.partition("\n")
         if dest != self.node:
             return self._drop(f"addressed to node {dest!r}", data)
