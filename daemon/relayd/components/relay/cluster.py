@@ -37,25 +37,64 @@ from relayd.engines import EngineHealth
 HEARTBEAT = 5.0  # seconds between registry refreshes and bus pings
 TTL = 30  # seconds a registration outlives its node's last heartbeat (PUBLISH finds dead nodes sooner)
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0  # reconnect delays, doubled per failure, jittered
-BATCH = 512  # publishes per pipeline round trip
+BATCH = 512  # outbox items per round trip
+BATCH_BYTES = 256 * 1024  # envelope bytes per round trip (a subscriber's Redis output buffer is 32 MiB)
 OUTBOX_LIMIT = 10_000  # queued publishes past which senders wait (memory stays bounded)
 MAX_ENVELOPE = 2 * p.HARD_MAX_BYTES + 4096  # a 1 MiB description may double when JSON-escaped
+MAX_PUBLISH = BATCH_BYTES + MAX_ENVELOPE  # one PUBLISH: a batch of envelopes
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PEER_FIELDS = ("source_uuid", "source_name", "peer_uuid", "description_type", "description")
 
-# KEYS[1] registry key; ARGV: sender identity, channel prefix, envelope, this node.
-# Returns 1 published, 0 nobody has the peer (a dead node's entry is removed), -1 other identity.
+# ARGV: channel prefix, this node, registry key prefix, then three lists joined by newlines (none
+# of their items has one: UUIDs, JSON-quoted identities, JSON envelopes): peers, the senders'
+# identities, envelopes. One string per list, not one argument per item: redis-py spends ~20 us
+# packing each argument, more than the relay's whole work on a message. Per peer: 1 published,
+# 0 nobody has it (entries of dead nodes, whose channel has no subscriber, are removed), -1
+# another identity has it. Envelopes for one node go out as one PUBLISH, in order: under load a
+# node receives few, large messages.
 FORWARD = """
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-local node, identity = string.match(v, '^([^\\n]*)\\n[^\\n]*\\n(.*)$')
-if not node or node == ARGV[4] then redis.call('DEL', KEYS[1]) return 0 end
-if identity ~= ARGV[1] then return -1 end
-if redis.call('PUBLISH', ARGV[2] .. node, node .. '\\n' .. ARGV[3]) == 0 then
-  redis.call('DEL', KEYS[1])
-  return 0
+local function lines(s)
+  local t = {}
+  for item in string.gmatch(s, '[^\\n]+') do t[#t + 1] = item end
+  return t
 end
-return 1
+local peers, identities, envelopes = lines(ARGV[4]), lines(ARGV[5]), lines(ARGV[6])
+local keys, results, batches, order = {}, {}, {}, {}
+for i, peer in ipairs(peers) do
+  local key = ARGV[3] .. peer
+  keys[i] = key
+  local v = redis.call('GET', key)
+  local result = 0
+  if v then
+    local node, identity = string.match(v, '^([^\\n]*)\\n[^\\n]*\\n(.*)$')
+    if not node or node == ARGV[2] then
+      redis.call('DEL', key)
+    elseif identity ~= identities[i] then
+      result = -1
+    else
+      local batch = batches[node]
+      if not batch then
+        batch = {envelopes = {}, members = {}}
+        batches[node] = batch
+        order[#order + 1] = node
+      end
+      batch.envelopes[#batch.envelopes + 1] = envelopes[i]
+      batch.members[#batch.members + 1] = i
+      result = 1
+    end
+  end
+  results[i] = result
+end
+for _, node in ipairs(order) do
+  local batch = batches[node]
+  if redis.call('PUBLISH', ARGV[1] .. node, node .. '\\n' .. table.concat(batch.envelopes, '\\n')) == 0 then
+    for _, i in ipairs(batch.members) do
+      results[i] = 0
+      redis.call('DEL', keys[i])
+    end
+  end
+end
+return results
 """
 # KEYS[1] registry key; ARGV: our value, identity, channel prefix, TTL, this node, evict envelope head.
 # Returns -1 if another identity holds the UUID (the caller refuses with 4002), else takes it and
@@ -112,6 +151,7 @@ class ClusterBus:
         self.room = asyncio.Event()
         self.room.set()
         self.up = False
+        self.shas: dict[str, str] = {}
         self.sent = self.received = self.failed = self.dropped = 0
         self.tasks: list[asyncio.Task] = []
 
@@ -122,7 +162,8 @@ class ClusterBus:
         """The registry entry of a connection: node, connection id, identity."""
         if not client.cluster_id:
             client.cluster_id = secrets.token_hex(8)
-        return f"{self.node}\n{client.cluster_id}\n{identity or client.identity}"
+        # JSON-quoted: an identity never breaks the newline-separated formats
+        return f"{self.node}\n{client.cluster_id}\n{json.dumps(identity or client.identity)}"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -181,7 +222,7 @@ class ClusterBus:
         value = self.value(client, identity)
         try:
             result = await self.scripts["claim"](keys=[self.key(uuid)],
-                                                 args=[value, identity, self.channel_prefix, TTL, self.node, evict])
+                                                 args=[value, json.dumps(identity), self.channel_prefix, TTL, self.node, evict])
         except (aioredis.RedisError, OSError) as exc:
             self.log.warning("cluster: could not claim %s (%s); registered on this node only", uuid, exc)
             return True
@@ -203,34 +244,45 @@ class ClusterBus:
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.outbox:
-                batch = [self.outbox.popleft() for _ in range(min(BATCH, len(self.outbox)))]
+                batch, size = [], 0
+                while self.outbox and len(batch) < BATCH and size < BATCH_BYTES:
+                    item = self.outbox.popleft()
+                    batch.append(item)
+                    size += len(item[2])
                 if len(self.outbox) < OUTBOX_LIMIT // 2:
                     self.room.set()
                 await self._send_batch(batch)
 
     async def _send_batch(self, batch: list[tuple]) -> None:
+        """One round trip: every forward of the batch in one FORWARD call (redis-py costs about
+        100 us per command, more than the relay's whole work on a message), the rest after it."""
+        forwards = [item[1] for item in batch if item[0] == "forward"]
         results: list[Any]
         if not self.up:
-            results = [ConnectionError("cluster down")] * len(batch)
+            results = [ConnectionError("cluster down")] * len(forwards)
         else:
             pipe = self.redis.pipeline(transaction=False)
+            if forwards:
+                pipe.execute_command("EVALSHA", self.shas["forward"], 0, self.channel_prefix, self.node,
+                                     f"{self.prefix}uuid:", "\n".join(a.peer for a in forwards),
+                                     "\n".join(json.dumps(a.client.identity) for a in forwards),
+                                     "\n".join(item[2] for item in batch if item[0] == "forward"))
             for item in batch:
-                if item[0] == "forward":
-                    await self.scripts["forward"](keys=[self.key(item[1].peer)], client=pipe,
-                                            args=[item[1].client.identity, self.channel_prefix, item[2], self.node])
-                elif item[0] == "release":
-                    await self.scripts["release"](keys=[item[1]], args=[item[2]], client=pipe)
-                else:  # ("publish", channel, data)
+                if item[0] == "release":
+                    pipe.execute_command("EVALSHA", self.shas["release"], 1, item[1], item[2])
+                elif item[0] == "publish":
                     pipe.publish(item[1], item[2])
             try:
-                results = await pipe.execute(raise_on_error=False)
+                replies = await pipe.execute(raise_on_error=False)
+                results = replies[0] if forwards else []
+                if isinstance(results, Exception):
+                    if "NOSCRIPT" in str(results):  # Redis restarted since we loaded the scripts
+                        await self._load_scripts()
+                    raise results
             except (aioredis.RedisError, OSError) as exc:
-                results = [exc] * len(batch)
+                results = [exc] * len(forwards)
         actions: list[p.Action] = []
-        for item, result in zip(batch, results):
-            if item[0] != "forward":
-                continue
-            action: p.Remote = item[1]
+        for action, result in zip(forwards, results):
             if result == 1:
                 self.sent += 1
                 continue
@@ -271,6 +323,7 @@ class ClusterBus:
         pubsub = self.subscriber.pubsub()
         try:
             await pubsub.subscribe(self.channel)
+            await self._load_scripts()
             loop = asyncio.get_running_loop()
             self.last_pong = loop.time()
             listener = loop.create_task(self._listen(pubsub))
@@ -294,6 +347,11 @@ class ClusterBus:
                 await pubsub.aclose()
             except Exception:
                 pass
+
+    async def _load_scripts(self) -> None:
+        """The hot path calls EVALSHA itself (redis-py's Script in a pipeline costs a SCRIPT
+        EXISTS round trip per batch): load the scripts into this Redis first."""
+        self.shas = {name: await self.redis.script_load(script.script) for name, script in self.scripts.items()}
 
     async def _listen(self, pubsub: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -328,7 +386,7 @@ class ClusterBus:
         for client in clients:
             evict = json.dumps({"type": "evict", "from": self.node, "uuid": client.uuid})[:-1] + ', "conn": "'
             await self.scripts["claim"](keys=[self.key(client.uuid or "")], client=pipe, args=[
-                self.value(client), client.identity or "", self.channel_prefix, TTL, self.node, evict])
+                self.value(client), json.dumps(client.identity), self.channel_prefix, TTL, self.node, evict])
         results = await pipe.execute()
         refused = [c for c, r in zip(clients, results) if r == -1]
         self.execute([self.core.close(c, p.FORBIDDEN, p.other_user_registration(c.uuid or "")) for c in refused])
@@ -354,10 +412,11 @@ class ClusterBus:
                              self.channel, why, self.dropped, data)
 
     def on_envelope(self, raw: Any) -> None:
-        """One message from our channel: anything not well-formed is dropped with a log."""
+        """One PUBLISH on our channel, ``DEST\\n`` then envelopes one a line: anything not
+        well-formed is dropped with a log, the rest is handled in order."""
         if not isinstance(raw, bytes):
             return self._drop("not bytes", raw)
-        if len(raw) > MAX_ENVELOPE:
+        if len(raw) > MAX_PUBLISH:
             return self._drop("oversize", raw[:80])
         try:
             data = raw.decode()
@@ -366,8 +425,14 @@ class ClusterBus:
         dest, _, body = data.partition("\n")
         if dest != self.node:
             return self._drop(f"addressed to node {dest!r}", data)
+        for line in body.split("\n"):
+            self._one_envelope(line)
+
+    def _one_envelope(self, data: str) -> None:
+        if len(data) > MAX_ENVELOPE:
+            return self._drop("oversize", data[:80])
         try:
-            msg = p.parse_json(body)
+            msg = p.parse_json(data)
         except (ValueError, RecursionError):
             return self._drop("not JSON", data)
         if type(msg) is not dict or type(msg.get("from")) is not str or not NODE_NAME.match(msg["from"]):
