@@ -12,9 +12,9 @@ import redis
 import websockets
 from proxystore.p2p.relay.client import RelayClient
 from proxystore.p2p.relay.messages import PeerConnectionRequest
-from relay_cluster_helpers import await_until, start_cluster, wait_until
 
 from haproxy_front import HAProxyFront
+from relay_cluster_helpers import await_until, start_cluster
 
 
 def run(coro, timeout: float = 120):

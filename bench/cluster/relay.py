@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "relay"))
-from bench_relay import Target, cpu_seconds, free_port, rss_mib, settle  # noqa: E402
+from bench_relay import Target, cpu_seconds, free_port, rss_mib, settle
 
 PY = sys.executable
 BIN = Path(PY).parent
@@ -201,7 +200,7 @@ def main() -> int:
     print("| --- | --- | --- | --- |")
     for name, s in summary.items():
         print(f"| {name} | {s['msgs_per_s']:,.0f} | {s['cpu_us_per_msg']:.1f} µs | {s['redis_cpu_us_per_msg']:.1f} µs |")
-    print(f"latency p50: " + ", ".join(f"{k} {v:.0f} µs" for k, v in latency_p50.items())
+    print("latency p50: " + ", ".join(f"{k} {v:.0f} µs" for k, v in latency_p50.items())
           + f"; a cross-node hop adds {latency_p50['cross node'] - latency_p50['same node']:.0f} µs")
     print(f"cluster-down transitions during the run (should be 0): {downs}")
     if args.json:

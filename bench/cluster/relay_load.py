@@ -20,7 +20,7 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "relay"))
-from load import BATCH, Client, client_frame, connect, idle, peer_message, server_frame_len  # noqa: E402
+from load import BATCH, Client, client_frame, connect, idle, peer_message, server_frame_len
 
 
 async def flood(seconds: float, pairs: list[tuple[int, int]]) -> None:
@@ -42,7 +42,7 @@ async def flood(seconds: float, pairs: list[tuple[int, int]]) -> None:
             if not sender.drained.is_set():
                 try:
                     await asyncio.wait_for(sender.drained.wait(), max(0.0, end - time.perf_counter()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             else:
                 await asyncio.sleep(0)
