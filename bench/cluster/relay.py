@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "relay"))
-from bench_relay import Target, cpu_seconds, free_port, rss_mib, settle
+from bench_relay import Target, cpu_seconds, free_port, rss_mib, settle  # noqa: E402
 
 PY = sys.executable
 BIN = Path(PY).parent

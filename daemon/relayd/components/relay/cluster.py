@@ -166,7 +166,8 @@ class ClusterBus:
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.outbox:
-                batch, size = [], 0
+                batch: list[tuple] = []
+                size = 0
                 while self.outbox and len(batch) < BATCH and size < BATCH_BYTES:
                     item = self.outbox.popleft()
                     batch.append(item)
