@@ -2,15 +2,20 @@
 """CPU instructions per proxied request, relayd against an earlier relayd, counted by callgrind.
 
     .venv/bin/python bench/http_proxy/instructions.py [--baseline a5676ee] [--rev HEAD] [--requests 2000]
+                                                      [--auth basic|none]
 
 Wall-clock benchmarks on a shared 2-core machine are noisy (bench/README.md); instruction
 counts are not: callgrind counts the user-space instructions the daemon executes, the same
 figure whatever else the machine runs. For each revision (from a temporary git worktree, run
 by this venv's interpreter with the worktree's ``daemon/`` first on PYTHONPATH), relayd runs
-under ``valgrind --tool=callgrind`` with one http_proxy service (auth ``none``) in front of a
+under ``valgrind --tool=callgrind`` with one http_proxy service in front of a
 tiny keep-alive upstream (uvloop, a fixed 2-byte answer); a client makes N sequential requests
 on one connection. Two runs per revision (a few and many requests) cancel start-up and
-shutdown: per request = (I(many) - I(few)) / (many - few). Kernel time (syscalls) is not
+shutdown: per request = (I(many) - I(few)) / (many - few). ``--auth basic`` (the default, as
+in run.py: an argon2id user, every request with its Authorization header, so all but the
+first are served from the credential cache) or ``none``; usage counting is on either way.
+``--rev .`` (or ``--baseline .``) measures the checkout's ``daemon/`` as it is, uncommitted
+edits included; ``--baseline ''`` measures ``--rev`` alone. Kernel time (syscalls) is not
 counted: the request path makes 2 reads and 2 writes either way, plus, since the engine
 rewrite, one select() on reuse of a pooled upstream connection.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import re
 import shutil
@@ -31,11 +37,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PYTHON = ROOT / ".venv" / "bin" / "python"
+# The checkout's venv; from a git worktree without one, the interpreter running this.
+PYTHON = ROOT / ".venv" / "bin" / "python" if (ROOT / ".venv").is_dir() else Path(sys.executable)
 UPSTREAM, PROXY = 19301, 19302
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n"
             b"Content-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+USER, PASSWORD = "bench", "bench-password"
 REQUEST = b"GET /acme/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: wrk\r\n\r\n" % PROXY
+BASIC = b"Authorization: Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode())
+REQUEST_BASIC = REQUEST[:-2] + BASIC + b"\r\n\r\n"
 
 
 def upstream() -> None:
@@ -68,10 +78,10 @@ def wait_port(port: int, deadline: float) -> None:
     raise SystemExit(f"nothing listens on {port}")
 
 
-def requests(n: int) -> None:
+def requests(n: int, request: bytes) -> None:
     with socket.create_connection(("127.0.0.1", PROXY), timeout=300) as sock:
         for _ in range(n):
-            sock.sendall(REQUEST)
+            sock.sendall(request)
             reply = b""
             while not reply.endswith(b"\r\n\r\nok"):
                 chunk = sock.recv(65536)
@@ -82,33 +92,39 @@ def requests(n: int) -> None:
                 raise SystemExit(f"unexpected answer: {reply[:200]!r}")
 
 
-def instructions(daemon_dir: Path, work: Path, n: int) -> int:
+def instructions(daemon_dir: Path, work: Path, n: int, auth: str) -> int:
     etc = work / "etc"
     etc.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(daemon_dir))
+    if auth == "basic":
+        add_user = ("from relayd.auth.users import UserExists, UserStore\n"
+                    f"try: UserStore({str(work / 'state' / 'users-users.sqlite3')!r}).add({USER!r}, {PASSWORD!r})\n"
+                    "except UserExists: pass")
+        subprocess.run([str(PYTHON), "-c", add_user], env=env, check=True)
     (etc / "relayd.toml").write_text(textwrap.dedent(f"""
         state_dir = "{work / 'state'}"
         [logging]
         level = "warning"
         [listeners.web]
         bind = "127.0.0.1:{PROXY}"
-        [auth.open]
-        method = "none"
+        [auth.users]
+        method = "{auth}"
         [components.web]
         kind = "http_proxy"
-        auth = "open"
+        auth = "users"
+        auth_cache_ttl = 3600  # one password check per run, not one per 10 s of a slow valgrind
         [components.web.services.acme]
         listeners = ["web"]
         from = "/acme"
         to = "http://127.0.0.1:{UPSTREAM}"
     """))
     out = work / "callgrind.out"
-    env = dict(os.environ, PYTHONPATH=str(daemon_dir))
     code = f"import sys; from relayd.cli.daemon import main; sys.argv=['relayd','--config','{etc}']; sys.exit(main())"
     daemon = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(PYTHON), "-c", code],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(PROXY, time.monotonic() + 300)
-        requests(n)
+        requests(n, REQUEST_BASIC if auth == "basic" else REQUEST)
     finally:
         daemon.terminate()
         daemon.wait(300)
@@ -124,6 +140,7 @@ def main() -> int:
     parser.add_argument("--baseline", default="a5676ee", help="the relayd to compare with")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--auth", choices=("basic", "none"), default="basic")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind is needed (apt-get install valgrind)")
@@ -132,23 +149,27 @@ def main() -> int:
     try:
         wait_port(UPSTREAM, time.monotonic() + 30)
         with tempfile.TemporaryDirectory(prefix="relayd-instr-") as tmp:
-            for rev in (args.rev, args.baseline):
-                tree = Path(tmp) / rev
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), rev],
-                               check=True)
+            for n, rev in enumerate(r for r in (args.rev, args.baseline) if r):
+                tree = ROOT if rev == "." else Path(tmp) / f"tree-{n}"
+                if rev != ".":
+                    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), rev],
+                                   check=True)
                 try:
-                    work = Path(tmp) / f"work-{rev}"
+                    work = Path(tmp) / f"work-{n}"
                     work.mkdir()
-                    few = instructions(tree / "daemon", work, args.warmup)
-                    many = instructions(tree / "daemon", work, args.warmup + args.requests)
+                    few = instructions(tree / "daemon", work, args.warmup, args.auth)
+                    many = instructions(tree / "daemon", work, args.warmup + args.requests, args.auth)
                     results[rev] = (many - few) / args.requests
-                    print(f"{rev}: {results[rev]:,.0f} instructions per request")
+                    print(f"{rev}: {results[rev]:,.0f} instructions per request (auth {args.auth})", flush=True)
                 finally:
-                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+                    if rev != ".":
+                        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                                       check=True)
     finally:
         server.terminate()
         server.wait(10)
-    print(f"{args.rev} / {args.baseline}: {results[args.rev] / results[args.baseline]:.2f}")
+    if args.baseline:
+        print(f"{args.rev} / {args.baseline}: {results[args.rev] / results[args.baseline]:.3f}")
     return 0
 
 

@@ -47,7 +47,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV = ROOT / ".venv" / "bin"
+# The checkout's venv; from a git worktree without one, the venv of the interpreter running this.
+VENV = ROOT / ".venv" / "bin" if (ROOT / ".venv").is_dir() else Path(sys.executable).parent
 TICK = os.sysconf("SC_CLK_TCK")
 BACKEND, NGINX, CADDY, RELAYD, RELAYD_BASELINE = 19101, 19111, 19112, 19113, 19114
 USER, PASSWORD = "bench", "bench-password"
@@ -103,14 +104,20 @@ def host_busy() -> tuple[float, float]:
 
 
 def cpu(pids: list[int]) -> float:
-    total = 0
+    return sum(cpu_split(pids)) / TICK
+
+
+def cpu_split(pids: list[int]) -> tuple[int, int]:
+    """(user, system) clock ticks of the processes."""
+    user = system = 0
     for p in pids:
         try:
             f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(f[11]) + int(f[12])
-    return total / TICK
+        user += int(f[11])
+        system += int(f[12])
+    return user, system
 
 
 def git(*args: str) -> str:
@@ -311,12 +318,16 @@ def measure(services: Services, name: str, port: int, path: str, duration: int, 
     pids = tree(services.procs[name].pid)
     backend = tree(services.procs["backend"].pid)
     before, backend_before = cpu(pids), cpu(backend)
+    user_before, system_before = cpu_split(pids)
     busy_before, total_before = host_busy()
     kids_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r, out = wrk(f"http://127.0.0.1:{port}{path}", duration, auth)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy, total = host_busy()
     r["cpu_us_per_req"] = (cpu(pids) - before) / r["requests"] * 1e6
+    user, system = cpu_split(pids)  # the kernel's share: syscalls, and loopback TCP delivery
+    r["user_us_per_req"] = (user - user_before) / TICK / r["requests"] * 1e6
+    r["system_us_per_req"] = (system - system_before) / TICK / r["requests"] * 1e6
     r["proxy_cores"] = (cpu(pids) - before) / duration
     r["backend_cores"] = (cpu(backend) - backend_before) / duration
     r["wrk_cores"] = (kids.ru_utime + kids.ru_stime - kids_before.ru_utime - kids_before.ru_stime) / duration
@@ -336,6 +347,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--out", type=Path, help="write raw results as JSON")
+    p.add_argument("--small-only", action="store_true", help="measure the small response only (no 1 MiB rows)")
     p.add_argument("--rev", metavar="REV",
                    help="run the relayd target from a temporary worktree of REV instead of the checkout")
     p.add_argument("--baseline", metavar="REV",
@@ -388,16 +400,17 @@ def main() -> int:
         body_1m = (work / "www" / "1m").read_bytes()
         for name, port in targets.items():  # warm-up, also checks auth and bodies end to end
             check(name, port, auth, body_1m, name.startswith("relayd"))
-            for path in ("/", "/1m"):
+            for path in ("/", "/1m")[:1 if args.small_only else 2]:
                 measure(services, name, port, path, 2, auth, name.startswith("relayd"))
         for round_ in range(args.rounds):
             for name, port in targets.items():
-                for label, path in (("small", "/"), ("1MiB", "/1m")):
+                for label, path in (("small", "/"), ("1MiB", "/1m"))[:1 if args.small_only else 2]:
                     r = measure(services, name, port, path, args.duration, auth, name.startswith("relayd"))
                     results.setdefault(f"{name} {label}", []).append(r)
                     print(f"round {round_ + 1} {name:15} {label:5} {r['rps']:9.0f} req/s {r['mib_s']:8.1f} MiB/s "
                           f"p50 {r['p50_ms']:6.2f} ms p99 {r['p99_ms']:6.2f} ms "
-                          f"{r['cpu_us_per_req']:6.0f} us/req  proxy {r['proxy_cores']:.2f} "
+                          f"{r['cpu_us_per_req']:6.0f} us/req (user {r['user_us_per_req']:.0f}, "
+                          f"sys {r['system_us_per_req']:.0f})  proxy {r['proxy_cores']:.2f} "
                           f"host busy {r['host_busy_cores']:.2f} cores, load {r['loadavg_1m']:.1f}", flush=True)
         for name, port in targets.items():  # still answering correctly after the load
             check(name, port, auth, body_1m, name.startswith("relayd"))
@@ -417,6 +430,8 @@ def table(results: dict[str, list[dict[str, float]]], targets: list[str]) -> str
         return statistics.median(r[metric] for r in results[key])
 
     def cell(key: str, metric: str, fmt: str) -> str:
+        if key not in results:
+            return "-"
         values = [r[metric] for r in results[key]]
         return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
@@ -433,7 +448,8 @@ def table(results: dict[str, list[dict[str, float]]], targets: list[str]) -> str
     for a, b in pairs:
         ratios = [med(f"{a} {label}", metric) / med(f"{b} {label}", metric)
                   for label, metric in (("small", "rps"), ("small", "cpu_us_per_req"),
-                                        ("1MiB", "mib_s"), ("1MiB", "cpu_us_per_req"))]
+                                        ("1MiB", "mib_s"), ("1MiB", "cpu_us_per_req"))
+                  if f"{a} {label}" in results]
         lines.append(f"{a} / {b}: " + ", ".join(f"{x:.2f}" for x in ratios))
     return "\n".join(lines)
 
