@@ -13,7 +13,7 @@ import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from .http1 import HOP_BY_HOP, RequestHead, ResponseHead, ResponseReader
+from .http1 import RequestHead, ResponseHead, ResponseReader
 
 if TYPE_CHECKING:
     from relayd.auth.base import Identity
@@ -214,21 +214,23 @@ def _forwarding(route: Route, host: bytes | None, peer: bytes, scheme: bytes, xf
     return b"\r\n".join(out)
 
 
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}  # an upstream uses few (status, reason) pairs
+
+
 def _status_line(head: ResponseHead) -> bytes:
-    reason = head.reason or REASONS.get(head.status, "Unknown").encode()
-    return b"HTTP/1.1 %d %s" % (head.status, reason)
-
-
-def _end_to_end(head: ResponseHead) -> list[bytes]:
-    drop = HOP_BY_HOP
-    for lname, _, value in head.headers:
-        if lname == b"connection":
-            drop = drop | {t.strip(b" \t").lower() for t in value.split(b",")}
-    return [name + b": " + value for lname, name, value in head.headers if lname not in drop]
+    key = (head.status, head.reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        reason = head.reason or REASONS.get(head.status, "Unknown").encode()
+        line = b"HTTP/1.1 %d %s" % (head.status, reason)
+        if len(_STATUS_LINES) >= 256:  # reasons are the upstream's text: keep the cache bounded
+            _STATUS_LINES.clear()
+        _STATUS_LINES[key] = line
+    return line
 
 
 def interim_head(head: ResponseHead) -> bytes:
-    return b"\r\n".join([_status_line(head), *_end_to_end(head)]) + b"\r\n\r\n"
+    return b"\r\n".join([_status_line(head), *head.end_to_end, b"", b""])
 
 
 def client_head(ex: Exchange, head: ResponseHead, tls: bool, closing: bool) -> bytes:
@@ -236,12 +238,12 @@ def client_head(ex: Exchange, head: ResponseHead, tls: bool, closing: bool) -> b
     route = ex.route
     assert route is not None
     req = ex.req
-    out = [_status_line(head), *_end_to_end(head)]
+    out = [_status_line(head), *head.end_to_end]
     if head.status == 101:
-        out += [b"Connection: Upgrade", b"Upgrade: " + (req.upgrade or b"")]
+        out += [b"Connection: Upgrade", b"Upgrade: " + (req.upgrade or b""), b"", b""]
         ex.body_mode = NO_BODY
         ex.keep_alive = False
-        return b"\r\n".join(out) + b"\r\n\r\n"
+        return b"\r\n".join(out)
     if req.method == b"HEAD" or head.status in (204, 304):
         ex.body_mode = NO_BODY
         if req.method == b"HEAD" and head.length is not None:
@@ -263,4 +265,5 @@ def client_head(ex: Exchange, head: ResponseHead, tls: bool, closing: bool) -> b
         out.append(b"Connection: close")
     elif req.http10:
         out.append(b"Connection: keep-alive")
-    return b"\r\n".join(out) + b"\r\n\r\n"
+    out += (b"", b"")  # the head ends with an empty line
+    return b"\r\n".join(out)

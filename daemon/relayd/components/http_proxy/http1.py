@@ -34,6 +34,8 @@ HOP_BY_HOP = frozenset({
 # The request fields the reader looks at (the others are only forwarded).
 _REQUEST_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
                              b"authorization", b"cookie", b"upgrade"})
+# Connection values that list only hop-by-hop fields (what most upstreams send): nothing more to drop.
+_KEEP_ALIVE = frozenset({b"keep-alive", b"Keep-Alive"})
 # A Connection header naming one of these is an attack on the framing or on routing.
 _NEVER_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # uri-host [ ":" port ] (RFC 3986 section 3.2.2): IP-literal, or reg-name/IPv4 without "%".
@@ -93,12 +95,14 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = ("chunked", "headers", "keep_alive", "length", "reason", "status")
+    __slots__ = ("chunked", "end_to_end", "headers", "keep_alive", "length", "reason", "status")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
+        # The "Name: value" lines to forward: neither hop-by-hop nor listed in Connection.
+        self.end_to_end: list[bytes] = []
         self.length: int | None = None  # None: chunked, until close, or no body
         self.chunked = False
         self.keep_alive = True
@@ -141,7 +145,8 @@ class _Reader:
             raise ProtocolError(f"trailer section larger than {MAX_HEAD} bytes", status)
 
     def _check_head(self, start_line: int, status: int) -> None:
-        """Head limits, however the bytes arrived (one segment, or many: see ``stalled``)."""
+        """Head limits, however the bytes arrived (one segment, or many: see ``stalled``). The
+        callers check first whether either limit can have been passed (the common case: no)."""
         headers = self.headers
         if len(headers) > MAX_HEADERS:
             raise ProtocolError(f"more than {MAX_HEADERS} header fields", status)
@@ -153,12 +158,6 @@ class _Reader:
     def release(self) -> None:
         """Break the parser <-> reader reference cycle (no garbage for the collector)."""
         self.parser = None
-
-    def _begin(self) -> None:
-        self.in_head = True
-        self.head_bound = self.feed_size
-        self.trailer_size = 0
-        self.headers = []
 
     def _run(self, parser: Any, data: bytes, status: int) -> list[tuple[int, object]]:
         events = self.events = []
@@ -229,7 +228,10 @@ class RequestReader(_Reader):
     # -- llhttp callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._begin()
+        self.in_head = True  # _begin, inlined: once per request
+        self.head_bound = self.feed_size
+        self.trailer_size = 0
+        self.headers = []
         self.target = b""
 
     def on_url(self, url: bytes) -> None:
@@ -246,7 +248,8 @@ class RequestReader(_Reader):
         if len(self.target) > MAX_HEAD:
             raise ProtocolError(f"request target longer than {MAX_HEAD} bytes", 414)
         try:
-            self._check_head(len(self.target), 431)
+            if self.head_bound > MAX_HEAD or len(self.headers) > MAX_HEADERS:
+                self._check_head(len(self.target), 431)
             head = self._head()
         except ProtocolError as exc:
             exc.method = self._method()
@@ -377,7 +380,10 @@ class ResponseReader(_Reader):
     def on_message_begin(self) -> None:
         if self.complete:
             self.extra = True
-        self._begin()
+        self.in_head = True  # _begin, inlined: once per response
+        self.head_bound = self.feed_size
+        self.trailer_size = 0
+        self.headers = []
         self.reason = b""
 
     def on_status(self, reason: bytes) -> None:
@@ -391,26 +397,41 @@ class ResponseReader(_Reader):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self._check_head(len(self.reason), 502)
+        if self.head_bound > MAX_HEAD or len(self.headers) > MAX_HEADERS:
+            self._check_head(len(self.reason), 502)
         parser = self.parser
         status = parser.get_status_code()
         if parser.get_http_version() not in ("1.1", "1.0"):
             raise ProtocolError("upstream answered with an unsupported HTTP version", 502)
         if not 100 <= status <= 599:  # llhttp reads any three digits (RFC 9110 section 15)
             raise ProtocolError(f"upstream answered with status {status:03d}", 502)
-        head = ResponseHead(status, self.reason, self.headers)
+        headers = self.headers
+        head = ResponseHead(status, self.reason, headers)
+        # One pass over the fields: the framing ones are read, the end-to-end ones kept as lines.
+        lines = head.end_to_end
+        encodings: list[bytes] = []
+        connection: list[bytes] = []
+        for lname, name, value in headers:
+            if lname not in HOP_BY_HOP:
+                lines.append(name + b": " + value)
+            elif lname == b"content-length":
+                head.length = int(value)  # llhttp accepted digits only, and only once
+            elif lname == b"transfer-encoding":
+                encodings.append(value)
+            elif lname == b"connection":
+                connection.append(value)
+        if connection and not _KEEP_ALIVE.issuperset(connection):
+            listed = {t.strip(b" \t").lower() for value in connection for t in value.split(b",")} - HOP_BY_HOP
+            if listed:  # fields the upstream declared hop-by-hop are not forwarded either
+                head.end_to_end = [name + b": " + value for lname, name, value in headers
+                                   if lname not in HOP_BY_HOP and lname not in listed]
         if 100 <= status < 200 and status != 101:
+            head.length = None
             self.interim = True
             self.events.append((INTERIM, head))
             return
         if status == 101 and not self.upgrade_requested:
             raise ProtocolError("upstream switched protocols without being asked", 502)
-        encodings = []
-        for lname, _, value in self.headers:
-            if lname == b"content-length":
-                head.length = int(value)
-            elif lname == b"transfer-encoding":
-                encodings.append(value)
         no_body = self.head_request or status in (101, 204, 304)
         if encodings and not no_body:
             if not _single_chunked(encodings):
