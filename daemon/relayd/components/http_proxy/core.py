@@ -409,7 +409,8 @@ class ClientCore:
     def _response_done(self, ex: Exchange, reusable: bool) -> None:
         if ex.tunnel or ex.finished:
             return
-        self._flush_head(ex, xc.LAST_CHUNK if ex.body_mode == xc.CHUNKED else b"")
+        if ex.resp_head or ex.body_mode == xc.CHUNKED:
+            self._flush_head(ex, xc.LAST_CHUNK if ex.body_mode == xc.CHUNKED else b"")
         if not ex.request_complete:
             # The upstream answered before the whole request body was read: the rest of the body
             # cannot be sent to this upstream connection, so neither connection is reused.
@@ -492,7 +493,8 @@ class ClientCore:
         if ex.upstream is not None:
             self.io.release_upstream(ex, reusable and ex.request_complete and not ex.tunnel)
             ex.upstream = None
-        self._sent_pending(ex)
+        if ex.pending_size:
+            self._sent_pending(ex)
         self.upstream_full = False  # the upstream connection is released: its flow control too
         keep = ex.keep_alive if keep_client is None else keep_client
         if ex is self.ex:

@@ -55,6 +55,7 @@ class ClientConnection(asyncio.Protocol):
         self.core = router.core  # what all connections of the component share
         self.tls = tls
         self.loop = self.core.loop
+        self.now = self.loop.time  # ProxyIO.now, called without a Python frame of ours
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.state: ClientCore | None = None
@@ -158,9 +159,6 @@ class ClientConnection(asyncio.Protocol):
         return self.state is None or (self.state.ex is None and not self.state.queue)
 
     # -- ProxyIO: what the core asks -----------------------------------------------------------
-
-    def now(self) -> float:
-        return self.loop.time()
 
     def send(self, *parts: bytes) -> None:
         if len(parts) == 1:
@@ -291,7 +289,8 @@ class ClientConnection(asyncio.Protocol):
         self._attach(ex, conn, reused=False)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection, reused: bool) -> None:
-        conn.attach(self, ex)
+        conn.client = self  # conn.attach(self, ex), inlined: once per request
+        conn.ex = ex
         if self.state.writing_paused:  # type: ignore[union-attr]
             conn.transport.pause_reading()  # type: ignore[union-attr]
         self.state.upstream_ready(ex, conn, reused, conn.reader)  # type: ignore[union-attr]
@@ -307,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.splicer is not None:
             ex.splicer.cancel()
         conn: UpstreamConnection = ex.upstream
-        conn.detach()
+        conn.client = conn.ex = None  # conn.detach(), inlined: once per request
         if reusable:
             ex.route.pool_put(conn)  # type: ignore[union-attr]
         else:
