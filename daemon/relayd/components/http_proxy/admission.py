@@ -49,7 +49,7 @@ def admit(router: Router, ex: Exchange, tls: bool) -> Admission:
     ex.host = host
     ex.target = target
     ex.endpoint = path
-    hostname = hostname_of(host)
+    hostname = (_HOSTNAMES.get(host) or hostname_of(host)) if host else ""
     if path == "/.well-known/relayd" and req.method in (b"GET", b"HEAD"):
         return _reply(200, router.discovery(hostname))
     browser = router.browser_paths.get(path) if router.browser_paths else None
@@ -107,10 +107,18 @@ def origin_form(req: RequestHead) -> tuple[str, bytes | None]:
     return target, host
 
 
+_HOSTNAMES: dict[bytes, str] = {}  # Host values seen -> hostnames (clients send few distinct ones)
+
+
 def hostname_of(host: bytes | None) -> str:
     if not host:
         return ""
     text = host.decode("ascii", "replace").lower()
     if text.startswith("["):
-        return text[1:text.find("]")] if "]" in text else text
-    return text.rsplit(":", 1)[0] if ":" in text else text
+        name = text[1:text.find("]")] if "]" in text else text
+    else:
+        name = text.rsplit(":", 1)[0] if ":" in text else text
+    if len(_HOSTNAMES) >= 1024:  # Host is the client's to choose: keep the cache bounded
+        _HOSTNAMES.clear()
+    _HOSTNAMES[host] = name
+    return name
