@@ -94,3 +94,43 @@ def test_pooled_upstream_connections_read_again():
     conn.transport = Transport()  # type: ignore[assignment]
     route.pool_put(conn)
     assert route.idle == [conn] and conn.transport.reading
+
+
+# -- HTTP versions, as the readers tell them without asking llhttp for a formatted string --------
+
+@pytest.mark.parametrize("request_head,http10,keep_alive", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", False, True),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", False, False),
+    (b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", True, False),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", True, True),
+    # llhttp reads Proxy-Connection like Connection: keep-alive does not make this HTTP/1.1
+    (b"GET / HTTP/1.0\r\nHost: a\r\nProxy-Connection: keep-alive\r\n\r\n", True, True),
+])
+def test_request_version(request_head, http10, keep_alive):
+    from relayd.components.http_proxy.http1 import HEAD, RequestReader
+
+    (kind, head), *_ = RequestReader().feed(request_head)
+    assert kind == HEAD and (head.http10, head.keep_alive) == (http10, keep_alive)
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"0.9"])
+def test_request_versions_other_than_1x_refused_with_or_without_keep_alive(version):
+    from relayd.components.http_proxy.http1 import ERROR, RequestReader
+
+    for extra in (b"", b"Connection: keep-alive\r\n", b"Proxy-Connection: keep-alive\r\n"):
+        (kind, error), = RequestReader().feed(b"GET / HTTP/%s\r\nHost: a\r\n%s\r\n" % (version, extra))
+        assert kind == ERROR and error.status == 505
+
+
+@pytest.mark.parametrize("split", [0, 3, 9, 12])
+@pytest.mark.parametrize("version,ok", [(b"1.1", True), (b"1.0", True), (b"2.0", False), (b"0.9", False)])
+def test_response_version_in_one_or_two_segments(version, ok, split):
+    from relayd.components.http_proxy.http1 import ERROR, HEAD, ResponseReader
+
+    response = b"HTTP/%s 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n" % version
+    reader = ResponseReader().start(False, False)
+    events = reader.feed(response[:split]) + reader.feed(response[split:]) if split else reader.feed(response)
+    assert events[0][0] == (HEAD if ok else ERROR)
+    if ok:  # and the next response on the same parser is read the same way
+        reader.start(False, False)
+        assert reader.feed(b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n")[0][0] == ERROR

@@ -33,7 +33,7 @@ HOP_BY_HOP = frozenset({
 })
 # The request fields the reader looks at (the others are only forwarded).
 _REQUEST_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
-                             b"authorization", b"cookie", b"upgrade"})
+                             b"authorization", b"cookie", b"upgrade", b"proxy-connection"})
 # Connection values that list only hop-by-hop fields (what most upstreams send): nothing more to drop.
 _KEEP_ALIVE = frozenset({b"keep-alive", b"Keep-Alive"})
 # A Connection header naming one of these is an attack on the framing or on routing.
@@ -264,19 +264,11 @@ class RequestReader(_Reader):
 
     def _head(self) -> RequestHead:
         parser = self.parser
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise ProtocolError(f"HTTP/{version} is not supported", 505)
         head = RequestHead()
-        head.method = parser.get_method()
-        if head.method == b"CONNECT":
-            raise ProtocolError("CONNECT is not supported", 405)
-        head.target = self.target
-        head.http10 = version == "1.0"
-        head.headers = self.headers
         hosts = 0
         connection: list[bytes] = []
         encodings: list[bytes] = []
+        proxy_connection = False
         for lname, _, value in self.headers:
             if lname not in _REQUEST_FIELDS:
                 continue
@@ -295,6 +287,21 @@ class RequestReader(_Reader):
                 head.cookie = value if head.cookie is None else head.cookie + b"; " + value
             elif lname == b"upgrade":
                 head.upgrade = value
+            elif lname == b"proxy-connection":
+                proxy_connection = True
+        keep_alive = parser.should_keep_alive()
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0 only, and of these only 1.1 keeps the connection
+        # without a "keep-alive" in Connection (or Proxy-Connection, which llhttp reads alike): then
+        # the version is known without get_http_version(), which formats a string (~1 us).
+        version = "1.1" if keep_alive and not connection and not proxy_connection else parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ProtocolError(f"HTTP/{version} is not supported", 505)
+        head.method = parser.get_method()
+        if head.method == b"CONNECT":
+            raise ProtocolError("CONNECT is not supported", 405)
+        head.target = self.target
+        head.http10 = version == "1.0"
+        head.headers = self.headers
         if hosts > 1 or (hosts == 0 and not head.http10):
             raise ProtocolError("exactly one Host header is required")
         if head.host is not None and not _HOST.match(head.host):
@@ -309,7 +316,7 @@ class RequestReader(_Reader):
             listed = tokens & self.protected
             if listed:
                 raise ProtocolError(f"Connection may not list {b', '.join(sorted(listed)).decode()}")
-        head.keep_alive = parser.should_keep_alive()
+        head.keep_alive = keep_alive
         if parser.should_upgrade():
             if head.has_body or head.upgrade is None:
                 raise ProtocolError("an Upgrade request may not have a body")
@@ -341,6 +348,11 @@ class ResponseReader(_Reader):
         self.interim = False
         self.head: ResponseHead | None = None
         self.body_received = 0
+        # Whether the response began with "HTTP/1.1 " at the start of the first bytes fed after
+        # start(), when the parser stood between messages (see on_headers_complete).
+        self.fresh = False
+        self.hint = False
+        self.version11 = False
 
     def start(self, head_request: bool, upgrade_requested: bool) -> ResponseReader:
         """Get ready for the response to the request just sent."""
@@ -355,12 +367,15 @@ class ResponseReader(_Reader):
         self.head = None
         self.body_received = 0
         self.stalled = 0
+        self.fresh = True
         return self
 
     def feed(self, data: bytes) -> list[tuple[int, object]]:
         if self.complete:
             self.extra = True
             return []
+        self.hint = self.fresh and data.startswith(b"HTTP/1.1 ")
+        self.fresh = False
         events = self._run(self.parser, data, 502)
         if self.complete and self.failed and events and events[-1][0] == ERROR:
             events.pop()  # junk after a complete response: not an error of this exchange
@@ -380,6 +395,8 @@ class ResponseReader(_Reader):
     def on_message_begin(self) -> None:
         if self.complete:
             self.extra = True
+        self.version11 = self.hint  # only the first message begun in the first segment can use it
+        self.hint = False
         self.in_head = True  # _begin, inlined: once per response
         self.head_bound = self.feed_size
         self.trailer_size = 0
@@ -401,7 +418,10 @@ class ResponseReader(_Reader):
             self._check_head(len(self.reason), 502)
         parser = self.parser
         status = parser.get_status_code()
-        if parser.get_http_version() not in ("1.1", "1.0"):
+        # The version is read off the bytes when the message began at the start of a segment fed
+        # to a parser between messages (llhttp starts the message right there): get_http_version()
+        # formats a string (~1 us).
+        if not self.version11 and parser.get_http_version() not in ("1.1", "1.0"):
             raise ProtocolError("upstream answered with an unsupported HTTP version", 502)
         if not 100 <= status <= 599:  # llhttp reads any three digits (RFC 9110 section 15)
             raise ProtocolError(f"upstream answered with status {status:03d}", 502)
