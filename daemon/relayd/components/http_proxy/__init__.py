@@ -30,7 +30,8 @@ from .manage import ManagementAPI
 from .pages import Pages
 from .proxy import ClientConnection
 from .routes import Core, Route, Router
-from .store import COLUMNS, Store
+from .store import COLUMNS
+from .sync import make_store, start_watcher
 
 __all__ = ["HttpProxy", "HttpProxyConfig"]
 FIRST_REQUEST_GRACE = 2.0  # seconds a connection accepted just before a stop has to send its request
@@ -61,7 +62,8 @@ class HttpProxy(Component):
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.db_path = cfg.state_db or Path(self.context.state_dir) / f"http_proxy-{self.name}.sqlite3"
-        self.counters = Counters(Store(self.db_path), cfg.max_endpoints_per_user)
+        self.watcher = None
+        self.counters = Counters(make_store(self), cfg.max_endpoints_per_user)
         await self.counters.start(cfg.flush_interval)
         self.core = Core(loop, self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl, cfg.upstream_idle,
                          cfg.splice)
@@ -93,6 +95,7 @@ class HttpProxy(Component):
             await self._close_everything()
             raise
         self.api = ManagementAPI(self)
+        self.watcher = start_watcher(self)  # other nodes' changes ([state] url = PostgreSQL)
         self.state = "serving"
 
     # -- services --------------------------------------------------------------------------
@@ -298,6 +301,8 @@ class HttpProxy(Component):
             task.cancel()
         if self.mgmt_http:
             await self.mgmt_http.stop(0)
+        if getattr(self, "watcher", None) is not None:
+            await self.watcher.stop()
         await self.counters.close()
 
     # -- status, metrics, control --------------------------------------------------------------

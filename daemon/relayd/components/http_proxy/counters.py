@@ -5,8 +5,12 @@ incarnation (an ``Inc``: a user created again through the management API starts 
 Every ``flush_interval`` the dict is swapped for an empty one and handed to the store's single
 worker thread, which adds it to the database in one transaction.
 
-Nothing counted is ever dropped. A flush the database refuses (disk full, I/O error) puts its
-deltas back in front of newer ones, is retried every interval, and is followed by a snapshot of
+Nothing counted is ever dropped nor counted twice. Every flush carries this writer's next
+sequence number, recorded in the same transaction (Store.add ``flush``). A flush that failed
+may still have committed (PostgreSQL: the COMMIT went out, its acknowledgement never came
+back), so its batch is kept apart, *unsure*, and retried alone with the same number before any
+newer deltas: the database adds it only if that number is not recorded yet. The retry happens
+every interval, and a failed flush is followed by a snapshot of
 everything held into this writer's preallocated journal files (journal.py), so that a crash
 meanwhile loses at most one interval. At stop, deltas the database still cannot take are
 snapshotted there too and ``close`` raises ``CountsNotSaved`` naming how many requests are
@@ -63,6 +67,9 @@ class Counters:
         self.inflight: dict[tuple[Inc, str], list[int]] | None = None
         self.pending_rejected: dict[tuple[str, int | None], int] = {}
         self.inflight_rejected: dict[tuple[str, int | None], int] | None = None
+        # A failed flush, kept apart until a retry with its own seq settles it: (seq, batch, rejected).
+        self.unsure: tuple[int, dict[tuple[Inc, str], list[int]], dict[tuple[str, int | None], int]] | None = None
+        self.flush_seq = 0
         self.db_totals: dict[str, list[int]] = {}
         self.db_rejected: dict[str, int] = {}
         self.nkeys = 0  # counter rows the live incarnations may hold (journal reserve size)
@@ -136,39 +143,45 @@ class Counters:
 
     async def flush(self) -> bool:
         """Hand the pending deltas to the database. False if it refused them: they are then
-        kept (in front of newer ones) and snapshotted to the journal."""
+        kept (the failed batch apart, see ``unsure``) and snapshotted to the journal."""
         async with self._lock:
+            if self.unsure is not None:  # settle the failed flush first, with its own seq
+                seq, batch, rejected = self.unsure
+                if not await self._flush_batch(seq, batch, rejected, 0):
+                    return False
+                self.unsure = None
             if not self.pending and not self.pending_rejected:
                 return True
             batch, rejected = self.pending, self.pending_rejected
             self.pending, self.pending_rejected = {}, {}
-            self.inflight, self.inflight_rejected = batch, rejected
+            self.flush_seq += 1
             covers = self.snapshot_seq  # every snapshot so far holds a subset of this batch
-            result, error, cancelled = await self._call_to_end(
-                self.store.add, batch, rejected, self.writer, covers)
-            self.inflight = self.inflight_rejected = None
-            if error is None:
-                self.db_totals, self.db_rejected = result
-                self._saved(batch)
-            else:
-                self._put_back(batch, rejected)
-                self._failed(error)
-                if not cancelled:
-                    try:
-                        await self._snapshot()
-                    except OSError as exc:
-                        self._snapshot_failed(exc)
-            if cancelled:
-                raise asyncio.CancelledError
-            if error is None and self.nkeys * _ROW_BYTES > self.journal.reserved:
+            ok = await self._flush_batch(self.flush_seq, batch, rejected, covers)
+            if ok and self.nkeys * _ROW_BYTES > self.journal.reserved:
                 await self._reserve()
-            return error is None
+            return ok
 
-    def _put_back(self, batch: dict[tuple[Inc, str], list[int]], rejected: dict[tuple[str, int | None], int]) -> None:
-        for key, values in batch.items():
-            _add_into(self.pending.setdefault(key, [0] * NCOL), values)
-        for rkey, n in rejected.items():
-            self.pending_rejected[rkey] = self.pending_rejected.get(rkey, 0) + n
+    async def _flush_batch(self, seq: int, batch: dict[tuple[Inc, str], list[int]],
+                           rejected: dict[tuple[str, int | None], int], covers: int) -> bool:
+        """One idempotent Store.add (under the lock). On failure the batch becomes ``unsure``."""
+        self.inflight, self.inflight_rejected = batch, rejected
+        result, error, cancelled = await self._call_to_end(
+            self.store.add, batch, rejected, self.writer, covers, (self.writer, seq))
+        self.inflight = self.inflight_rejected = None
+        if error is None:
+            self.db_totals, self.db_rejected = result
+            self._saved(batch)
+        else:
+            self.unsure = (seq, batch, rejected)
+            self._failed(error)
+            if not cancelled:
+                try:
+                    await self._snapshot()
+                except OSError as exc:
+                    self._snapshot_failed(exc)
+        if cancelled:
+            raise asyncio.CancelledError
+        return error is None
 
     def _failed(self, error: BaseException) -> None:
         now = time.monotonic()
@@ -177,18 +190,18 @@ class Counters:
             self.failing_since = now
             self._next_report = now + REPORT_EVERY
             log.error("cannot write usage counters to %s: %s; holding %d counted requests in memory and "
-                      "in the journal %s.{0,1}, retrying every flush", self.store.path, self.last_error,
+                      "in the journal %s.{0,1}, retrying every flush", self.store.where, self.last_error,
                       self.held_requests(), self.journal.paths[0].with_suffix(""))
         elif now >= self._next_report:
             self._next_report = now + REPORT_EVERY
             log.error("still cannot write usage counters to %s (%s, for %.0fs): %d counted requests held",
-                      self.store.path, self.last_error, now - self.failing_since, self.held_requests())
+                      self.store.where, self.last_error, now - self.failing_since, self.held_requests())
 
     def _saved(self, batch: dict[tuple[Inc, str], list[int]]) -> None:
         if self.failing_since is not None:
             requests = sum(v[0] for (_, e), v in batch.items() if e == "")
             log.warning("usage counters written to %s again after %.1fs: %d held requests saved",
-                        self.store.path, time.monotonic() - self.failing_since, requests)
+                        self.store.where, time.monotonic() - self.failing_since, requests)
             self.failing_since = None
             self.last_error = ""
 
@@ -201,17 +214,17 @@ class Counters:
         held = {key: list(values) for key, values in self.pending.items()}
         rejected = dict(self.pending_rejected)
         self.snapshot_seq += 1
-        path = await self.call(self._write_snapshot, self.snapshot_seq, held, rejected)
-        self._snapshot_held = (self.snapshot_seq, sum(v[0] for (_, e), v in held.items() if e == ""))
+        path = await self.call(self._write_snapshot, self.snapshot_seq, held, rejected, self.unsure)
+        self._snapshot_held = (self.snapshot_seq, self.held_requests())
         return path
 
     def _write_snapshot(self, seq: int, held: dict[tuple[Inc, str], list[int]],
-                        rejected: dict[tuple[str, int | None], int]) -> Path:
-        payload = journal.encode(self.writer, seq, held, rejected)
+                        rejected: dict[tuple[str, int | None], int], unsure: Any = None) -> Path:
+        payload = journal.encode(self.writer, seq, held, rejected, unsure=unsure)
         try:
             return self.journal.write(seq, payload)
         except OSError as exc:
-            folded = journal.encode(self.writer, seq, held, rejected, fold=True)
+            folded = journal.encode(self.writer, seq, held, rejected, fold=True, unsure=unsure)
             if len(folded) >= len(payload):
                 raise
             path = self.journal.write(seq, folded)
@@ -255,13 +268,17 @@ class Counters:
                 if self.store.applied_seq(writer) >= seq:
                     journal.remove(paths)
                     messages.append(f"held counts of writer {writer} (snapshot {seq}) were already in "
-                                    f"{self.store.path}; removed {', '.join(p.name for p in paths)}")
+                                    f"{self.store.where}; removed {', '.join(p.name for p in paths)}")
                     continue
                 counters, rejected, requests = journal.decode(payload)
+                unsure = journal.decode_unsure(payload)
+                if unsure is not None:  # a failed flush: added only if it had not committed
+                    flush_seq, unsure_counters, unsure_rejected = unsure
+                    self.store.add(unsure_counters, unsure_rejected, flush=(writer, flush_seq))
                 self.store.add(counters, rejected, writer, seq)
                 journal.remove(paths)
                 messages.append(f"replayed {requests} held requests of writer {writer} (snapshot {seq}) "
-                                f"into {self.store.path}")
+                                f"into {self.store.where}")
         return messages
 
     async def close(self) -> None:
@@ -288,13 +305,13 @@ class Counters:
                     if self._snapshot_held != (self.snapshot_seq, held) or where is None:
                         where = await self._snapshot()  # anything counted since the last one
                     problem = CountsNotSaved(
-                        f"{held} counted requests could not be written to {self.store.path} "
+                        f"{held} counted requests could not be written to {self.store.where} "
                         f"({self.last_error}); they are held in {where} and will be added when "
                         "the database is next opened", held, where)
                     log.error("%s", problem)
                 except OSError as exc:
                     problem = CountsNotSaved(
-                        f"{held} counted requests could not be written to {self.store.path} "
+                        f"{held} counted requests could not be written to {self.store.where} "
                         f"({self.last_error}) nor to the journal {self.journal.paths[0].parent} ({exc}): "
                         "they are LOST", held, None)
                     log.critical("%s", problem)
@@ -377,13 +394,15 @@ class Counters:
 
     def held_requests(self) -> int:
         """Counted requests not (yet) in the database."""
-        return sum(v[0] for source in (self.pending, self.inflight or {}) for (_, e), v in source.items()
+        unsure = self.unsure[1] if self.unsure is not None else {}
+        return sum(v[0] for source in (self.pending, self.inflight or {}, unsure) for (_, e), v in source.items()
                    if e == "")
 
     def totals(self) -> dict[str, list[int]]:
         """Per-service lifetime totals for metrics (synchronous, monotonic)."""
         out = {s: list(v) for s, v in self.db_totals.items()}
-        for source in (self.inflight or {}, self.pending):
+        unsure = self.unsure[1] if self.unsure is not None else {}
+        for source in (self.inflight or {}, self.pending, unsure):
             for (inc, endpoint), values in source.items():
                 if not endpoint:
                     _add_into(out.setdefault(inc.service, [0] * NCOL), values)
@@ -393,7 +412,8 @@ class Counters:
     def rejected_counts(self) -> dict[str, int]:
         """Per-service lifetime requests refused by auth (persisted; never decreases)."""
         out = dict(self.db_rejected)
-        for source in (self.inflight_rejected or {}, self.pending_rejected):
+        unsure = self.unsure[2] if self.unsure is not None else {}
+        for source in (self.inflight_rejected or {}, self.pending_rejected, unsure):
             for (service, _sgen), n in source.items():
                 out[service] = out.get(service, 0) + n
         return out
@@ -401,7 +421,9 @@ class Counters:
     def current_rejected(self, service: str) -> int:
         """Pending refusals of the service's current incarnation (the database has the rest)."""
         sgen = self.store.service_gens.get(service)
-        return sum(n for (s, g), n in self.pending_rejected.items() if s == service and g in (sgen, None))
+        unsure = self.unsure[2] if self.unsure is not None else {}
+        return sum(n for source in (self.pending_rejected, unsure) for (s, g), n in source.items()
+                   if s == service and g in (sgen, None))
 
     async def service_incarnations(self, service: str | None) -> list[tuple]:
         """Each incarnation of the services, refusals not yet written included."""
@@ -418,9 +440,14 @@ class Counters:
                 if (row[1] or 0) == latest[row[0]] else row for row in services]
 
     def _matching(self, service: str | None, user: str | None, endpoints: bool) -> dict[tuple[Inc, str], list[int]]:
-        return {k: list(v) for k, v in self.pending.items()
-                if (service is None or k[0].service == service) and (user is None or k[0].user == user)
-                and bool(k[1]) == endpoints}
+        out: dict[tuple[Inc, str], list[int]] = {}
+        sources = [self.pending] + ([self.unsure[1]] if self.unsure is not None else [])
+        for source in sources:  # a failed flush's batch reads as not yet in the database
+            for k, v in source.items():
+                if (service is None or k[0].service == service) and (user is None or k[0].user == user) \
+                        and bool(k[1]) == endpoints:
+                    _add_into(out.setdefault(k, [0] * NCOL), v)
+        return out
 
     async def current(self, service: str | None = None, user: str | None = None,
                       endpoints: bool = False) -> list[dict[str, Any]]:

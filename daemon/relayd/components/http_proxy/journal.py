@@ -60,28 +60,63 @@ def _crc(seq: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(MAGIC + struct.pack("<QQ", seq, len(payload))))
 
 
-def encode(writer: str, seq: int, counters: dict[tuple[Inc, str], list[int]],
-           rejected: dict[tuple[str, int | None], int], fold: bool = False) -> bytes:
-    """A snapshot's payload. ``fold`` merges per-endpoint rows into each incarnation's
-    '(other)' row (totals stay exact; used only when the detailed form does not fit)."""
+def _rows(counters: dict[tuple[Inc, str], list[int]], fold: bool) -> dict[tuple[Inc, str], list[int]]:
     rows: dict[tuple[Inc, str], list[int]] = {}
     for (inc, endpoint), values in counters.items():
         key = (inc, OVERFLOW if fold and endpoint else endpoint)
         row = rows.setdefault(key, [0] * NCOL)
         for i, v in enumerate(values):
             row[i] += v
-    doc = {
+    return rows
+
+
+def _counter_list(rows: dict[tuple[Inc, str], list[int]]) -> list[list[Any]]:
+    return [[inc.service, inc.user, inc.sgen, inc.gen, inc.created, e, v] for (inc, e), v in rows.items()]
+
+
+def encode(writer: str, seq: int, counters: dict[tuple[Inc, str], list[int]],
+           rejected: dict[tuple[str, int | None], int], fold: bool = False, unsure: Any = None) -> bytes:
+    """A snapshot's payload. ``fold`` merges per-endpoint rows into each incarnation's
+    '(other)' row (totals stay exact; used only when the detailed form does not fit).
+    ``unsure``: a failed flush (flush seq, counters, rejected) that may have committed; kept
+    apart, replayed idempotently under its flush seq (Store.add ``flush``)."""
+    rows = _rows(counters, fold)
+    requests = sum(v[0] for (_, e), v in rows.items() if e == "")
+    doc: dict[str, Any] = {
         "version": 1, "writer": writer, "seq": seq, "time": time.time(),
-        "requests": sum(v[0] for (_, e), v in rows.items() if e == ""),
-        "counters": [[inc.service, inc.user, inc.sgen, inc.gen, inc.created, e, v] for (inc, e), v in rows.items()],
+        "counters": _counter_list(rows),
         "rejected": [[s, g, n] for (s, g), n in rejected.items()],
     }
+    if unsure is not None:
+        flush_seq, unsure_counters, unsure_rejected = unsure
+        urows = _rows(unsure_counters, fold)
+        requests += sum(v[0] for (_, e), v in urows.items() if e == "")
+        doc["unsure"] = {"flush": flush_seq, "counters": _counter_list(urows),
+                         "rejected": [[s, g, n] for (s, g), n in unsure_rejected.items()]}
+    doc["requests"] = requests
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 6)
 
 
-def decode(payload: bytes) -> tuple[dict[tuple[Inc, str], list[int]], dict[tuple[str, int | None], int], int]:
-    """(counters, rejected, requests) of a snapshot; incarnations are fresh Inc objects."""
+def decode_unsure(payload: bytes) -> tuple[int, dict[tuple[Inc, str], list[int]],
+                                           dict[tuple[str, int | None], int]] | None:
+    """The failed flush a snapshot holds apart, if any: (flush seq, counters, rejected)."""
     doc = json.loads(zlib.decompress(payload))
+    unsure = doc.get("unsure")
+    if not unsure:
+        return None
+    counters, rejected = _decode_counters(unsure)
+    return int(unsure["flush"]), counters, rejected
+
+
+def decode(payload: bytes) -> tuple[dict[tuple[Inc, str], list[int]], dict[tuple[str, int | None], int], int]:
+    """(counters, rejected, requests) of a snapshot, apart from its unsure flush (requests
+    counts both); incarnations are fresh Inc objects."""
+    doc = json.loads(zlib.decompress(payload))
+    counters, rejected = _decode_counters(doc)
+    return counters, rejected, int(doc.get("requests", 0))
+
+
+def _decode_counters(doc: dict[str, Any]) -> tuple[dict[tuple[Inc, str], list[int]], dict[tuple[str, int | None], int]]:
     incs: dict[tuple[str, str, int | None, int | None, float], Inc] = {}
     counters: dict[tuple[Inc, str], list[int]] = {}
     for service, user, sgen, gen, created, endpoint, values in doc["counters"]:
@@ -93,7 +128,7 @@ def decode(payload: bytes) -> tuple[dict[tuple[Inc, str], list[int]], dict[tuple
         for i, v in enumerate(values):
             row[i] += v
     rejected = {(s, g): n for s, g, n in doc["rejected"]}
-    return counters, rejected, int(doc.get("requests", 0))
+    return counters, rejected
 
 
 class Journal:

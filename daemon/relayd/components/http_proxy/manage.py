@@ -15,7 +15,7 @@
     GET             history[/S[/U]]               relayd: every incarnation, with its totals
 
 Errors are ``{"message": "..."}``. Unlike the original, "not found" is 404 (it answered 400);
-503 when the state database cannot take a change (e.g. the disk is full).
+503 when the state database cannot take a change (the disk is full; PostgreSQL is unreachable).
 
 Users live in the service's ``basic`` auth method's user store; membership (which service a
 user was added to) and counters live in the component's state database. A user created again
@@ -43,7 +43,7 @@ from pydantic import ValidationError
 
 from .compat import CompatError, cert_info, echo_service, parse_service, rfc3339
 from .config import SERVICE_NAME, ServiceConfig
-from .store import NCOL, row_dict
+from .store import NCOL, StoreConflict, row_dict
 
 if TYPE_CHECKING:
     from . import HttpProxy, Service
@@ -77,9 +77,11 @@ class ManagementAPI:
             return await self._route(request, request.method, parts)
         except ApiError as exc:
             return _json({"message": exc.message}, exc.status)
-        except (sqlite3.Error, OSError) as exc:  # e.g. the disk is full: nothing was changed
+        except StoreConflict as exc:  # another node made the same name a moment ago
+            return _json({"message": str(exc)}, 409)
+        except (sqlite3.Error, OSError) as exc:  # disk full, PostgreSQL unreachable: nothing was changed
             self.c.log.error("management API %s %s: state database %s: %s", request.method, path,
-                             self.c.counters.store.path, exc)
+                             self.c.counters.store.where, exc)
             return _json({"message": f"the state database cannot take this change now: {exc}"}, 503)
         except Exception:  # a bug: log it here, answer JSON there, never a traceback
             self.c.log.exception("management API %s %s failed", request.method, path)

@@ -69,12 +69,12 @@ CREATE TABLE journal_applied (writer TEXT PRIMARY KEY, seq INTEGER NOT NULL, app
 _UPSERT = (
     f"INSERT INTO counters (service, username, gen, endpoint, {', '.join(COLUMNS)}) "
     f"VALUES (?, ?, ?, ?, {', '.join('?' * NCOL)}) ON CONFLICT (service, username, gen, endpoint) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COLUMNS)
+    + ", ".join(f"{c} = counters.{c} + excluded.{c}" for c in COLUMNS)
 )
 _TOTALS_UPSERT = (
     f"INSERT INTO service_totals (service, {', '.join(COLUMNS)}, rejected) "
     f"VALUES (?, {', '.join('?' * NCOL)}, ?) ON CONFLICT (service) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in (*COLUMNS, "rejected"))
+    + ", ".join(f"{c} = service_totals.{c} + excluded.{c}" for c in (*COLUMNS, "rejected"))
 )
 
 
@@ -98,6 +98,13 @@ def _current(service: str | None, user: str | None) -> tuple[str, list[str]]:
 
 class StoreError(Exception):
     """The state database cannot be used (the message says why and what to do)."""
+
+
+class StoreConflict(StoreError):
+    """The name is taken (e.g. another node created the same service a moment ago)."""
+
+
+FLUSH_MARK = "flush:"  # journal_applied key prefix of a writer's flush sequence (see ``add``)
 
 
 class Inc:
@@ -136,7 +143,8 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db: sqlite3.Connection | None = None
+        self.where = str(path)  # for messages: the file, or the PostgreSQL database and schema
+        self.db: Any = None  # sqlite3.Connection, or relayd.state.pg.Db (the same calls)
         # Service name -> its latest incarnation, as this object last set or read it. Read by
         # the event loop (a dict lookup) to tag new user incarnations with their service's.
         self.service_gens: dict[str, int] = {}
@@ -254,14 +262,31 @@ class Store:
     # -- counters ---------------------------------------------------------------------------
 
     def add(self, batch: dict[tuple[Inc, str], list[int]], rejected: dict[tuple[str, int | None], int],
-            writer: str | None = None, covers: int = 0) -> tuple[dict[str, list[int]], dict[str, int]]:
+            writer: str | None = None, covers: int = 0,
+            flush: tuple[str, int] | None = None) -> tuple[dict[str, list[int]], dict[str, int]]:
         """Add counter deltas in one transaction; record that journal snapshot ``covers`` of
-        ``writer`` is now in the database. Returns lifetime totals per service afterwards."""
+        ``writer`` is now in the database. Returns lifetime totals per service afterwards.
+
+        ``flush`` = (writer, seq) makes the call idempotent: the transaction records the seq
+        (journal_applied, key FLUSH_MARK + writer) and adds nothing if it is already there. A
+        flush whose COMMIT was sent but whose acknowledgement was lost (PostgreSQL going away)
+        is retried with the same seq: it is then counted once whether or not it had committed."""
         resolved: dict[Inc, tuple[int, int]] = {}
 
         def work() -> None:
             db = self.db
             assert db is not None
+            if flush is not None:
+                key = FLUSH_MARK + flush[0]
+                if self.applied_seq(key) >= flush[1]:
+                    return  # committed before; its acknowledgement was lost
+                self._mark_applied(key, flush[1])
+            # Services whose incarnations may be created here are locked first, in one order,
+            # then rows are upserted in key order: concurrent flushes of several nodes then
+            # wait for each other instead of deadlocking (PostgreSQL; no-ops on SQLite).
+            for service in sorted({inc.service for inc, _ in batch if inc.gen is None or inc.sgen is None}
+                                  | {s for s, g in rejected if g is None}):
+                self._lock_service(service)
             rows = []
             totals: dict[str, list[int]] = {}
             for (inc, endpoint), values in batch.items():
@@ -269,6 +294,7 @@ class Store:
                 rows.append((inc.service, inc.user, gen, endpoint, *values))
                 if endpoint == "":
                     _add_into(totals.setdefault(inc.service, [0] * NCOL), values)
+            rows.sort(key=lambda r: r[:4])
             db.executemany(_UPSERT, rows)
             refused: dict[str, int] = {}
             for (service, known), n in rejected.items():
@@ -276,7 +302,7 @@ class Store:
                 db.execute("UPDATE service_incarnations SET rejected = rejected + ? WHERE service = ? AND sgen = ?",
                            (n, service, sgen))
                 refused[service] = refused.get(service, 0) + n
-            for service in set(totals) | set(refused):
+            for service in sorted(set(totals) | set(refused)):
                 db.execute(_TOTALS_UPSERT, (service, *totals.get(service, [0] * NCOL), refused.get(service, 0)))
             if writer is not None and covers:
                 self._mark_applied(writer, covers)
@@ -289,14 +315,26 @@ class Store:
     def _mark_applied(self, writer: str, seq: int) -> None:
         self.db.execute(  # type: ignore[union-attr]
             "INSERT INTO journal_applied VALUES (?, ?, ?) ON CONFLICT (writer) DO UPDATE SET "
-            "seq = max(seq, excluded.seq), applied_at = excluded.applied_at", (writer, seq, time.time()))
+            "seq = CASE WHEN excluded.seq > journal_applied.seq THEN excluded.seq ELSE journal_applied.seq END, "
+            "applied_at = excluded.applied_at", (writer, seq, time.time()))
 
     def applied_seq(self, writer: str) -> int:
         row = self.db.execute("SELECT seq FROM journal_applied WHERE writer = ?", (writer,)).fetchone()  # type: ignore[union-attr]
         return row[0] if row else 0
 
+    def _lock_service(self, service: str) -> None:
+        """Serialise incarnation changes of one service between writers: SQLite's BEGIN
+        IMMEDIATE already does; the PostgreSQL store takes an advisory transaction lock."""
+
+    def refresh_gens(self) -> dict[str, int]:
+        """Re-read the latest incarnation of every service (another node may have made one)."""
+        self.service_gens = {s: g for s, g in self.db.execute(
+            "SELECT service, max(sgen) FROM service_incarnations GROUP BY service")}
+        return self.service_gens
+
     def _service_gen(self, service: str) -> int:
         """The latest incarnation of a service; one is made if the name was never seen."""
+        self._lock_service(service)
         db = self.db
         row = db.execute("SELECT max(sgen) FROM service_incarnations WHERE service = ?", (service,)).fetchone()  # type: ignore[union-attr]
         if row[0] is not None:
@@ -314,6 +352,7 @@ class Store:
             return done
         db = self.db
         assert db is not None
+        self._lock_service(inc.service)
         sgen = inc.sgen if inc.sgen is not None else self._service_gen(inc.service)
         row = db.execute("SELECT max(gen) FROM user_incarnations WHERE service = ? AND username = ? AND sgen = ?",
                          (inc.service, inc.user, sgen)).fetchone()
@@ -423,14 +462,22 @@ class Store:
 
         def work() -> int:
             db = self.db
-            db.execute("INSERT INTO services VALUES (?, ?, ?, ?)",  # type: ignore[union-attr]
+            self._lock_service(name)
+            if db.execute("SELECT 1 FROM services WHERE name = ?", (name,)).fetchone() is not None:
+                raise StoreConflict(f"Service '{name}' already exists")
+            db.execute("INSERT INTO services VALUES (?, ?, ?, ?)",
                        (name, json.dumps(definition), now, None if request is None else json.dumps(request)))
+            self._notify(f"service {name}")
             return self._new_service_incarnation(name, "runtime", now)
 
         self.service_gens[name] = self._transaction(work)
         return now
 
+    def _notify(self, what: str) -> None:
+        """Tell the other nodes (PostgreSQL: NOTIFY in this transaction; SQLite: one node)."""
+
     def _new_service_incarnation(self, name: str, origin: str, now: float) -> int:
+        self._lock_service(name)
         db = self.db
         db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
                    (now, name))
@@ -448,6 +495,7 @@ class Store:
 
         def work() -> None:
             db = self.db
+            self._notify(f"service {name}")
             db.execute("DELETE FROM services WHERE name = ?", (name,))  # type: ignore[union-attr]
             db.execute("DELETE FROM members WHERE service = ?", (name,))  # type: ignore[union-attr]
             db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
@@ -460,6 +508,7 @@ class Store:
     def created_at(self, name: str) -> float:
         """A configured service: its open incarnation (one is made when none is open)."""
         def work() -> tuple[int, float]:
+            self._lock_service(name)
             row = self.db.execute(  # type: ignore[union-attr]
                 "SELECT sgen, created_at, deleted_at FROM service_incarnations WHERE service = ? "
                 "ORDER BY sgen DESC LIMIT 1", (name,)).fetchone()
@@ -487,16 +536,19 @@ class Store:
 
         def work() -> Inc:
             db = self.db
+            self._lock_service(service)
             for inc in earlier or ():
                 self._resolve(inc, resolved)
             sgen = self._service_gen(service)
+            self._notify(f"member {service}")
             db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "  # type: ignore[union-attr]
                        "AND deleted_at IS NULL", (now, service, username))
             gen = db.execute("SELECT coalesce(max(gen), 0) + 1 FROM user_incarnations WHERE service = ? "  # type: ignore[union-attr]
                              "AND username = ?", (service, username)).fetchone()[0]
             db.execute("INSERT INTO user_incarnations (service, username, gen, sgen, member, created_at) "  # type: ignore[union-attr]
                        "VALUES (?, ?, ?, ?, 1, ?)", (service, username, gen, sgen, now))
-            db.execute("INSERT OR REPLACE INTO members VALUES (?, ?, ?)", (service, username, now))  # type: ignore[union-attr]
+            db.execute("INSERT INTO members VALUES (?, ?, ?) ON CONFLICT (service, username) DO UPDATE SET "
+                       "created_at = excluded.created_at", (service, username, now))
             return Inc(service, username, sgen, gen, now)
 
         inc = self._transaction(work)
@@ -509,6 +561,7 @@ class Store:
         now = time.time()
 
         def work() -> None:
+            self._notify(f"member {service}")
             self.db.execute("DELETE FROM members WHERE service = ? AND username = ?", (service, username))  # type: ignore[union-attr]
             self.db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "  # type: ignore[union-attr]
                             "AND deleted_at IS NULL", (now, service, username))

@@ -1,0 +1,185 @@
+"""The http_proxy state store, one suite run against both implementations: SQLite (the
+embedded default) and PostgreSQL (a real server started by tests/pg_server.py).
+
+Hostile cases first: duplicate creates, unknown names, concurrent writers, a flush whose
+acknowledgement was lost, a schema newer than the code.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relayd.components.http_proxy.store import NCOL, Inc, Store, StoreConflict, StoreError
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path: Path):
+    """Factory: backend() -> a new, opened Store on the same database each call."""
+    stores: list[Store] = []
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        from relayd.state.http_proxy_pg import PgStore
+
+        def make() -> Store:
+            return PgStore(url, "web", tmp_path / f"node{len(stores)}")
+    else:
+        def make() -> Store:
+            return Store(tmp_path / "state.sqlite3")
+
+    def opened() -> Store:
+        store = make()
+        store.open()
+        stores.append(store)
+        return store
+
+    opened.kind = request.param  # type: ignore[attr-defined]
+    yield opened
+    for store in stores:
+        store.close()
+
+
+def row(requests: int = 1, bytes_in: int = 10, bytes_out: int = 20) -> list[int]:
+    values = [0] * NCOL
+    values[0], values[1], values[2], values[4] = requests, bytes_in, bytes_out, requests
+    return values
+
+
+def total(store: Store, service: str = "svc") -> int:
+    return store.totals()[0].get(service, [0])[0]
+
+
+def test_duplicate_service_create_is_a_conflict_and_changes_nothing(backend):
+    store = backend()
+    store.add_service("svc", {"from": "/a", "to": "http://127.0.0.1:1"})
+    with pytest.raises(StoreConflict):
+        backend().add_service("svc", {"from": "/b", "to": "http://127.0.0.1:2"})
+    assert [(n, d["from"]) for n, d, _ in store.services()] == [("svc", "/a")]
+    assert [r[1] for r in store.service_incarnations("svc")] == [1]
+
+
+def test_unknown_names_are_harmless(backend):
+    store = backend()
+    store.remove_member("nope", "nobody")
+    store.remove_service("nope")
+    assert not store.known_user("nope", "nobody")
+    assert store.current("nope") == []
+    assert store.history("nope") == []
+
+
+def test_counts_go_to_the_current_incarnation_and_history_keeps_the_old_one(backend):
+    store = backend()
+    store.add_service("svc", {"from": "/a", "to": "http://x"})
+    _, first = store.add_member("svc", "alice")
+    store.add({(first, ""): row(3), (first, "/e"): row(3)}, {})
+    _, second = store.add_member("svc", "alice")
+    store.add({(second, ""): row(2)}, {("svc", None): 4})
+    current = store.current("svc", "alice")
+    assert [(r[3], r[8]) for r in current] == [(2, 2)]
+    assert [(r[3], r[9]) for r in store.history("svc", "alice")] == [(1, 3), (2, 2)]
+    assert total(store) == 5
+    assert store.totals()[1]["svc"] == 4
+
+
+def test_an_unresolved_incarnation_is_resolved_once_by_concurrent_writers(backend):
+    a, b = backend(), backend()
+    a.add_service("svc", {"from": "/a", "to": "http://x"})
+    b.refresh_gens()
+    # Two nodes count "bob" before either database row exists: one incarnation results.
+    a.add({(Inc("svc", "bob", None, None), ""): row(1)}, {})
+    b.add({(Inc("svc", "bob", None, None), ""): row(1)}, {})
+    assert [(r[3], r[8]) for r in a.current("svc", "bob")] == [(1, 2)]
+
+
+def test_concurrent_upserts_from_two_connections_add_up_exactly(backend):
+    a, b = backend(), backend()
+    _, inc = a.add_member("svc", "alice")
+    b.refresh_gens()
+    errors = []
+
+    def hammer(store: Store, n: int) -> None:
+        try:
+            for i in range(n):
+                store.add({(inc, ""): row(1), (inc, f"/e{i % 3}"): row(1)}, {("svc", inc.sgen): 1})
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(s, 60)) for s in (a, b)]
+    if backend.kind == "sqlite":
+        threads = [threading.Thread(target=hammer, args=(a, 120))]  # one connection per file
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert total(a) == 120
+    assert sum(r[8] for r in a.current("svc", endpoints=True)) == 120
+    assert a.totals()[1]["svc"] == 120
+
+
+def test_a_flush_retried_after_a_lost_acknowledgement_counts_once(backend):
+    store = backend()
+    _, inc = store.add_member("svc", "alice")
+    batch = {(inc, ""): row(7)}
+    store.add(batch, {}, flush=("node-a", 1))  # committed; say the acknowledgement was lost
+    store.add(batch, {}, flush=("node-a", 1))  # the retry with the same seq
+    store.add(batch, {}, flush=("node-b", 1))  # another writer's seq 1 is its own
+    assert total(store) == 14
+    store.add({(inc, ""): row(1)}, {}, flush=("node-a", 2))
+    assert total(store) == 15
+
+
+def test_a_schema_newer_than_the_code_is_refused_with_a_clear_error(backend):
+    store = backend()
+    store._transaction(lambda: store.db.execute("INSERT INTO schema_version VALUES (99, 0, 'future')"))
+    store.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        backend()
+
+
+def test_configured_service_keeps_its_open_incarnation(backend):
+    a = backend()
+    created = a.created_at("conf")
+    assert backend().created_at("conf") == created
+    assert [r[1] for r in a.service_incarnations("conf")] == [1]
+
+
+deltas = st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["alice", "bob"]),
+                            st.integers(1, 5), st.sampled_from(["ok", "before", "lost"])), max_size=25)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=deltas)
+def test_random_flush_failures_across_two_writers_never_lose_or_double_a_count(backend, steps):
+    """Each step: a writer flushes n requests; the flush succeeds, fails before commit, or
+    commits but loses its acknowledgement. A failed flush is retried with its own seq (as
+    Counters does) before anything newer; the sum in the database equals what was counted."""
+    store = backend()
+    seqs = {"a": 0, "b": 0}
+    unsure: dict[str, tuple[int, dict] | None] = {"a": None, "b": None}
+    base = total(store)
+    counted = 0
+    for writer, user, n, fate in steps:
+        counted += n
+        key = f"{writer}-{id(steps)}"
+        if unsure[writer] is not None:  # settle the failed one first (always works here)
+            seq, batch = unsure[writer]  # type: ignore[misc]
+            store.add(batch, {}, flush=(key, seq))
+            unsure[writer] = None
+        seqs[writer] += 1
+        batch = {(Inc("svc", user, None, None), ""): row(n)}
+        if fate == "ok":
+            store.add(batch, {}, flush=(key, seqs[writer]))
+        elif fate == "lost":
+            store.add(batch, {}, flush=(key, seqs[writer]))
+            unsure[writer] = (seqs[writer], batch)
+        else:
+            unsure[writer] = (seqs[writer], batch)
+    for writer, pending in unsure.items():
+        if pending is not None:
+            store.add(pending[1], {}, flush=(f"{writer}-{id(steps)}", pending[0]))
+    assert total(store) - base == counted
