@@ -86,7 +86,7 @@ class PgServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"postgres exited {self.process.returncode}: {self.log.read_text()[-2000:]}")
             ready = subprocess.run([str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if ready.returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -98,7 +98,7 @@ class PgServer:
         if self.process is None or self.process.poll() is not None:
             return
         subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w",
-                        "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        "stop"], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:

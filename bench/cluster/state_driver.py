@@ -18,7 +18,6 @@ medians; `--json` for the raw numbers.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -62,10 +61,9 @@ def bench_psycopg(url: str, nrows: int, repeat: int) -> dict[str, float]:
         times = []
         for seq in range(repeat):
             t = time.perf_counter()
-            with conn.transaction():
-                with conn.cursor() as cur:
-                    cur.executemany(psyco(UPSERT), batch)
-                    cur.execute(psyco(MARK), ("node", seq))
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(psyco(UPSERT), batch)
+                cur.execute(psyco(MARK), ("node", seq))
             times.append(time.perf_counter() - t)
         out["flush_ms"] = statistics.median(times) * 1000
         times = []

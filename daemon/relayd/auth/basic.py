@@ -7,7 +7,9 @@
     # htpasswd = "/etc/relayd/htpasswd"                  (read-only, bcrypt entries only)
 
 Users are managed with ``relayctl users`` or the http_proxy management API (both use
-:class:`relayd.auth.users.UserStore` on the same file). A user in the database wins over a
+:class:`relayd.auth.users.UserStore` on the same file). With ``[state] url`` set, the users live
+in PostgreSQL instead (relayd.state.users_pg: schema ``basic:NAME``, shared by every node, a
+copy in memory refreshed on NOTIFY), and users_db is not used. A user in the database wins over a
 user of the same name in the htpasswd file. The identity is ``Identity(sub=username,
 username=username)``.
 """
@@ -25,6 +27,7 @@ from typing import Any, Literal
 from prometheus_client.core import CounterMetricFamily, Metric
 from pydantic import Field
 
+from relayd import state
 from relayd.auth import htpasswd as htp
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
 from relayd.auth.users import MAX_PASSWORD, MAX_USERNAME, UserStore, verify_hash
@@ -51,12 +54,27 @@ class BasicAuth(AuthMethod):
     def __init__(self, name: str, config: BasicAuthConfig, context: Any) -> None:
         super().__init__(name, config, context)
         self.db_path = config.users_db or default_users_db(context.state_dir, name)
-        self.users = UserStore(self.db_path)
+        self.watcher: Any = None
+        url = state.postgres_url(context)
+        if url is None:
+            self.users = UserStore(self.db_path)
+        else:
+            from relayd.state.users_pg import PgUserStore
+
+            self.users = PgUserStore(url, name, state.health(context, url))
+            self.db_path = self.users.where  # type: ignore[assignment]
         self.htpasswd = htp.Htpasswd(config.htpasswd) if config.htpasswd else None
         self.stats = {"checks": 0, "failures": 0}
 
     async def start(self) -> None:
         await asyncio.to_thread(self.users.open)
+        reload = getattr(self.users, "reload", None)
+        if reload is not None:  # PostgreSQL: follow the other nodes' changes
+            from relayd.state.pg import Watcher
+
+            self.watcher = Watcher(self.users.url, self.users.schema,  # type: ignore[attr-defined]
+                                   lambda: asyncio.to_thread(reload), self.users.db.health)  # type: ignore[attr-defined]
+            self.watcher.start()
         if self.htpasswd:
             try:
                 await asyncio.to_thread(self.htpasswd.load)
@@ -64,6 +82,13 @@ class BasicAuth(AuthMethod):
                 raise ValueError(f"auth.{self.name}: {exc}") from None
         self.log.info("basic auth %r: users in %s%s", self.name, self.db_path,
                       f", read-only htpasswd {self.config.htpasswd}" if self.htpasswd else "")
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        close = getattr(self.users, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
 
     async def authenticate(self, authorization: str | None) -> Identity:
         username, password = parse_basic(authorization)

@@ -46,6 +46,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 from pydantic import Field, model_validator
 
+from relayd import state
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
 from relayd.auth.globus import AuthBaseUrl, _default_base_url
 from relayd.config.types import Seconds, Secret
@@ -185,23 +186,11 @@ class SessionStore:
         return bytes.fromhex(self.conn.execute("SELECT value FROM meta WHERE key = 'cookie_key'").fetchone()[0])
 
     def load(self, method: str) -> dict[str, Session]:
-        out = {}
-        for sid_hash, ident, tokens, created, seen, expires in self.conn.execute(
-                "SELECT sid_hash, identity, tokens, created, last_seen, expires FROM sessions"):
-            data = json.loads(ident)
-            identity = Identity(sub=data["sub"], method=method, username=data.get("username"),
-                                name=data.get("name"), email=data.get("email"),
-                                scopes=frozenset(data.get("scopes") or ()))
-            out[sid_hash] = Session(identity, expires, json.loads(tokens), created, seen, seen)
-        return out
+        return {row[0]: session_from_row(method, row) for row in self.conn.execute(
+            "SELECT sid_hash, identity, tokens, created, last_seen, expires FROM sessions")}
 
     def add(self, sid_hash: str, session: Session) -> None:
-        ident = session.identity
-        data = {"sub": ident.sub, "username": ident.username, "name": ident.name, "email": ident.email,
-                "scopes": sorted(ident.scopes)}
-        self.conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
-                          (sid_hash, json.dumps(data), json.dumps(session.tokens), session.created,
-                           session.last_seen, session.expires))
+        self.conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)", session_row(sid_hash, session))
 
     def seen(self, sid_hash: str, when: float) -> None:
         self.conn.execute("UPDATE sessions SET last_seen = ? WHERE sid_hash = ?", (when, sid_hash))
@@ -229,6 +218,23 @@ class SessionStore:
         self.conn.close()
 
 
+def session_row(sid_hash: str, session: Session) -> tuple:
+    """The sessions table's row of a session (both stores)."""
+    ident = session.identity
+    data = {"sub": ident.sub, "username": ident.username, "name": ident.name, "email": ident.email,
+            "scopes": sorted(ident.scopes)}
+    return (sid_hash, json.dumps(data), json.dumps(session.tokens), session.created, session.last_seen,
+            session.expires)
+
+
+def session_from_row(method: str, row: tuple) -> Session:
+    _sid_hash, ident, tokens, created, seen, expires = row
+    data = json.loads(ident)
+    identity = Identity(sub=data["sub"], method=method, username=data.get("username"),
+                        name=data.get("name"), email=data.get("email"), scopes=frozenset(data.get("scopes") or ()))
+    return Session(identity, expires, json.loads(tokens), created, seen, seen)
+
+
 def default_sessions_db(state_dir: Path, name: str) -> Path:
     return Path(state_dir) / f"browser-sessions-{name}.sqlite3"
 
@@ -254,17 +260,49 @@ class GlobusLogin(AuthMethod):
         self.revocations_pending = 0
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._watcher: Any = None
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
-        self.store = SessionStore(self.db_path)
+        url = state.postgres_url(self.context)
+        if url is None:
+            self.store = SessionStore(self.db_path)
+        else:  # [state] url: sessions shared by every node (relayd.state.sessions_pg)
+            from relayd.state.sessions_pg import PgSessionStore
+
+            self.store = await asyncio.to_thread(PgSessionStore, url, self.name, state.health(self.context, url))  # type: ignore[assignment]
         if not self.config.session_secret:
-            self._key = self.store.key()
-        self.sessions = self.store.load(self.name)
-        self.revocations_pending = len(self.store.pending_revocations())
+            self._key = await asyncio.to_thread(self.store.key)
+        self.sessions = await asyncio.to_thread(self.store.load, self.name)
+        self.revocations_pending = len(await asyncio.to_thread(self.store.pending_revocations))
         self._worker = asyncio.get_running_loop().create_task(self._background())
+        if url is not None:
+            from relayd.state.pg import Watcher, schema_name
+
+            self._watcher = Watcher(url, schema_name("globus_login", self.name), self._resync,
+                                    state.health(self.context, url))
+            self._watcher.start()
+
+    async def _resync(self) -> None:
+        """PostgreSQL: take the sessions other nodes made, drop those ended anywhere."""
+        store = self.store
+        if store is None:
+            return
+        rows = await asyncio.to_thread(store.rows)  # type: ignore[attr-defined]
+        current = {row[0]: row for row in rows}
+        unwritten = set(getattr(store, "unwritten", ()))
+        for sid_hash in [h for h in self.sessions if h not in current and h not in unwritten]:
+            del self.sessions[sid_hash]  # ended on another node (its tokens are queued there)
+        for sid_hash, row in current.items():
+            mine = self.sessions.get(sid_hash)
+            if mine is None:
+                self.sessions[sid_hash] = session_from_row(self.name, row)
+            elif row[4] > mine.last_seen:
+                mine.last_seen = row[4]
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
         if self._worker:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -275,7 +313,7 @@ class GlobusLogin(AuthMethod):
             # Connections of a replaced generation may still ask about sessions while they
             # drain: they see the memory copy, and nothing is written to a closed database.
             store, self.store = self.store, None
-            store.close()
+            await asyncio.to_thread(store.close)
 
     async def authenticate(self, authorization: str | None) -> Identity:
         raise AuthError(AuthFailure.MISSING, "log in with a web browser (Globus login)")
@@ -610,7 +648,7 @@ class GlobusLogin(AuthMethod):
             try:
                 self._sweep()
                 assert self.store is not None
-                pending = self.store.pending_revocations()
+                pending = await asyncio.to_thread(self.store.pending_revocations)
                 if pending:
                     done = await self._revoke(pending)
                     self.store.revoked(done)

@@ -22,7 +22,7 @@ from relayd.cli.control_client import ControlClient, Unreachable
 DEFAULT_SOCKET = "/run/relayd-control.sock"  # = ControlConfig.socket and systemd/relayd-control.socket
 COMMAND_MODULES: list[str] = ["relayd.cli.auth_commands", "relayd.cli.stream_commands",
                                  "relayd.cli.http_commands", "relayd.cli.relay_commands",
-                                 "relayd.cli.browser_commands"]
+                                 "relayd.cli.browser_commands", "relayd.cli.db_commands"]
 
 
 def die(message: str, code: int = 1) -> int:

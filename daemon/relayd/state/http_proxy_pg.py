@@ -96,6 +96,14 @@ class PgStore(Store):
         check_version(version, self.where, SCHEMA_VERSION)
         return f"schema {self.schema!r} is at version {version} (current)"
 
+    def migrate_now(self) -> str:
+        """``relayctl db migrate``: only the schema (no journal, no incarnations read)."""
+        self.db = Db(self.url, self.schema, self.health)
+        try:
+            return self._transaction(self.migrate)
+        finally:
+            self.close()
+
     def version(self) -> int:
         if "schema_version" not in self.db.tables():
             return 0

@@ -17,6 +17,7 @@ plus one read while PostgreSQL is reachable (in practice: the NOTIFY round trip,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
@@ -183,10 +184,8 @@ class Watcher:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # it was cancelled; whatever it raised on the way out is moot
         self._tasks = []
 
     async def _refresher(self) -> None:
@@ -196,7 +195,7 @@ class Watcher:
             try:
                 await self.refresh()
                 self.refreshes += 1
-            except Exception as exc:  # unreachable again: the listener reconnects and re-marks
+            except Exception as exc:  # noqa: BLE001 - unreachable again: the listener reconnects and re-marks
                 log.debug("state refresh from %s failed: %s", redact_url(self.url), exc)
 
     async def _listen(self) -> None:
