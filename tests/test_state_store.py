@@ -7,6 +7,7 @@ acknowledgement was lost, a schema newer than the code.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relayd.components.http_proxy.counters import Counters
 from relayd.components.http_proxy.store import NCOL, Inc, Store, StoreConflict, StoreError
+from relayd.state.pg import StateUnavailable
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -38,6 +41,7 @@ def backend(request, tmp_path: Path):
         return store
 
     opened.kind = request.param  # type: ignore[attr-defined]
+    opened.make = make  # type: ignore[attr-defined]
     yield opened
     for store in stores:
         store.close()
@@ -183,3 +187,56 @@ def test_random_flush_failures_across_two_writers_never_lose_or_double_a_count(b
         if pending is not None:
             store.add(pending[1], {}, flush=(f"{writer}-{id(steps)}", pending[0]))
     assert total(store) - base == counted
+
+
+flushes = st.lists(st.tuples(st.sampled_from(["alice", "bob"]), st.integers(1, 4),
+                             st.sampled_from(["ok", "ok", "before", "lost"])), min_size=1, max_size=12)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=flushes, crash=st.booleans())
+def test_counters_with_failing_flushes_and_a_crash_count_every_request_once(backend, steps, crash):
+    """The real Counters against a store whose flushes fail before committing or commit and
+    then lose the acknowledgement; then either a graceful close, or a crash (the journal is all
+    that is left) and a new Counters replaying it. The database ends with every request once."""
+    fates: list[str] = []
+
+    def flaky(store: Store):
+        real = store.add_all
+
+        def add_all(parts):
+            fate = fates.pop(0) if fates else "ok"
+            if fate == "before":
+                raise StateUnavailable("connection lost before COMMIT")
+            result = real(parts)
+            if fate == "lost":
+                raise StateUnavailable("connection lost after COMMIT (acknowledgement lost)")
+            return result
+        store.add_all = add_all  # type: ignore[method-assign]
+        return store
+
+    async def run() -> tuple[int, int]:
+        counters = Counters(flaky(backend.make()), 100)
+        await counters.start(3600)  # flushed by hand below
+        start_total = total(counters.store)
+        counted = 0
+        for user, n, fate in steps:
+            for _ in range(n):
+                counters.record("svc", user, "/e", 1, 2, 200)
+            counted += n
+            fates.append(fate)
+            await counters.flush()
+        fates.clear()
+        if crash:  # like SIGKILL: nothing more is written; the journal files stay
+            counters._stop.set()
+            counters.journal.close(remove=False)
+            counters.executor.shutdown(wait=True)
+            counters.store.close()
+            counters = Counters(backend.make(), 100)
+            await counters.start(3600)  # replays the dead writer's journal
+        await counters.close()
+        check = backend()
+        return total(check) - start_total, counted
+
+    added, counted = asyncio.run(run())
+    assert added == counted

@@ -271,11 +271,12 @@ class Counters:
                                     f"{self.store.where}; removed {', '.join(p.name for p in paths)}")
                     continue
                 counters, rejected, requests = journal.decode(payload)
+                parts = [(counters, rejected, writer, seq, None)]
                 unsure = journal.decode_unsure(payload)
                 if unsure is not None:  # a failed flush: added only if it had not committed
                     flush_seq, unsure_counters, unsure_rejected = unsure
-                    self.store.add(unsure_counters, unsure_rejected, flush=(writer, flush_seq))
-                self.store.add(counters, rejected, writer, seq)
+                    parts.insert(0, (unsure_counters, unsure_rejected, None, 0, (writer, flush_seq)))
+                self.store.add_all(parts)
                 journal.remove(paths)
                 messages.append(f"replayed {requests} held requests of writer {writer} (snapshot {seq}) "
                                 f"into {self.store.where}")

@@ -271,46 +271,57 @@ class Store:
         (journal_applied, key FLUSH_MARK + writer) and adds nothing if it is already there. A
         flush whose COMMIT was sent but whose acknowledgement was lost (PostgreSQL going away)
         is retried with the same seq: it is then counted once whether or not it had committed."""
+        return self.add_all([(batch, rejected, writer, covers, flush)])
+
+    def add_all(self, parts: list[tuple[Any, ...]]) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Several ``add`` calls' arguments, in one transaction (a journal snapshot's failed
+        flush and held counts are replayed together)."""
         resolved: dict[Inc, tuple[int, int]] = {}
 
         def work() -> None:
-            db = self.db
-            assert db is not None
-            if flush is not None:
-                key = FLUSH_MARK + flush[0]
-                if self.applied_seq(key) >= flush[1]:
-                    return  # committed before; its acknowledgement was lost
-                self._mark_applied(key, flush[1])
-            # Services whose incarnations may be created here are locked first, in one order,
-            # then rows are upserted in key order: concurrent flushes of several nodes then
-            # wait for each other instead of deadlocking (PostgreSQL; no-ops on SQLite).
-            for service in sorted({inc.service for inc, _ in batch if inc.gen is None or inc.sgen is None}
-                                  | {s for s, g in rejected if g is None}):
-                self._lock_service(service)
-            rows = []
-            totals: dict[str, list[int]] = {}
-            for (inc, endpoint), values in batch.items():
-                sgen, gen = self._resolve(inc, resolved)
-                rows.append((inc.service, inc.user, gen, endpoint, *values))
-                if endpoint == "":
-                    _add_into(totals.setdefault(inc.service, [0] * NCOL), values)
-            rows.sort(key=lambda r: r[:4])
-            db.executemany(_UPSERT, rows)
-            refused: dict[str, int] = {}
-            for (service, known), n in rejected.items():
-                sgen = known if known is not None else self._service_gen(service)
-                db.execute("UPDATE service_incarnations SET rejected = rejected + ? WHERE service = ? AND sgen = ?",
-                           (n, service, sgen))
-                refused[service] = refused.get(service, 0) + n
-            for service in sorted(set(totals) | set(refused)):
-                db.execute(_TOTALS_UPSERT, (service, *totals.get(service, [0] * NCOL), refused.get(service, 0)))
-            if writer is not None and covers:
-                self._mark_applied(writer, covers)
+            for batch, rejected, writer, covers, flush in parts:
+                self._add(batch, rejected, writer, covers, flush, resolved)
 
         self._transaction(work)
         for inc, (sgen, gen) in resolved.items():  # only once committed
             inc.sgen, inc.gen = sgen, gen
         return self.totals()
+
+    def _add(self, batch: dict[tuple[Inc, str], list[int]], rejected: dict[tuple[str, int | None], int],
+             writer: str | None, covers: int, flush: tuple[str, int] | None,
+             resolved: dict[Inc, tuple[int, int]]) -> None:
+        db = self.db
+        assert db is not None
+        if flush is not None:
+            key = FLUSH_MARK + flush[0]
+            if self.applied_seq(key) >= flush[1]:
+                return  # committed before; its acknowledgement was lost
+            self._mark_applied(key, flush[1])
+        # Services whose incarnations may be created here are locked first, in one order,
+        # then rows are upserted in key order: concurrent flushes of several nodes then
+        # wait for each other instead of deadlocking (PostgreSQL; no-ops on SQLite).
+        for service in sorted({inc.service for inc, _ in batch if inc.gen is None or inc.sgen is None}
+                              | {s for s, g in rejected if g is None}):
+            self._lock_service(service)
+        rows = []
+        totals: dict[str, list[int]] = {}
+        for (inc, endpoint), values in batch.items():
+            sgen, gen = self._resolve(inc, resolved)
+            rows.append((inc.service, inc.user, gen, endpoint, *values))
+            if endpoint == "":
+                _add_into(totals.setdefault(inc.service, [0] * NCOL), values)
+        rows.sort(key=lambda r: r[:4])
+        db.executemany(_UPSERT, rows)
+        refused: dict[str, int] = {}
+        for (service, known), n in rejected.items():
+            sgen = known if known is not None else self._service_gen(service)
+            db.execute("UPDATE service_incarnations SET rejected = rejected + ? WHERE service = ? AND sgen = ?",
+                       (n, service, sgen))
+            refused[service] = refused.get(service, 0) + n
+        for service in sorted(set(totals) | set(refused)):
+            db.execute(_TOTALS_UPSERT, (service, *totals.get(service, [0] * NCOL), refused.get(service, 0)))
+        if writer is not None and covers:
+            self._mark_applied(writer, covers)
 
     def _mark_applied(self, writer: str, seq: int) -> None:
         self.db.execute(  # type: ignore[union-attr]
