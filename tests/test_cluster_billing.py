@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import psycopg
 import pytest
@@ -120,7 +121,7 @@ class Clients:
         with self.lock:
             return sum(self.counts.values())
 
-    def __enter__(self) -> Clients:
+    def __enter__(self) -> Self:
         for thread in self.threads:
             thread.start()
         return self

@@ -5,14 +5,27 @@ local fake Globus Auth, with one cookie jar (cookies are per host, not per port)
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import aiohttp
+import pytest
 
 from relayd.testing import free_port
 from test_cluster_billing import BOUND
 from test_http_proxy import Upstream
-from test_http_proxy_globus_login import _browse, _config, tls_files  # noqa: F401 - fixture
+from test_http_proxy_globus_login import _browse, _config
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    return tmp_path / "cert.pem", tmp_path / "key.pem", ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
 
 
 async def _poll(session: aiohttp.ClientSession, url: str, want: int, what: str) -> float:
@@ -47,7 +60,7 @@ def test_a_browser_session_made_on_node_a_is_valid_on_node_b(relayd, fake_globus
                 assert any("/v2/oauth2/authorize" in str(h.url) for h in r.history)
             elapsed = await _poll(session, b + "/app/x", 200, "the session valid on node b")
             print(f"session made on node a valid on node b after {elapsed:.3f}s")
-            old = [c for c in session.cookie_jar if c.key == "relayd_session"][0].value
+            old = next(c for c in session.cookie_jar if c.key == "relayd_session").value
             async with session.get(b + "/.relayd/logout") as r:  # sign out on node b
                 assert r.status == 200
             # The old cookie, replayed to node a, no longer opens a session there.

@@ -10,6 +10,8 @@ Without --url it starts a throwaway PostgreSQL (tests/pg_server.py: Debian's pos
   manage     one management change: an insert and a NOTIFY in one transaction
   lookup     one point lookup by primary key
 
+and relayd's own flush (Store.add: upserts, per-service totals, flush seq) on SQLite vs PostgreSQL.
+
 psycopg is used as relayd would use it (sync API, from one worker thread: ``executemany`` runs in
 libpq pipeline mode); asyncpg on its own event loop (``executemany`` pipelines too). Prints
 medians; `--json` for the raw numbers.
@@ -36,6 +38,10 @@ CREATE TABLE bench_members (service TEXT, username TEXT, created_at DOUBLE PRECI
 UPSERT = (f"INSERT INTO bench_counters (service, username, gen, endpoint, {', '.join(COLS)}) VALUES "
           f"({', '.join(f'${i}' for i in range(1, 5 + len(COLS)))}) ON CONFLICT (service, username, gen, endpoint) "
           "DO UPDATE SET " + ", ".join(f"{c} = bench_counters.{c} + EXCLUDED.{c}" for c in COLS))
+UNNEST = (f"INSERT INTO bench_counters (service, username, gen, endpoint, {', '.join(COLS)}) SELECT * FROM unnest("
+          "%s::text[], %s::text[], %s::int[], %s::text[], " + ", ".join(["%s::bigint[]"] * len(COLS)) + ") "
+          "ON CONFLICT (service, username, gen, endpoint) DO UPDATE SET "
+          + ", ".join(f"{c} = bench_counters.{c} + EXCLUDED.{c}" for c in COLS))
 MARK = "INSERT INTO bench_marks VALUES ($1, $2) ON CONFLICT (writer) DO UPDATE SET seq = EXCLUDED.seq"
 
 
@@ -66,6 +72,15 @@ def bench_psycopg(url: str, nrows: int, repeat: int) -> dict[str, float]:
                 cur.execute(psyco(MARK), ("node", seq))
             times.append(time.perf_counter() - t)
         out["flush_ms"] = statistics.median(times) * 1000
+        times = []
+        columns = [list(c) for c in zip(*batch)]
+        for seq in range(repeat):
+            t = time.perf_counter()
+            with conn.transaction():
+                conn.execute(UNNEST, columns)
+                conn.execute(psyco(MARK), ("node", seq))
+            times.append(time.perf_counter() - t)
+        out["unnest_ms"] = statistics.median(times) * 1000
         times = []
         for i in range(repeat):
             t = time.perf_counter()
@@ -121,6 +136,36 @@ async def bench_asyncpg(url: str, nrows: int, repeat: int) -> dict[str, float]:
     return out
 
 
+def bench_store(kind: str, url: str, tmp: Path, nrows: int, repeat: int) -> dict[str, float]:
+    """relayd's own flush path (Store.add with its flush seq) on SQLite or PostgreSQL."""
+    import secrets
+
+    from relayd.components.http_proxy.store import NCOL, Inc, Store
+
+    unique = secrets.token_hex(4)  # a fresh database/schema each run (flush seqs start again)
+    if kind == "sqlite":
+        store = Store(tmp / f"bench-{unique}.sqlite3")
+    else:
+        from relayd.state.http_proxy_pg import PgStore
+
+        store = PgStore(url, f"bench-{unique}", tmp)
+    store.open()
+    try:
+        incs = [Inc("svc", f"user{i}", None, None) for i in range(max(1, nrows // 10))]
+        batch = {}
+        for i in range(nrows):
+            batch[(incs[i // 10], "" if i % 10 == 0 else f"/ep{i % 10}")] = [1, 100, 200, 0, 1, 0, 0, 0, 0][:NCOL]
+        store.add(batch, {})  # resolves the incarnations once
+        times = []
+        for seq in range(1, repeat + 1):
+            t = time.perf_counter()
+            store.add(batch, {}, flush=("bench", seq))
+            times.append(time.perf_counter() - t)
+        return {"flush_ms": statistics.median(times) * 1000}
+    finally:
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url")
@@ -151,15 +196,33 @@ def main() -> None:
                         r = uvloop.run(bench_asyncpg(url, nrows, args.repeat))
                     for k, v in r.items():
                         results.setdefault(f"{driver} rows={nrows}", {}).setdefault(k, []).append(v)
+        import tempfile
+
+        stores: dict[str, list[float]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for nrows in (int(n) for n in args.rows.split(",")):
+                for _run in range(args.runs):
+                    for kind in ("sqlite", "postgresql"):
+                        r = bench_store(kind, url, Path(tmp), nrows, args.repeat)
+                        stores.setdefault(f"{kind} {nrows}", []).append(r["flush_ms"])
         if args.json:
-            print(json.dumps(results, indent=1))
-        print("| driver | rows/flush | flush ms | upserts/s | manage change ms | point lookup ms |")
-        print("| --- | --- | --- | --- | --- | --- |")
+            print(json.dumps({"drivers": results, "stores": stores}, indent=1))
+        print("| driver | rows/flush | flush ms (executemany) | upserts/s | flush ms (one unnest statement) "
+              "| manage change ms | point lookup ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for key, r in results.items():
             driver, nrows_s = key.split(" rows=")
             flush = statistics.median(r["flush_ms"])
-            print(f"| {driver} | {nrows_s} | {flush:.2f} | {int(nrows_s) / flush * 1000:,.0f} | "
+            unnest = f"{statistics.median(r['unnest_ms']):.2f}" if "unnest_ms" in r else "-"
+            print(f"| {driver} | {nrows_s} | {flush:.2f} | {int(nrows_s) / flush * 1000:,.0f} | {unnest} | "
                   f"{statistics.median(r['manage_ms']):.3f} | {statistics.median(r['lookup_ms']):.3f} |")
+        print()
+        print("| relayd Store.add (one flush) | rows/flush | flush ms | upserts/s |")
+        print("| --- | --- | --- | --- |")
+        for key, values in stores.items():
+            kind, nrows_s = key.split()
+            flush = statistics.median(values)
+            print(f"| {kind} | {nrows_s} | {flush:.2f} | {int(nrows_s) / flush * 1000:,.0f} |")
     finally:
         if server is not None:
             server.destroy()
