@@ -95,6 +95,14 @@ def test_import_state_moves_every_count_once(relayd, tmp_path, pg_url):
         _, history = api("GET", "/history/acme/alice")
         assert history is not None
         wait_for(lambda: pg_totals(pg_url)["bob"] == made["bob"] + 1, "bob's new request in PostgreSQL")
+        # relayctl users, with [state] url in the configuration, manages the PostgreSQL users.
+        added = subprocess.run([str(BIN / "relayctl"), "--config", str(pg_config), "users", "add", "dave"],
+                               input="pw-d\n", capture_output=True, text=True, timeout=120, check=False,
+                               env={**os.environ, "RELAYD_STATE_DIR": str(state_dir)})
+        assert added.returncode == 0 and "PostgreSQL" in added.stdout, added.stdout + added.stderr
+        wait_for(lambda: api("POST", "/services/acme/members", {"username": "dave"})[0] == 200,
+                 "dave known to the node (NOTIFY) and made a member")
+        wait_for(lambda: request(port, "GET", "/acme/x", basic("dave", "pw-d"))[0] == 200, "dave admitted")
         assert node.stop() == 0
         with psycopg.connect(pg_url) as conn:
             gens = conn.execute('SELECT count(*) FROM "http_proxy:web".user_incarnations WHERE username = %s',

@@ -79,7 +79,10 @@ def cmd_users(args: argparse.Namespace, client: ControlClient | None) -> int:
         db = _users_db(args, client)
     except LookupError as exc:
         return _die(str(exc))
-    store = UserStore(db)
+    from relayd.cli.db_commands import user_store_for
+
+    store = user_store_for(args) or UserStore(db)  # [state] url: the users are in PostgreSQL
+    db = getattr(store, "where", db)
     try:
         if args.users_command == "list":
             users = store.list()

@@ -205,6 +205,27 @@ def _import_sessions(name: str, cfg: Any, settings: Any, url: str) -> str:
     return f"globus_login {name}: {len(sessions)} sessions, {len(revocations)} pending revocations copied"
 
 
+def user_store_for(args: argparse.Namespace) -> Any:
+    """``relayctl users`` with ``[state] url`` set: the basic method's PostgreSQL user store
+    (read from the local configuration, which holds the URL's secret), else None."""
+    from relayd.config import ConfigError
+
+    if getattr(args, "db", None):
+        return None  # an explicit SQLite file
+    try:
+        settings = _settings(args)
+    except (ConfigError, OSError):
+        return None
+    url = _url(settings)
+    names = _methods(settings, "basic")
+    name = args.auth or (names[0] if len(names) == 1 else None)
+    if url is None or name not in names:
+        return None
+    from relayd.state.users_pg import PgUserStore
+
+    return PgUserStore(url, name)
+
+
 def cmd_import_state(args: argparse.Namespace, _client: Any) -> int:
     from relayd.components.http_proxy.store import StoreError
     from relayd.state.pg import StateUnavailable
