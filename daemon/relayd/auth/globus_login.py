@@ -265,16 +265,18 @@ class GlobusLogin(AuthMethod):
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
         url = state.postgres_url(self.context)
+        store: Any
         if url is None:
-            self.store = SessionStore(self.db_path)
+            store = SessionStore(self.db_path)
         else:  # [state] url: sessions shared by every node (relayd.state.sessions_pg)
             from relayd.state.sessions_pg import PgSessionStore
 
-            self.store = await asyncio.to_thread(PgSessionStore, url, self.name, state.health(self.context, url))  # type: ignore[assignment]
+            store = await asyncio.to_thread(PgSessionStore, url, self.name, state.health(self.context, url))
+        self.store = store
         if not self.config.session_secret:
-            self._key = await asyncio.to_thread(self.store.key)
-        self.sessions = await asyncio.to_thread(self.store.load, self.name)
-        self.revocations_pending = len(await asyncio.to_thread(self.store.pending_revocations))
+            self._key = await asyncio.to_thread(store.key)
+        self.sessions = await asyncio.to_thread(store.load, self.name)
+        self.revocations_pending = len(await asyncio.to_thread(store.pending_revocations))
         self._worker = asyncio.get_running_loop().create_task(self._background())
         if url is not None:
             from relayd.state.pg import Watcher, schema_name

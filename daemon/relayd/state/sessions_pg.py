@@ -20,6 +20,8 @@ from typing import Any
 from relayd.state.pg import Db, StateUnavailable, schema_name
 
 log = logging.getLogger("relayd.auth")
+_INSERT = ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sid_hash) DO UPDATE SET "
+           "last_seen = GREATEST(sessions.last_seen, excluded.last_seen)")
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -38,6 +40,7 @@ class PgSessionStore:
         self.path = self.db.where
         self.queue = ThreadPoolExecutor(1, thread_name_prefix="sessions-db")
         self.unwritten: set[str] = set()  # sessions added here whose row is not committed yet
+        self.retry: list[tuple[str, Any]] = []  # writes that failed while unreachable, in order
         self._lock = threading.Lock()
         self.db.transaction(self._migrate)
 
@@ -52,9 +55,23 @@ class PgSessionStore:
 
         self.db.execute("INSERT INTO meta VALUES ('cookie_key', ?) ON CONFLICT (key) DO NOTHING",
                         (secrets.token_bytes(32).hex(),))
-        return bytes.fromhex(self.db.execute("SELECT value FROM meta WHERE key = 'cookie_key'").fetchone()[0])
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'cookie_key'").fetchone()
+        assert row is not None  # inserted just above unless already there
+        return bytes.fromhex(row[0])
 
     def rows(self) -> list[tuple]:
+        """Every session row (the watcher's re-read). Writes that failed while the database was
+        unreachable go first, in order, so a reconnect neither ends a session made meanwhile
+        nor brings back one ended meanwhile."""
+        while True:
+            with self._lock:
+                if not self.retry:
+                    break
+                what, fn = self.retry[0]
+            self.db.transaction(fn)  # raises while still unreachable: nothing is re-read then
+            with self._lock:
+                self.retry.pop(0)
+            log.info("browser sessions: %s written after the database came back", what)
         return self.db.execute(
             "SELECT sid_hash, identity, tokens, created, last_seen, expires FROM sessions").fetchall()
 
@@ -64,11 +81,20 @@ class PgSessionStore:
         return {row[0]: session_from_row(method, row) for row in self.rows()}
 
     def _queue(self, what: str, fn: Any) -> None:
+        """Run ``fn`` in a transaction on the writer thread, after earlier writes; if the
+        database is unreachable, keep it for ``rows`` to write once it is back."""
         def run() -> None:
+            with self._lock:
+                if self.retry:  # keep the order: behind the writes already waiting
+                    self.retry.append((what, fn))
+                    return
             try:
                 self.db.transaction(fn)
             except StateUnavailable as exc:
-                log.error("browser sessions: %s not written (%s); this node keeps it in memory", what, exc)
+                log.error("browser sessions: %s not written yet (%s); kept, written when the database "
+                          "is back", what, exc)
+                with self._lock:
+                    self.retry.append((what, fn))
             except Exception:
                 log.exception("browser sessions: writing %s failed", what)
         self.queue.submit(run)
@@ -81,17 +107,11 @@ class PgSessionStore:
             self.unwritten.add(sid_hash)
 
         def work() -> None:
-            self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sid_hash) DO UPDATE SET "
-                            "last_seen = excluded.last_seen", row)
+            self.db.execute(_INSERT, row)
             self.db.notify("session")
-        try:
-            self._queue("a new session", work)
-        finally:
-            self.queue.submit(lambda: self._written(sid_hash))
-
-    def _written(self, sid_hash: str) -> None:
-        with self._lock:
-            self.unwritten.discard(sid_hash)
+            with self._lock:
+                self.unwritten.discard(sid_hash)
+        self._queue("a new session", work)
 
     def seen(self, sid_hash: str, when: float) -> None:
         self._queue("last use", lambda: self.db.execute(

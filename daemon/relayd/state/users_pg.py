@@ -64,7 +64,8 @@ class PgUserStore(UserStore):
         for statement in _DDL.split(";"):
             if statement.strip():
                 self.db.execute(statement)
-        version = self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        row = self.db.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = row[0] if row else None
         if version is None:
             self.db.execute("INSERT INTO schema_version VALUES (?, ?, 'created')", (SCHEMA_VERSION, time.time()))
         elif version > SCHEMA_VERSION:

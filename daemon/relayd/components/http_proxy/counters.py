@@ -271,7 +271,7 @@ class Counters:
                                     f"{self.store.where}; removed {', '.join(p.name for p in paths)}")
                     continue
                 counters, rejected, requests = journal.decode(payload)
-                parts = [(counters, rejected, writer, seq, None)]
+                parts: list[tuple[Any, ...]] = [(counters, rejected, writer, seq, None)]
                 unsure = journal.decode_unsure(payload)
                 if unsure is not None:  # a failed flush: added only if it had not committed
                     flush_seq, unsure_counters, unsure_rejected = unsure
