@@ -109,7 +109,7 @@ def test_concurrent_upserts_from_two_connections_add_up_exactly(backend):
         try:
             for i in range(n):
                 store.add({(inc, ""): row(1), (inc, f"/e{i % 3}"): row(1)}, {("svc", inc.sgen): 1})
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=hammer, args=(s, 60)) for s in (a, b)]

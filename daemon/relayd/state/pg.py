@@ -116,7 +116,7 @@ class Db:
         with self.lock:
             conn = self._conn()
             try:
-                cursor = conn.execute(_PLACEHOLDER.sub("%s", query), args)  # type: ignore[call-overload]
+                cursor = conn.execute(_PLACEHOLDER.sub("%s", query), args)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 if isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
                     raise
@@ -195,7 +195,7 @@ class Watcher:
             try:
                 await self.refresh()
                 self.refreshes += 1
-            except Exception as exc:  # noqa: BLE001 - unreachable again: the listener reconnects and re-marks
+            except Exception as exc:
                 log.debug("state refresh from %s failed: %s", redact_url(self.url), exc)
 
     async def _listen(self) -> None:

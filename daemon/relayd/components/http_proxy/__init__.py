@@ -301,8 +301,9 @@ class HttpProxy(Component):
             task.cancel()
         if self.mgmt_http:
             await self.mgmt_http.stop(0)
-        if getattr(self, "watcher", None) is not None:
-            await self.watcher.stop()
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            await watcher.stop()
         await self.counters.close()
 
     # -- status, metrics, control --------------------------------------------------------------

@@ -175,9 +175,9 @@ class Store:
 
     def version(self) -> int:
         """0: empty file; 1: the schema before incarnations (no version table); else the table's."""
-        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}  # type: ignore[union-attr]
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "schema_version" in tables:
-            return self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0  # type: ignore[union-attr]
+            return self.db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
         return 1 if "counters" in tables else 0
 
     def _transaction(self, fn: Any, *args: Any) -> Any:
@@ -201,8 +201,8 @@ class Store:
     def _create(self) -> None:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
-                self.db.execute(statement)  # type: ignore[union-attr]
-        self.db.execute("INSERT INTO schema_version VALUES (?, ?, ?)", (SCHEMA_VERSION, time.time(), "created"))  # type: ignore[union-attr]
+                self.db.execute(statement)
+        self.db.execute("INSERT INTO schema_version VALUES (?, ?, ?)", (SCHEMA_VERSION, time.time(), "created"))
 
     def _migrate_1_to_2(self) -> None:
         """Version 1 kept one counter row per (service, user, endpoint), no history: its totals
@@ -324,13 +324,13 @@ class Store:
             self._mark_applied(writer, covers)
 
     def _mark_applied(self, writer: str, seq: int) -> None:
-        self.db.execute(  # type: ignore[union-attr]
+        self.db.execute(
             "INSERT INTO journal_applied VALUES (?, ?, ?) ON CONFLICT (writer) DO UPDATE SET "
             "seq = CASE WHEN excluded.seq > journal_applied.seq THEN excluded.seq ELSE journal_applied.seq END, "
             "applied_at = excluded.applied_at", (writer, seq, time.time()))
 
     def applied_seq(self, writer: str) -> int:
-        row = self.db.execute("SELECT seq FROM journal_applied WHERE writer = ?", (writer,)).fetchone()  # type: ignore[union-attr]
+        row = self.db.execute("SELECT seq FROM journal_applied WHERE writer = ?", (writer,)).fetchone()
         return row[0] if row else 0
 
     def _lock_service(self, service: str) -> None:
@@ -347,10 +347,10 @@ class Store:
         """The latest incarnation of a service; one is made if the name was never seen."""
         self._lock_service(service)
         db = self.db
-        row = db.execute("SELECT max(sgen) FROM service_incarnations WHERE service = ?", (service,)).fetchone()  # type: ignore[union-attr]
+        row = db.execute("SELECT max(sgen) FROM service_incarnations WHERE service = ?", (service,)).fetchone()
         if row[0] is not None:
             return row[0]
-        db.execute("INSERT INTO service_incarnations (service, sgen, origin, created_at, note) "  # type: ignore[union-attr]
+        db.execute("INSERT INTO service_incarnations (service, sgen, origin, created_at, note) "
                    "VALUES (?, 1, 'unknown', ?, 'counted before it was registered')", (service, time.time()))
         self.service_gens.setdefault(service, 1)
         return 1
@@ -379,7 +379,7 @@ class Store:
 
     def totals(self) -> tuple[dict[str, list[int]], dict[str, int]]:
         """Lifetime totals per service name (all incarnations) and requests refused by auth."""
-        rows = self.db.execute(f"SELECT service, {', '.join(COLUMNS)}, rejected FROM service_totals")  # type: ignore[union-attr]
+        rows = self.db.execute(f"SELECT service, {', '.join(COLUMNS)}, rejected FROM service_totals")
         totals, rejected = {}, {}
         for row in rows:
             totals[row[0]] = list(row[1:1 + NCOL])
@@ -391,11 +391,11 @@ class Store:
         db = self.db
         with_clause, _ = _current(None, None)
         incs: dict[tuple[str, str, int], tuple[Inc, bool]] = {}
-        for service, user, gen, sgen, created, deleted in db.execute(  # type: ignore[union-attr]
+        for service, user, gen, sgen, created, deleted in db.execute(
                 with_clause + "SELECT u.service, u.username, u.gen, u.sgen, u.created_at, u.deleted_at "
                 "FROM user_incarnations u JOIN cur_u USING (service, username, gen)"):
             incs[(service, user, gen)] = (Inc(service, user, sgen, gen, created), deleted is None)
-        for service, user, gen, endpoint in db.execute(  # type: ignore[union-attr]
+        for service, user, gen, endpoint in db.execute(
                 with_clause + "SELECT c.service, c.username, c.gen, c.endpoint FROM counters c "
                 "JOIN cur_u USING (service, username, gen) WHERE c.endpoint != ''"):
             entry = incs.get((service, user, gen))
@@ -420,7 +420,7 @@ class Store:
         query = (with_clause + f"SELECT u.service, u.username, u.sgen, u.gen, u.member, u.created_at, "
                  f"u.deleted_at, {select}, {cols} FROM user_incarnations u JOIN cur_u USING (service, username, gen) "
                  f"{join} ORDER BY 1, 2, 8")
-        return list(self.db.execute(query, args))  # type: ignore[union-attr]
+        return list(self.db.execute(query, args))
 
     def service_incarnations(self, service: str | None = None) -> list[tuple]:
         """(service, sgen, origin, created, deleted, rejected, note), oldest first."""
@@ -429,7 +429,7 @@ class Store:
         if service is not None:
             query += " WHERE service = ?"
             args.append(service)
-        return list(self.db.execute(query + " ORDER BY service, sgen", args))  # type: ignore[union-attr]
+        return list(self.db.execute(query + " ORDER BY service, sgen", args))
 
     def history(self, service: str | None = None, user: str | None = None,
                 endpoints: bool = False) -> list[tuple]:
@@ -449,23 +449,23 @@ class Store:
                  f"{'c.endpoint' if endpoints else chr(39) * 2}, {cols} FROM user_incarnations u {kind} counters c "
                  f"ON c.service = u.service AND c.username = u.username AND c.gen = u.gen AND {cond}"
                  + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY 1, 3, 2, 4, 9")
-        return list(self.db.execute(query, args))  # type: ignore[union-attr]
+        return list(self.db.execute(query, args))
 
     def known_user(self, service: str, user: str) -> bool:
         """Whether the user has an incarnation in the current incarnation of the service."""
         with_clause, args = _current(service, user)
-        return self.db.execute(with_clause + "SELECT 1 FROM cur_u", args).fetchone() is not None  # type: ignore[union-attr]
+        return self.db.execute(with_clause + "SELECT 1 FROM cur_u", args).fetchone() is not None
 
     # -- runtime services, members and their incarnations ------------------------------------
 
     def services(self) -> list[tuple[str, dict[str, Any], float]]:
         return [(n, json.loads(d), c) for n, d, c in
-                self.db.execute("SELECT name, definition, created_at FROM services ORDER BY name")]  # type: ignore[union-attr]
+                self.db.execute("SELECT name, definition, created_at FROM services ORDER BY name")]
 
     def service_requests(self) -> dict[str, Any]:
         """The JSON each runtime service was created with (None for those made before it was kept)."""
         return {n: (json.loads(r) if r is not None else None)
-                for n, r in self.db.execute("SELECT name, request FROM services")}  # type: ignore[union-attr]
+                for n, r in self.db.execute("SELECT name, request FROM services")}
 
     def add_service(self, name: str, definition: dict[str, Any], request: Any = None) -> float:
         """A runtime service: a new incarnation of its name (the previous one, if open, ends)."""
@@ -490,13 +490,13 @@ class Store:
     def _new_service_incarnation(self, name: str, origin: str, now: float) -> int:
         self._lock_service(name)
         db = self.db
-        db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+        db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",
                    (now, name))
-        db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+        db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",
                    (now, name))
-        sgen = db.execute("SELECT coalesce(max(sgen), 0) + 1 FROM service_incarnations WHERE service = ?",  # type: ignore[union-attr]
+        sgen = db.execute("SELECT coalesce(max(sgen), 0) + 1 FROM service_incarnations WHERE service = ?",
                           (name,)).fetchone()[0]
-        db.execute("INSERT INTO service_incarnations (service, sgen, origin, created_at) VALUES (?, ?, ?, ?)",  # type: ignore[union-attr]
+        db.execute("INSERT INTO service_incarnations (service, sgen, origin, created_at) VALUES (?, ?, ?, ?)",
                    (name, sgen, origin, now))
         return sgen
 
@@ -507,11 +507,11 @@ class Store:
         def work() -> None:
             db = self.db
             self._notify(f"service {name}")
-            db.execute("DELETE FROM services WHERE name = ?", (name,))  # type: ignore[union-attr]
-            db.execute("DELETE FROM members WHERE service = ?", (name,))  # type: ignore[union-attr]
-            db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+            db.execute("DELETE FROM services WHERE name = ?", (name,))
+            db.execute("DELETE FROM members WHERE service = ?", (name,))
+            db.execute("UPDATE service_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",
                        (now, name))
-            db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",  # type: ignore[union-attr]
+            db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND deleted_at IS NULL",
                        (now, name))
 
         self._transaction(work)
@@ -520,7 +520,7 @@ class Store:
         """A configured service: its open incarnation (one is made when none is open)."""
         def work() -> tuple[int, float]:
             self._lock_service(name)
-            row = self.db.execute(  # type: ignore[union-attr]
+            row = self.db.execute(
                 "SELECT sgen, created_at, deleted_at FROM service_incarnations WHERE service = ? "
                 "ORDER BY sgen DESC LIMIT 1", (name,)).fetchone()
             if row is not None and row[2] is None:
@@ -528,7 +528,7 @@ class Store:
             now = time.time()
             return self._new_service_incarnation(name, "config", now), now
 
-        row = self.db.execute(  # type: ignore[union-attr]
+        row = self.db.execute(
             "SELECT sgen, created_at FROM service_incarnations WHERE service = ? AND deleted_at IS NULL "
             "ORDER BY sgen DESC LIMIT 1", (name,)).fetchone()
         sgen, created = row if row is not None else self._transaction(work)
@@ -536,7 +536,7 @@ class Store:
         return created
 
     def members(self) -> dict[tuple[str, str], float]:
-        return {(s, u): c for s, u, c in self.db.execute("SELECT service, username, created_at FROM members")}  # type: ignore[union-attr]
+        return {(s, u): c for s, u, c in self.db.execute("SELECT service, username, created_at FROM members")}
 
     def add_member(self, service: str, username: str, earlier: list[Inc] | None = None) -> tuple[float, Inc]:
         """A new incarnation of a member: its previous one ends, counting restarts from 0.
@@ -552,11 +552,11 @@ class Store:
                 self._resolve(inc, resolved)
             sgen = self._service_gen(service)
             self._notify(f"member {service}")
-            db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "  # type: ignore[union-attr]
+            db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "
                        "AND deleted_at IS NULL", (now, service, username))
-            gen = db.execute("SELECT coalesce(max(gen), 0) + 1 FROM user_incarnations WHERE service = ? "  # type: ignore[union-attr]
+            gen = db.execute("SELECT coalesce(max(gen), 0) + 1 FROM user_incarnations WHERE service = ? "
                              "AND username = ?", (service, username)).fetchone()[0]
-            db.execute("INSERT INTO user_incarnations (service, username, gen, sgen, member, created_at) "  # type: ignore[union-attr]
+            db.execute("INSERT INTO user_incarnations (service, username, gen, sgen, member, created_at) "
                        "VALUES (?, ?, ?, ?, 1, ?)", (service, username, gen, sgen, now))
             db.execute("INSERT INTO members VALUES (?, ?, ?) ON CONFLICT (service, username) DO UPDATE SET "
                        "created_at = excluded.created_at", (service, username, now))
@@ -573,8 +573,8 @@ class Store:
 
         def work() -> None:
             self._notify(f"member {service}")
-            self.db.execute("DELETE FROM members WHERE service = ? AND username = ?", (service, username))  # type: ignore[union-attr]
-            self.db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "  # type: ignore[union-attr]
+            self.db.execute("DELETE FROM members WHERE service = ? AND username = ?", (service, username))
+            self.db.execute("UPDATE user_incarnations SET deleted_at = ? WHERE service = ? AND username = ? "
                             "AND deleted_at IS NULL", (now, service, username))
 
         self._transaction(work)

@@ -71,7 +71,7 @@ async def resync(c: HttpProxy) -> None:
         try:
             scfg = ServiceConfig.model_validate(definition)
             c.check_service(name, scfg)
-        except Exception as exc:  # noqa: BLE001 - a bad definition must not stop the others
+        except Exception as exc:
             c.log.warning("runtime service %r (made by another node) not loaded: %s", name, exc)
             continue
         from . import Service
@@ -92,6 +92,6 @@ async def resync(c: HttpProxy) -> None:
     for inc, _open in incarnations:
         key = (inc.service, inc.user)
         mine = live.get(key)
-        if mine is None or mine.gen is not None and (mine.sgen, mine.gen) != (inc.sgen, inc.gen):
+        if mine is None or (mine.gen is not None and (mine.sgen, mine.gen) != (inc.sgen, inc.gen)):
             live[key] = inc
             counters.nkeys += len(inc.endpoints) + 1
