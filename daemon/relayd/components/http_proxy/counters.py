@@ -147,9 +147,9 @@ class Counters:
         async with self._lock:
             if self.unsure is not None:  # settle the failed flush first, with its own seq
                 seq, batch, rejected = self.unsure
+                self.unsure = None  # in flight now (counted once by the readers); back on failure
                 if not await self._flush_batch(seq, batch, rejected, 0):
                     return False
-                self.unsure = None
             if not self.pending and not self.pending_rejected:
                 return True
             batch, rejected = self.pending, self.pending_rejected
