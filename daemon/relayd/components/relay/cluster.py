@@ -43,7 +43,7 @@ TTL = 300
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0  # reconnect delays, doubled per failure, jittered
 BATCH = 512  # outbox items per round trip
 BATCH_BYTES = 256 * 1024  # envelope bytes per round trip (a subscriber's Redis output buffer is 32 MiB)
-OUTBOX_LIMIT = 10_000  # queued publishes past which senders wait (memory stays bounded)
+OUTBOX_LIMIT = 2048  # queued messages past which senders wait: memory and queueing delay stay bounded
 MAX_ENVELOPE = 2 * p.HARD_MAX_BYTES + 4096  # a 1 MiB description may double when JSON-escaped
 MAX_PUBLISH = BATCH_BYTES + MAX_ENVELOPE  # one PUBLISH: a batch of envelopes
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -74,7 +74,7 @@ class ClusterBus:
         self.room.set()
         self.up = False
         self.shas: dict[str, str] = {}
-        self.sent = self.received = self.failed = self.dropped = 0
+        self.sent = self.received = self.failed = self.dropped = self.batches = 0
         self.tasks: list[asyncio.Task] = []
 
     def key(self, uuid: str) -> str:
@@ -179,6 +179,7 @@ class ClusterBus:
     async def _send_batch(self, batch: list[tuple]) -> None:
         """One round trip: every forward of the batch in one FORWARD call (redis-py costs about
         100 us per command, more than the relay's whole work on a message), the rest after it."""
+        self.batches += 1
         forwards = [item[1] for item in batch if item[0] == "forward"]
         results: list[Any]
         if not self.up:
@@ -190,11 +191,14 @@ class ClusterBus:
                                      f"{self.prefix}uuid:", "\n".join(a.peer for a in forwards),
                                      "\n".join(json.dumps(a.client.identity) for a in forwards),
                                      "\n".join(item[2] for item in batch if item[0] == "forward"))
+            echoes: dict[str, list[str]] = {}  # per node, in order: one PUBLISH each, like FORWARD's
             for item in batch:
                 if item[0] == "release":
                     pipe.execute_command("EVALSHA", self.shas["release"], 1, item[1], item[2])
-                elif item[0] == "publish":
-                    pipe.publish(item[1], item[2])
+                elif item[0] == "echo":
+                    echoes.setdefault(item[1], []).append(item[2])
+            for node, envelopes in echoes.items():
+                pipe.publish(self.channel_prefix + node, node + "\n" + "\n".join(envelopes))
             try:
                 replies = await pipe.execute(raise_on_error=False)
                 results = replies[0] if forwards else []
@@ -401,7 +405,10 @@ class ClusterBus:
             return
         # The peer left between lookup and delivery: the sender gets what one node would say.
         echo = dict(msg, type="echo", **{"from": self.node, "error": result})
-        self._queue(("publish", self.channel_prefix + msg["from"], msg["from"] + "\n" + json.dumps(echo)))
+        if len(self.outbox) >= OUTBOX_LIMIT:
+            # Overloaded: drop the error reply rather than grow (the receive path cannot wait).
+            return self._drop("echo not sent, outbox full", data)
+        self._queue(("echo", msg["from"], json.dumps(echo)))
 
     def _on_echo(self, msg: dict[str, Any], data: str) -> None:
         fields = self._peer_fields(msg)
@@ -424,4 +431,4 @@ class ClusterBus:
 
     def status(self) -> dict[str, Any]:
         return {"node": self.node, "up": self.up, "sent": self.sent, "received": self.received,
-                "failed": self.failed, "dropped": self.dropped, "outbox": len(self.outbox)}
+                "failed": self.failed, "dropped": self.dropped, "outbox": len(self.outbox), "round_trips": self.batches}
