@@ -54,13 +54,16 @@ def one_node(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.fixture(params=["single", "3 nodes behind HAProxy"])
+@pytest.fixture(params=["single node", "3 nodes, one per client", "3 nodes behind HAProxy"])
 def relay(request):
-    """(url any client connects to, the same per node) for one node or the cluster's front."""
-    if request.param == "single":
+    """The URLs the first, second and third client of a test connect to: one node; each client on
+    its own node (every exchange is cross-node); or all through the HAProxy front (round robin)."""
+    if request.param == "single node":
         cluster = request.getfixturevalue("one_node")
         return [cluster.nodes[0].url] * 3
     cluster = request.getfixturevalue("three_nodes")
+    if request.param == "3 nodes behind HAProxy":
+        return [f"ws://{cluster.front.address}"] * 3
     return [node.url for node in cluster.nodes]
 
 
@@ -174,5 +177,65 @@ def test_real_relay_clients_through_haproxy(three_nodes):
         finally:
             for client in clients:
                 await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("frame", [
+    b"\x00binary",
+    "not json",
+    "[1, 2]",
+    '{"name": "x", "uuid": "not-a-uuid", "message_type": "relay_registration"}',
+    '{"success": true, "message": null, "error": false, "message_type": "relay_response"}',
+])
+def test_bad_messages_close_with_4000_and_the_uuid_is_gone_everywhere(relay, frame):
+    async def main():
+        async with websockets.connect(relay[0]) as ws, websockets.connect(relay[1]) as other:
+            gone = await raw_register(ws)
+            me = await raw_register(other)
+            await ws.send(frame)
+            await ws.wait_closed()
+            assert (ws.close_code, ws.close_reason) == (4000, "Unknown message type.")
+            # its registration is released on every node: others get "not registered"
+            for attempt in range(100):
+                await other.send(json.dumps({"source_uuid": me, "source_name": "raw", "peer_uuid": gone,
+                                             "description_type": "offer", "description": str(attempt),
+                                             "message_type": "peer_connection"}))
+                echo = json.loads(await other.recv())
+                if echo["error"] and "not registered" in echo["error"]:
+                    break
+            else:
+                pytest.fail("the closed client's UUID still looked registered")
+
+    run(main())
+
+
+def test_forward_before_registering_is_4002(relay):
+    async def main():
+        async with websockets.connect(relay[1]) as ws:
+            await ws.send(json.dumps({"source_uuid": str(uuid.uuid4()), "source_name": "x",
+                                      "peer_uuid": str(uuid.uuid4()), "description_type": "offer",
+                                      "description": "d", "error": None, "message_type": "peer_connection"}))
+            await ws.wait_closed()
+            assert (ws.close_code, ws.close_reason) == (
+                4002, "ForbiddenError: Client has not registered and authenticated with the relay server.")
+
+    run(main())
+
+
+def test_reregistering_on_the_same_socket_releases_the_old_uuid_everywhere(relay):
+    async def main():
+        async with websockets.connect(relay[0]) as ws, websockets.connect(relay[1]) as other:
+            first = await raw_register(ws, "x")
+            second = await raw_register(ws, "y")
+            me = await raw_register(other)
+            for peer, expected in ((second, None), (first, "not registered")):
+                await other.send(json.dumps({"source_uuid": me, "source_name": "raw", "peer_uuid": peer,
+                                             "description_type": "offer", "description": "hi",
+                                             "message_type": "peer_connection"}))
+                if expected is None:
+                    assert json.loads(await ws.recv())["peer_uuid"] == second
+                else:
+                    assert expected in json.loads(await other.recv())["error"]
 
     run(main())
