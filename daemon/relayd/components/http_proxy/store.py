@@ -25,6 +25,9 @@ synchronous=NORMAL: a committed flush survives the process being killed.
 An incarnation the event loop counted before the database knew it (an ``Inc`` whose ``gen``
 is None) is resolved here, inside the transaction that adds its counts: it becomes the latest
 incarnation of that user in its service incarnation, or a new one if there is none.
+
+The queries that only read are in store_reads.py, the schema 1 -> 2 migration in
+store_migrate.py; relayd.state.http_proxy_pg.PgStore is this class on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("requests", "bytes_in", "bytes_out", "s1xx", "s2xx", "s3xx", "s4xx", "s5xx", "no_response")
-NCOL = len(COLUMNS)
+from .store_reads import COLUMNS, NCOL, StoreReads
+
+__all__ = ["COLUMNS", "NCOL", "OVERFLOW", "SCHEMA_VERSION", "Inc", "Store", "StoreConflict", "StoreError",
+           "row_dict"]
 OVERFLOW = "(other)"
 SCHEMA_VERSION = 2
 
@@ -77,23 +82,6 @@ _TOTALS_UPSERT = (
     + ", ".join(f"{c} = service_totals.{c} + excluded.{c}" for c in (*COLUMNS, "rejected"))
 )
 
-
-
-def _current(service: str | None, user: str | None) -> tuple[str, list[str]]:
-    """A WITH clause: cur_u = the current incarnation of every user (the latest one in the
-    latest incarnation of its service), restricted to ``service``/``user`` inside (indexed)."""
-    args: list[str] = []
-    s_where = u_where = ""
-    if service is not None:
-        s_where = " WHERE service = ?"
-        args.append(service)
-    if user is not None:
-        u_where = " WHERE u.username = ?"
-        args.append(user)
-    return (f"WITH cur_s AS (SELECT service, max(sgen) AS sgen FROM service_incarnations{s_where} GROUP BY service), "
-            f"cur_u AS (SELECT u.service, u.username, max(u.gen) AS gen FROM user_incarnations u "
-            f"JOIN cur_s s ON u.service = s.service AND u.sgen = s.sgen{u_where} "
-            f"GROUP BY u.service, u.username) "), args
 
 
 class StoreError(Exception):
@@ -138,7 +126,7 @@ def _add_into(target: list[int], values: list[int] | tuple[int, ...]) -> None:
         target[i] += v
 
 
-class Store:
+class Store(StoreReads):
     """Blocking methods; the component calls them in its single worker thread."""
 
     def __init__(self, path: Path) -> None:
@@ -205,54 +193,9 @@ class Store:
         self.db.execute("INSERT INTO schema_version VALUES (?, ?, ?)", (SCHEMA_VERSION, time.time(), "created"))
 
     def _migrate_1_to_2(self) -> None:
-        """Version 1 kept one counter row per (service, user, endpoint), no history: its totals
-        become each user's first incarnation, in its service's first incarnation."""
-        db = self.db
-        assert db is not None
-        now = time.time()
-        note = "migrated from schema 1"
-        for old in ("services", "members", "counters", "service_meta"):
-            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (old,)).fetchone()
-            if exists:
-                db.execute(f"ALTER TABLE {old} RENAME TO v1_{old}")
-            elif old != "service_meta":
-                raise StoreError(f"{self.path}: a schema-1 database without table {old!r}")
-        has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'v1_service_meta'").fetchone()
-        self._create()
-        db.execute("UPDATE schema_version SET note = ?", (note + f" ({self.path.name})",))
-        db.execute("INSERT INTO services (name, definition, created_at) SELECT name, definition, created_at "
-                   "FROM v1_services")
-        db.execute("INSERT INTO members SELECT service, username, created_at FROM v1_members")
-        # Service incarnations: configured (service_meta), runtime (services), and names that
-        # only have counters left (runtime services deleted before the upgrade).
-        first: dict[str, tuple[str, float, float | None, str | None]] = {}
-        if has_meta:
-            for name, created in db.execute("SELECT name, created_at FROM v1_service_meta"):
-                first[name] = ("config", created, None, note)
-        for name, created in db.execute("SELECT name, created_at FROM v1_services"):
-            first[name] = ("runtime", created, None, note)
-        for (name,) in db.execute("SELECT DISTINCT service FROM v1_counters UNION SELECT service FROM v1_members"):
-            if name not in first:
-                first[name] = ("runtime", now, now, note + ": deleted before the upgrade; times unknown")
-        db.executemany("INSERT INTO service_incarnations (service, sgen, origin, created_at, deleted_at, note) "
-                       "VALUES (?, 1, ?, ?, ?, ?)", [(n, *v) for n, v in first.items()])
-        members = {(s, u): c for s, u, c in db.execute("SELECT service, username, created_at FROM v1_members")}
-        users = {(s, u) for s, u in db.execute("SELECT DISTINCT service, username FROM v1_counters")}
-        rows = []
-        for key in sorted(users | set(members)):
-            service_created = first[key[0]][1]
-            created = members.get(key, service_created)
-            rows.append((*key, 1 if key in members else 0, created, note))
-        db.executemany("INSERT INTO user_incarnations (service, username, gen, sgen, member, created_at, note) "
-                       "VALUES (?, ?, 1, 1, ?, ?, ?)", rows)
-        cols = ", ".join(COLUMNS)
-        db.execute(f"INSERT INTO counters (service, username, gen, endpoint, {cols}) "
-                   f"SELECT service, username, 1, endpoint, {cols} FROM v1_counters")
-        sums = ", ".join(f"sum({c})" for c in COLUMNS)
-        db.execute(f"INSERT INTO service_totals (service, {cols}) SELECT service, {sums} FROM v1_counters "
-                   "WHERE endpoint = '' GROUP BY service")
-        for old in ("services", "members", "counters", "service_meta"):
-            db.execute(f"DROP TABLE IF EXISTS v1_{old}")
+        from .store_migrate import migrate_1_to_2
+
+        migrate_1_to_2(self)
 
     def close(self) -> None:
         if self.db is not None:
@@ -376,85 +319,6 @@ class Store:
                        "VALUES (?, ?, ?, ?, 0, ?)", (inc.service, inc.user, gen, sgen, inc.created))
         resolved[inc] = (sgen, gen)
         return sgen, gen
-
-    def totals(self) -> tuple[dict[str, list[int]], dict[str, int]]:
-        """Lifetime totals per service name (all incarnations) and requests refused by auth."""
-        rows = self.db.execute(f"SELECT service, {', '.join(COLUMNS)}, rejected FROM service_totals")
-        totals, rejected = {}, {}
-        for row in rows:
-            totals[row[0]] = list(row[1:1 + NCOL])
-            rejected[row[0]] = row[1 + NCOL]
-        return totals, rejected
-
-    def current_incarnations(self) -> list[tuple[Inc, bool]]:
-        """The current incarnation of every user (with its endpoint keys) and whether it is open."""
-        db = self.db
-        with_clause, _ = _current(None, None)
-        incs: dict[tuple[str, str, int], tuple[Inc, bool]] = {}
-        for service, user, gen, sgen, created, deleted in db.execute(
-                with_clause + "SELECT u.service, u.username, u.gen, u.sgen, u.created_at, u.deleted_at "
-                "FROM user_incarnations u JOIN cur_u USING (service, username, gen)"):
-            incs[(service, user, gen)] = (Inc(service, user, sgen, gen, created), deleted is None)
-        for service, user, gen, endpoint in db.execute(
-                with_clause + "SELECT c.service, c.username, c.gen, c.endpoint FROM counters c "
-                "JOIN cur_u USING (service, username, gen) WHERE c.endpoint != ''"):
-            entry = incs.get((service, user, gen))
-            if entry is not None:
-                entry[0].endpoints.add(endpoint)
-        return list(incs.values())
-
-    def current(self, service: str | None = None, user: str | None = None,
-                endpoints: bool = False) -> list[tuple]:
-        """Rows of the current incarnations: (service, user, sgen, gen, member, created, deleted,
-        endpoint, *counters); with endpoints=False one row per user (zeros if never counted)."""
-        with_clause, args = _current(service, user)
-        cols = ", ".join(f"coalesce(c.{c}, 0)" for c in COLUMNS)
-        if endpoints:
-            join = "JOIN counters c ON c.service = u.service AND c.username = u.username AND c.gen = u.gen " \
-                   "AND c.endpoint != ''"
-            select = "c.endpoint"
-        else:
-            join = "LEFT JOIN counters c ON c.service = u.service AND c.username = u.username " \
-                   "AND c.gen = u.gen AND c.endpoint = ''"
-            select = "''"
-        query = (with_clause + f"SELECT u.service, u.username, u.sgen, u.gen, u.member, u.created_at, "
-                 f"u.deleted_at, {select}, {cols} FROM user_incarnations u JOIN cur_u USING (service, username, gen) "
-                 f"{join} ORDER BY 1, 2, 8")
-        return list(self.db.execute(query, args))
-
-    def service_incarnations(self, service: str | None = None) -> list[tuple]:
-        """(service, sgen, origin, created, deleted, rejected, note), oldest first."""
-        query = "SELECT service, sgen, origin, created_at, deleted_at, rejected, note FROM service_incarnations"
-        args: list[str] = []
-        if service is not None:
-            query += " WHERE service = ?"
-            args.append(service)
-        return list(self.db.execute(query + " ORDER BY service, sgen", args))
-
-    def history(self, service: str | None = None, user: str | None = None,
-                endpoints: bool = False) -> list[tuple]:
-        """Every user incarnation: (service, user, sgen, gen, member, created, deleted, note,
-        endpoint, *counters); endpoint '' rows (totals, zeros if never counted) unless endpoints."""
-        where, args = [], []
-        if service is not None:
-            where.append("u.service = ?")
-            args.append(service)
-        if user is not None:
-            where.append("u.username = ?")
-            args.append(user)
-        cols = ", ".join(f"coalesce(c.{c}, 0)" for c in COLUMNS)
-        cond = "c.endpoint != ''" if endpoints else "c.endpoint = ''"
-        kind = "JOIN" if endpoints else "LEFT JOIN"
-        query = (f"SELECT u.service, u.username, u.sgen, u.gen, u.member, u.created_at, u.deleted_at, u.note, "
-                 f"{'c.endpoint' if endpoints else chr(39) * 2}, {cols} FROM user_incarnations u {kind} counters c "
-                 f"ON c.service = u.service AND c.username = u.username AND c.gen = u.gen AND {cond}"
-                 + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY 1, 3, 2, 4, 9")
-        return list(self.db.execute(query, args))
-
-    def known_user(self, service: str, user: str) -> bool:
-        """Whether the user has an incarnation in the current incarnation of the service."""
-        with_clause, args = _current(service, user)
-        return self.db.execute(with_clause + "SELECT 1 FROM cur_u", args).fetchone() is not None
 
     # -- runtime services, members and their incarnations ------------------------------------
 
