@@ -236,3 +236,56 @@ def test_postgres_down_mid_run_keeps_known_users_served_and_loses_no_count(relay
              timeout=60)
     assert a.daemon.stop() == 0
     assert pg_totals(url) == {"alice": made}
+
+
+def test_a_runtime_service_created_on_node_a_is_served_by_node_b_and_its_deletion_too(relayd, tmp_path, pg_url,
+                                                                                        upstream):
+    a = Node(relayd, tmp_path, "a", pg_url, upstream.url)
+    b = Node(relayd, tmp_path, "b", pg_url, upstream.url)
+    service = {"name": "rt", "serverName": [], "bindHttps": None, "bindHttp": [f"127.0.0.1:{a.port}"],
+               "cert": None, "auth": {"method": "basic"}, "from": "/rt", "to": upstream.url + "/",
+               "requestTimeout": None, "responseTimeout": 30000, "cpuThreads": None, "user": None}
+    status, body = a.api("POST", "/services", service)
+    assert status == 200, body
+    assert a.api("POST", "/services/rt/users", {"username": "alice", "password": USERS["alice"]})[0] == 200
+    # The same name created again on node b, before or after it learnt of it: a conflict.
+    assert b.api("POST", "/services", {**service, "bindHttp": [f"127.0.0.1:{b.port}"]})[0] == 409
+    wait_for(lambda: b.get("alice", "/rt/x") == 200, "the runtime service and its member on node b",
+             timeout=BOUND + 15)
+    status, body = b.api("GET", "/services/rt")
+    assert status == 200 and body["from"] == "/rt", body
+    assert a.api("DELETE", "/services/rt") == (200, None)
+    wait_for(lambda: b.get("alice", "/rt/x") == 404, "the service gone from node b", timeout=BOUND + 15)
+
+
+def test_sigkill_while_postgres_is_down_then_restart_replays_the_journal_exactly(relayd, tmp_path,
+                                                                                 private_pg_server, upstream):
+    from relayd.components.http_proxy.journal import describe
+
+    url = private_pg_server.new_database()
+    a = Node(relayd, tmp_path, "a", url, upstream.url)
+    add_users_on(a)
+    made = 0
+    for _ in range(10):
+        assert a.get("bob") == 200
+        made += 1
+    wait_for(lambda: pg_totals(url).get("bob") == made, "the first counts in PostgreSQL")
+    private_pg_server.stop()
+    for _ in range(25):
+        assert a.get("bob") == 200
+        made += 1
+
+    def journaled() -> bool:  # a snapshot (after a failed flush) holds all 25
+        files = list(a.state_dir.glob("http_proxy-web.postgresql.held-*"))
+        return any(describe(p).get("requests", 0) == 25 for p in files)
+
+    wait_for(journaled, "the held counts in the node's journal", timeout=60)
+    a.daemon.process.kill()
+    a.daemon.process.wait(10)
+    private_pg_server.start()
+    assert pg_totals(url) == {"bob": made - 25}
+    a.start()  # the same state_dir: its journal is replayed into PostgreSQL exactly once
+    assert pg_totals(url) == {"bob": made}
+    assert "replayed 25 held requests" in a.daemon.log
+    assert a.daemon.stop() == 0
+    assert pg_totals(url) == {"bob": made}
