@@ -240,3 +240,60 @@ def test_counters_with_failing_flushes_and_a_crash_count_every_request_once(back
 
     added, counted = asyncio.run(run())
     assert added == counted
+
+
+node_flushes = st.lists(st.tuples(st.sampled_from([0, 1]), st.sampled_from(["alice", "bob"]), st.integers(1, 4),
+                                  st.sampled_from(["ok", "ok", "before", "lost"])), min_size=1, max_size=16)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=node_flushes, crashed=st.sampled_from([None, 0, 1]))
+def test_two_nodes_random_deltas_and_flush_failures_sum_exactly(backend, steps, crashed):
+    """Two nodes (two Counters, each its own store connection and journal writer) count the same
+    users; their flushes interleave and fail at random (before COMMIT, or after it with the
+    acknowledgement lost); one node may crash and be replaced by one replaying its journal. The
+    sum in the database equals the sum of every delta recorded on either node."""
+    fates: list[list[str]] = [[], []]
+
+    def flaky(store: Store, node: int) -> Store:
+        real = store.add_all
+
+        def add_all(parts):
+            fate = fates[node].pop(0) if fates[node] else "ok"
+            if fate == "before":
+                raise StateUnavailable("connection lost before COMMIT")
+            result = real(parts)
+            if fate == "lost":
+                raise StateUnavailable("acknowledgement lost after COMMIT")
+            return result
+        store.add_all = add_all  # type: ignore[method-assign]
+        return store
+
+    async def run() -> tuple[int, int]:
+        nodes = [Counters(flaky(backend.make(), i), 100) for i in (0, 1)]
+        for counters in nodes:
+            await counters.start(3600)
+        start_total = total(nodes[0].store)
+        counted = 0
+        for node, user, n, fate in steps:
+            for _ in range(n):
+                nodes[node].record("svc", user, "/e", 1, 2, 200)
+            counted += n
+            fates[node].append(fate)
+            await nodes[node].flush()
+        fates[0].clear()
+        fates[1].clear()
+        if crashed is not None:
+            dead = nodes[crashed]
+            dead._stop.set()
+            dead.journal.close(remove=False)
+            dead.executor.shutdown(wait=True)
+            dead.store.close()
+            nodes[crashed] = Counters(backend.make(), 100)
+            await nodes[crashed].start(3600)  # replays the dead writer's journal
+        for counters in nodes:
+            await counters.close()
+        return total(backend()) - start_total, counted
+
+    added, counted = asyncio.run(run())
+    assert added == counted
