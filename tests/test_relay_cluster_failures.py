@@ -252,3 +252,34 @@ def test_redis_down_serves_locally_errors_cross_node_and_recovers(two_nodes, red
             assert 'relayd_engine_up{' in metrics
 
     run(main())
+
+
+# -- reload ------------------------------------------------------------------------------------------------
+
+
+def test_reload_of_a_clustered_relay_keeps_it_reachable_from_other_nodes(tmp_path, redis_server):
+    cluster = start_cluster(tmp_path, redis_server.url, 2, extra="max_message_bytes = 2000")
+    node0, node1 = cluster.nodes
+
+    async def main():
+        a = RelayClient(node0.url, client_name="a")  # reconnects by itself after the 1001
+        await a.connect()
+        async with RelayClient(node1.url, client_name="b", reconnect_task=False) as b:
+            old = a._websocket
+            conf = node0.config_dir / "relayd.toml"
+            conf.write_text(conf.read_text().replace("max_message_bytes = 2000", "max_message_bytes = 3000"))
+            result = await asyncio.to_thread(node0.process.ctl, "reload")
+            assert result.returncode == 0, result.stderr
+            await old.wait_closed()
+            assert old.protocol.close_rcvd.code == 1001
+            assert await await_until(lambda: any(r["uuid"] == str(a.uuid) for r in node0.clients()), 30)
+            assert await await_until(cluster.cluster_up, 30)
+            await b.send(offer(b, a.uuid, "after reload"))
+            got = await asyncio.wait_for(a.recv(), 20)
+            assert got.description == "after reload"
+        await a.close()
+
+    try:
+        run(main())
+    finally:
+        cluster.stop()

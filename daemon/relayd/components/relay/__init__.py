@@ -59,6 +59,8 @@ class RelayComponent(Component):
     async def stop(self, drain_timeout: float) -> None:
         if self._logger:
             self._logger.cancel()
+        if self.bus is not None:
+            self.bus.closing()
         await self.server.stop(drain_timeout)
         if self.bus is not None:
             await self.bus.stop()

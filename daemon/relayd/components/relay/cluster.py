@@ -73,6 +73,7 @@ class ClusterBus:
         self.room = asyncio.Event()
         self.room.set()
         self.up = False
+        self.ignoring = False  # set while the component stops (see closing)
         self.shas: dict[str, str] = {}
         self.sent = self.received = self.failed = self.dropped = self.batches = 0
         self.tasks: list[asyncio.Task] = []
@@ -93,8 +94,15 @@ class ClusterBus:
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._connect_forever()), loop.create_task(self._send_forever())]
 
+    def closing(self) -> None:
+        """The component is being replaced (reload) or stopped: from now on ignore deliveries.
+        Its successor subscribes to the same channel and has the clients; answering "not
+        registered" here as well would give senders an error for a message that arrived."""
+        self.ignoring = True
+
     async def stop(self, timeout: float = 2.0) -> None:
         """Send what is queued (the releases of the clients just closed), then disconnect."""
+        self.ignoring = True
         if self.up and self.outbox:
             self.wakeup.set()
             try:
@@ -248,12 +256,14 @@ class ClusterBus:
 
     async def _serve(self) -> None:
         pubsub = self.subscriber.pubsub()
+        tasks: list[asyncio.Task] = []
         try:
             await pubsub.subscribe(self.channel)
             await self._load_scripts()
             loop = asyncio.get_running_loop()
             self.last_pong = loop.time()
             listener = loop.create_task(self._listen(pubsub))
+            tasks.append(listener)
             # Claim every local client again: Redis may have restarted empty, or other nodes have
             # deleted our entries while our channel was gone.
             await self._resync()
@@ -262,6 +272,7 @@ class ClusterBus:
             self.health.report(True, f"node {self.node}" + (
                 f"; {subscribers} subscribers on its channel: is the node name unique?" if subscribers > 1 else ""))
             heartbeat = loop.create_task(self._heartbeat(pubsub))
+            tasks.append(heartbeat)
             done, pending = await asyncio.wait({listener, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
@@ -270,6 +281,9 @@ class ClusterBus:
                 task.result()  # raises what ended it
         finally:
             self.up = False
+            for task in tasks:  # also when the resync failed: no listener left on a dead pubsub
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             try:
                 await pubsub.aclose()
             except Exception:
@@ -344,6 +358,8 @@ class ClusterBus:
     def on_envelope(self, raw: Any) -> None:
         """One PUBLISH on our channel, ``DEST\\n`` then envelopes one a line: anything not
         well-formed is dropped with a log, the rest is handled in order."""
+        if self.ignoring:
+            return None
         if not isinstance(raw, bytes):
             return self._drop("not bytes", raw)
         if len(raw) > MAX_PUBLISH:
