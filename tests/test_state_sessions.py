@@ -71,3 +71,46 @@ def test_a_browser_session_made_on_node_a_is_valid_on_node_b(relayd, fake_globus
 
         elapsed = asyncio.run(_browse(a, client_context, steps))
         assert elapsed < BOUND + 5
+
+
+def test_a_session_made_while_postgres_is_down_survives_its_return(relayd, fake_globus, tls_files,
+                                                                     private_pg_server, tmp_path):
+    """Sign-in works while PostgreSQL is away (the session is kept in memory and its write is
+    retried); when the database is back the session is written, stays valid here and becomes
+    valid on a node started afterwards."""
+    import psycopg
+
+    cert, key, client_context = tls_files
+    url = private_pg_server.new_database()
+    ports = [free_port(), free_port()]
+    with Upstream() as up:
+        def node(i: int):
+            return relayd(f'[state]\nurl = "{url}"\n[cluster]\nnode = "n{i}"\n'
+                          + _config(0, ports[i], cert, key, up.url, fake_globus),
+                          env={"RELAYD_STATE_DIR": str(tmp_path / f"state{i}")})
+
+        node(0)
+        a, b = (f"https://127.0.0.1:{p}" for p in ports)
+
+        def rows() -> int:
+            with psycopg.connect(url) as conn:
+                return conn.execute('SELECT count(*) FROM "globus_login:browser".sessions').fetchone()[0]
+
+        async def steps(session: aiohttp.ClientSession):
+            private_pg_server.stop()
+            async with session.get(a + "/app/page") as r:  # sign in while PostgreSQL is down
+                assert r.status == 200, await r.text()
+            async with session.get(a + "/app/x", allow_redirects=False) as r:
+                assert r.status == 200
+            private_pg_server.start()
+            deadline = time.monotonic() + BOUND + 30
+            while await asyncio.to_thread(rows) != 1:
+                assert time.monotonic() < deadline, "the session was not written after PostgreSQL returned"
+                await asyncio.sleep(0.05)  # polling interval
+            async with session.get(a + "/app/x", allow_redirects=False) as r:
+                assert r.status == 200  # the reconnect's re-read did not end it
+            await asyncio.to_thread(node, 1)
+            async with session.get(b + "/app/x", allow_redirects=False) as r:
+                assert r.status == 200  # valid on a node started afterwards
+
+        asyncio.run(_browse(a, client_context, steps))
