@@ -1,10 +1,11 @@
 """The contract between the daemon core and component plugins.
 
-A component is built per configuration generation. The core constructs it (no I/O), awaits
-``start()`` (bind nothing: serve on ``listener.serving_sockets()``), routes nothing to it
-itself, and on removal or change awaits ``stop(drain_timeout)``. A reload that leaves a
-component's configuration (and that of the listeners, auth methods and scope maps it refers
-to) unchanged keeps the very same object, with its live connections.
+A component is built per configuration generation and follows :mod:`relayd.lifecycle`: the
+core constructs it (every attribute, no I/O), awaits ``start()`` (bind nothing: serve on
+``listener.serving_sockets()``), routes nothing to it itself, and on removal or change (or
+after a failed start) awaits ``stop(drain_timeout)``. A reload that leaves a component's
+configuration (and that of the listeners, auth methods and scope maps it refers to) unchanged
+keeps the very same object, with its live connections.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ class Component:
         self.name = name
         self.config = config
         self.context = context
-        self.state = "created"  # created, serving, draining, stopped, failed
         self.log = logging.getLogger(f"relayd.{config.kind}.{name}")  # type: ignore[attr-defined]
 
     @property
@@ -74,11 +74,10 @@ class Component:
 
     async def start(self) -> None:
         """Start serving. Raising rejects the configuration generation being built."""
-        self.state = "serving"
 
     async def stop(self, drain_timeout: float) -> None:
-        """Stop accepting, let in-flight work finish for up to drain_timeout, then close."""
-        self.state = "stopped"
+        """Stop accepting, let in-flight work finish for up to drain_timeout, then close.
+        Also called after a start() that raised: release whatever it had opened."""
 
     def reloaded(self) -> None:
         """A reload kept this component (its configuration did not change): re-read what it

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from relayd.accept_gate import GatedServer, Release, serve_gated
+from relayd.lifecycle import drain
 from relayd.listeners import Listener
 
 # How long a retiring server waits for the first request of a just-accepted connection.
@@ -88,20 +89,21 @@ class HttpService:
         for server in self.servers:
             server.close()
         await self._wait_for_first_requests(min(drain_timeout, FIRST_REQUEST_GRACE))
+        await drain(self._idle(), deadline - loop.time())
+        # aiohttp reads a timeout of 0 as "no timeout": give it a tiny positive one instead.
+        await self.web_server.shutdown(max(0.01, deadline - loop.time()))
+        self.servers.clear()
+
+    async def _idle(self) -> None:
+        """Close each connection as soon as it is idle; return when none is busy."""
         while True:
             self._changed.clear()
             for conn in list(self.web_server.connections):
                 if conn not in self._busy:
                     conn.close()  # idle: close now; a response being written is finished first
-            if not self._busy or loop.time() >= deadline:
-                break
-            try:
-                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
-            except TimeoutError:
-                break
-        # aiohttp reads a timeout of 0 as "no timeout": give it a tiny positive one instead.
-        await self.web_server.shutdown(max(0.01, deadline - loop.time()))
-        self.servers.clear()
+            if not self._busy:
+                return
+            await self._changed.wait()
 
     async def _wait_for_first_requests(self, grace: float) -> None:
         """Let connections accepted just before close deliver their first request.

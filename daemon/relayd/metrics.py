@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from relayd.lifecycle import State
+
 if TYPE_CHECKING:
     from relayd.runtime import Daemon
 
@@ -36,7 +38,7 @@ class DaemonCollector:
         up = GaugeMetricFamily("relayd_component_up", "1 while a component serves",
                                labels=["component", "kind"])
         for name, component in (gen.components.items() if gen else ()):
-            up.add_metric([name, component.kind], 1 if component.state == "serving" else 0)
+            up.add_metric([name, component.kind], 1 if daemon.state_of(component) is State.SERVING else 0)
         yield up
         connections = GaugeMetricFamily("relayd_listener_connections",
                                         "Open client connections per listener", labels=["listener"])

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from relayd.component import Component, Context
 from relayd.config import ConfigError, LoadedConfig, Problem, load_config
 from relayd.config.model import iter_refs
 from relayd.engines import Engines
+from relayd.lifecycle import Lifecycle, State
 from relayd.listeners import Listener, ListenerError, SocketPool
 from relayd.logsetup import configure_logging
 from relayd.plugins import Registry
@@ -110,6 +112,8 @@ class Daemon:
         self.stop_failures: list[str] = []  # objects that could not stop cleanly during shutdown
         self._reload_after_start = False
         self.control: ControlServer | None = None
+        # Where each component and auth method is in its lifecycle: the runtime alone writes it.
+        self.states: weakref.WeakKeyDictionary[Lifecycle, State] = weakref.WeakKeyDictionary()
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -143,7 +147,8 @@ class Daemon:
         fingerprints: dict[str, str] = {}
         auth: dict[str, AuthMethod] = {}
         components: dict[str, Component] = {}
-        new_objects: list[tuple[str, Any]] = []
+        new_auth: list[AuthMethod] = []
+        new_components: list[Component] = []
         changed: list[str] = []
         building = ("auth", "?")  # what a failure is attributed to, set before each step
         try:
@@ -156,8 +161,8 @@ class Daemon:
                     continue
                 cls = self.registry.usable("auth")[aconf.method]
                 method = cls(name, aconf, context)
-                new_objects.append(("auth", method))
-                await method.start()
+                new_auth.append(method)
+                await self._start_one(method)
                 auth[name] = method
                 changed.append(f"auth.{name}")
             context.auth = auth
@@ -170,17 +175,17 @@ class Daemon:
                     continue
                 cls = self.registry.usable("components")[cconf.kind]
                 component = cls(name, cconf, context)
-                new_objects.append(("component", component))
-                await component.start()
+                new_components.append(component)
+                await self._start_one(component)
                 components[name] = component
                 changed.append(f"components.{name}")
         except Exception as exc:
-            await self._stop_objects(new_objects, drain_timeout=0)
+            await self._stop_all(new_components, new_auth, drain_timeout=0)
             self._release_sockets(old)
             if isinstance(exc, ConfigError):
                 raise
             # Attribute the failure to what was being built (a constructor that raises never
-            # made it into new_objects, so the last new object would be the wrong culprit).
+            # was never added to new_*, so the last new object would be the wrong culprit).
             group, where = building
             log.debug("building %s.%s failed", group, where, exc_info=True)
             message = f"failed to start: {type(exc).__name__}: {exc}" if not isinstance(exc, OSError) \
@@ -236,27 +241,38 @@ class Daemon:
         self.pool.discard_tls()  # certificates re-read for a generation that will not serve
         self.pool.release_unused(in_use)
 
-    async def _stop_objects(self, objects: list[tuple[str, Any]], drain_timeout: float) -> None:
-        # Components first (they use auth methods), then auth methods.
-        for group in ("component", "auth"):
-            items = [obj for kind, obj in objects if kind == group]
-            results = await asyncio.gather(
-                *(self._stop_one(obj, drain_timeout) for obj in items), return_exceptions=True
-            )
-            for obj, result in zip(items, results):
-                if isinstance(result, BaseException):
-                    log.error("stopping %s %s failed: %s", group, obj.name, result)
-                    if self.stopping:  # e.g. state it could not save: the exit status says so
-                        self.stop_failures.append(f"{group} {obj.name}: {result}")
+    def state_of(self, obj: Lifecycle) -> State:
+        return self.states.get(obj, State.CREATED)
 
-    @staticmethod
-    async def _stop_one(obj: Any, drain_timeout: float) -> None:
-        if isinstance(obj, Component):
-            obj.state = "draining"
+    async def _start_one(self, obj: Lifecycle) -> None:
+        self.states[obj] = State.CREATED
+        try:
+            await obj.start()
+        except BaseException:
+            self.states[obj] = State.FAILED
+            raise
+        self.states[obj] = State.SERVING
+
+    async def _stop_all(self, components: list[Component], auth: list[AuthMethod], drain_timeout: float) -> None:
+        """Stop (one lifecycle for both, relayd.lifecycle): components first, since they use auth
+        methods, then auth methods; also the ones whose start() failed."""
+        groups: list[tuple[str, list[Lifecycle]]] = [("component", [*components]), ("auth", [*auth])]
+        for what, objects in groups:
+            results = await asyncio.gather(
+                *(self._stop_one(obj, drain_timeout) for obj in objects), return_exceptions=True
+            )
+            for obj, result in zip(objects, results):
+                if isinstance(result, BaseException):
+                    log.error("stopping %s %s failed: %s", what, obj.name, result)
+                    if self.stopping:  # e.g. state it could not save: the exit status says so
+                        self.stop_failures.append(f"{what} {obj.name}: {result}")
+
+    async def _stop_one(self, obj: Lifecycle, drain_timeout: float) -> None:
+        self.states[obj] = State.DRAINING
+        try:
             await obj.stop(drain_timeout)
-            obj.state = "stopped"
-        else:
-            await obj.close()
+        finally:
+            self.states[obj] = State.STOPPED
 
     async def reload(self) -> ReloadResult:
         """Load, validate, build and swap; the old generation stays on any failure."""
@@ -317,16 +333,16 @@ class Daemon:
         """Stop what the new generation no longer uses, in the background."""
         kept_components = {id(c) for c in new.components.values()}
         kept_auth = {id(a) for a in new.auth.values()}
-        retired: list[tuple[str, Any]] = [("component", c) for c in old.components.values() if id(c) not in kept_components]
-        retired += [("auth", a) for a in old.auth.values() if id(a) not in kept_auth]
+        components = [c for c in old.components.values() if id(c) not in kept_components]
+        auth = [a for a in old.auth.values() if id(a) not in kept_auth]
         timeout = new.config.settings.drain_timeout
 
-        names = [f"{'components' if group == 'component' else 'auth'}.{obj.name}" for group, obj in retired]
+        names = [f"components.{c.name}" for c in components] + [f"auth.{a.name}" for a in auth]
         self.retiring.update(names)
 
         async def retire() -> None:
             try:
-                await self._stop_objects(retired, timeout)
+                await self._stop_all(components, auth, timeout)
             finally:
                 self.retiring.difference_update(names)
             if names:
@@ -368,7 +384,7 @@ class Daemon:
         assert gen is not None
         components = {}
         for name, component in gen.components.items():
-            entry = {"kind": component.kind, "state": component.state, **component.status()}
+            entry = {"kind": component.kind, "state": self.state_of(component).value, **component.status()}
             warnings = self._component_warnings(gen, component)
             if warnings:
                 entry["warnings"] = warnings
@@ -517,9 +533,7 @@ class Daemon:
         if self.control:
             await self.control.stop()
         if gen:
-            objects: list[tuple[str, Any]] = [("component", c) for c in gen.components.values()]
-            objects += [("auth", a) for a in gen.auth.values()]
-            await self._stop_objects(objects, timeout)
+            await self._stop_all(list(gen.components.values()), list(gen.auth.values()), timeout)
         # Objects a reload replaced may still be draining: let them finish (an http_proxy saves
         # its counters last) before cancelling what is left.
         if self._draining:

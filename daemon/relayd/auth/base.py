@@ -73,8 +73,10 @@ class AuthConfig(BaseModel):
 class AuthMethod:
     """Base class of auth plugins (entry point group ``relayd.auth``).
 
-    The constructor must do no I/O; ``start`` opens databases or HTTP sessions and may raise
-    to reject the configuration; ``close`` releases them.
+    Same lifecycle as a component (:mod:`relayd.lifecycle`): the constructor makes every
+    attribute and does no I/O; ``start`` opens databases or HTTP sessions and may raise to
+    reject the configuration; ``stop`` releases them, also after a failed start. Auth methods
+    stop after the components that use them.
     """
 
     Config: ClassVar[type[AuthConfig]]
@@ -88,8 +90,16 @@ class AuthMethod:
     async def start(self) -> None:
         pass
 
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        """Release what start() opened (also after a start() that raised). The runtime calls
+        this, never :meth:`close`."""
+        if type(self).close is not AuthMethod.close:  # a plugin written before stop() existed
+            await self.close()
+
     async def close(self) -> None:
-        pass
+        """Deprecated alias of :meth:`stop` (the name this hook had before auth methods and
+        components shared one lifecycle): older plugins may still override or call it."""
+        await self.stop()
 
     async def authenticate(self, authorization: str | None) -> Identity:
         """Decide who presented ``authorization`` (an HTTP Authorization header value)."""

@@ -183,7 +183,7 @@ class GlobusAuth(AuthMethod):
         self.log.info("globus auth %r: introspecting at %s as client %s", self.name,
                       self.config.auth_base_url, self.config.client_id)
 
-    async def close(self) -> None:
+    async def stop(self, drain_timeout: float = 0.0) -> None:
         if self.session:
             await self.session.close()
             self.session = None

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from relayd import metrics
 from relayd.auth import discovery
-from relayd.component import Component, ComponentConfig
+from relayd.component import Component, ComponentConfig, Context
 from relayd.config.types import AuthRef, ListenerRef
 from relayd.httpserve import HttpService
 
@@ -31,13 +31,15 @@ class StatusComponent(Component):
     Config = StatusConfig
     config: StatusConfig
 
-    async def start(self) -> None:
+    def __init__(self, name: str, config: StatusConfig, context: Context) -> None:
+        super().__init__(name, config, context)
         self.requests = 0
         self.http = HttpService(self.handle)
+
+    async def start(self) -> None:
         listener = self.context.listener(self.config.listener)
         await self.http.serve(listener)
         self.log.info("status listening on %s", ", ".join(f"{listener.scheme}://{a}" for a in listener.addresses))
-        self.state = "serving"
 
     async def stop(self, drain_timeout: float) -> None:
         await self.http.stop(drain_timeout)
