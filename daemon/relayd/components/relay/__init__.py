@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from relayd.component import Component
+from relayd.component import Component, Context
 from relayd.components.relay.cluster import ClusterBus
 from relayd.components.relay.config import RelayConfig
 from relayd.components.relay.server import RelayServer
@@ -30,10 +30,15 @@ class RelayComponent(Component):
     Config = RelayConfig
     config: RelayConfig
 
-    async def start(self) -> None:
-        self.server = RelayServer(self.config, self.context.auth_method(self.config.auth), self.log)
-        self.server.access = access_logger(self.name) if self.config.access_log else None
+    def __init__(self, name: str, config: RelayConfig, context: Context) -> None:
+        super().__init__(name, config, context)
+        # Every attribute here, no I/O (relayd.lifecycle): stop() is safe after a failed start.
+        self.server = RelayServer(config, context.auth_method(config.auth), self.log)
+        self.server.access = access_logger(name) if config.access_log else None
         self.bus: ClusterBus | None = None
+        self._logger: asyncio.Task | None = None
+
+    async def start(self) -> None:
         cluster = self.context.cluster
         if cluster is not None and cluster.redis is not None:
             url = cluster.redis.get_secret_value()
@@ -51,10 +56,8 @@ class RelayComponent(Component):
         scheme = "wss" if listener.ssl_context else "ws"
         self.log.info("relay listening on %s (auth %s)",
                       ", ".join(f"{scheme}://{a}" for a in listener.addresses), self.config.auth)
-        self._logger: asyncio.Task | None = None
         if self.config.current_clients_interval:
             self._logger = asyncio.get_running_loop().create_task(self._log_clients())
-        self.state = "serving"
 
     async def stop(self, drain_timeout: float) -> None:
         if self._logger:
@@ -64,7 +67,6 @@ class RelayComponent(Component):
         await self.server.stop(drain_timeout)
         if self.bus is not None:
             await self.bus.stop()
-        self.state = "stopped"
 
     def listener_names(self) -> set[str]:
         return {self.config.listener}

@@ -20,6 +20,7 @@ from aiohttp import WSMsgType, web
 from relayd.auth.base import AuthError, AuthFailure
 from relayd.components.relay import protocol as p
 from relayd.httpserve import HttpService
+from relayd.lifecycle import drain
 from relayd.logsetup import quote
 
 if TYPE_CHECKING:
@@ -297,5 +298,5 @@ class RelayServer:
         for client in list(self.core.connections):
             self.close_peer(self.core.close(client, p.GOING_AWAY, p.REASON_GOING_AWAY))
         if self.handlers:
-            await asyncio.wait(list(self.handlers), timeout=max(drain_timeout, 0.1))
+            await drain(asyncio.wait(list(self.handlers)), max(drain_timeout, 0.1))
         await self.http.stop(0)
