@@ -13,14 +13,15 @@ import hmac
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
 
 from relayd.accept_gate import GatedServer, serve_gated
-from relayd.component import Component
+from relayd.component import Component, Context
 from relayd.httpserve import HttpService
+from relayd.lifecycle import State, drain
 from relayd.listeners import ListenerError, make_server_ssl_context
 from relayd.logsetup import access_logger
 
@@ -32,6 +33,9 @@ from .proxy import ClientConnection
 from .routes import Core, Route, Router
 from .store import COLUMNS
 from .sync import make_store, start_watcher
+
+if TYPE_CHECKING:
+    from relayd.state.pg import Watcher
 
 __all__ = ["HttpProxy", "HttpProxyConfig"]
 FIRST_REQUEST_GRACE = 2.0  # seconds a connection accepted just before a stop has to send its request
@@ -58,26 +62,33 @@ class HttpProxy(Component):
     Config = HttpProxyConfig
     config: HttpProxyConfig
 
-    async def start(self) -> None:
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        self.db_path = cfg.state_db or Path(self.context.state_dir) / f"http_proxy-{self.name}.sqlite3"
-        self.watcher = None
+    def __init__(self, name: str, config: HttpProxyConfig, context: Context) -> None:
+        super().__init__(name, config, context)
+        # Every attribute here, no I/O (relayd.lifecycle): stop() is safe after a failed start.
+        cfg = config
+        self.db_path = cfg.state_db or Path(context.state_dir) / f"http_proxy-{name}.sqlite3"
+        self.watcher: Watcher | None = None  # other nodes' changes ([state] url = PostgreSQL)
         self.counters = Counters(make_store(self), cfg.max_endpoints_per_user)
-        await self.counters.start(cfg.flush_interval)
-        self.core = Core(loop, self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl, cfg.upstream_idle,
-                         cfg.splice)
-        if cfg.pages_dir is not None:
-            self.core.pages = Pages(cfg.pages_dir)
-            self.core.pages.check()
+        self.core = Core(asyncio.get_running_loop(), self.counters, cfg.keepalive_timeout, cfg.auth_cache_ttl,
+                         cfg.upstream_idle, cfg.splice)
         names = cfg.identity_headers
         self.core.protected_headers = frozenset({names.user.lower().encode(), names.email.lower().encode()})
-        self.core.access = access_logger(self.name) if cfg.access_log else None
+        self.core.access = access_logger(name) if cfg.access_log else None
         self.servers: list[tuple[str, GatedServer]] = []
         self.routers: dict[str, Router] = {}
         self.services: dict[str, Service] = {}
+        self.member_times: dict[tuple[str, str], float] = {}  # (service, user) -> when it joined
+        self.allowed_listeners: set[str] = set()
         self.mgmt_http: HttpService | None = None
         self._service_contexts: dict[tuple[str, str], ssl.SSLContext] = {}  # (listener, SNI name)
+        self.api = ManagementAPI(self)
+
+    async def start(self) -> None:
+        cfg = self.config
+        await self.counters.start(cfg.flush_interval)
+        if cfg.pages_dir is not None:
+            self.core.pages = Pages(cfg.pages_dir)
+            self.core.pages.check()
         try:
             await self._load_services()
             self._load_service_certs(strict=True)
@@ -94,9 +105,7 @@ class HttpProxy(Component):
         except BaseException:
             await self._close_everything()
             raise
-        self.api = ManagementAPI(self)
         self.watcher = start_watcher(self)  # other nodes' changes ([state] url = PostgreSQL)
-        self.state = "serving"
 
     # -- services --------------------------------------------------------------------------
 
@@ -265,28 +274,30 @@ class HttpProxy(Component):
             if router is None or not conn.handover(router):
                 conn.drain()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_timeout
         grace = loop.time() + min(drain_timeout, FIRST_REQUEST_GRACE)
-        while core.connections and loop.time() < deadline:
-            await asyncio.sleep(0.05)  # draining: poll until the connections are gone or the deadline
-            if loop.time() >= grace:  # connections that never asked anything are not waited for
-                for conn in list(core.connections):
-                    if conn.idle and conn.transport:
-                        conn.transport.close()
+
+        async def idle() -> None:
+            while core.connections:
+                await asyncio.sleep(0.05)  # draining: poll until the connections are gone
+                if loop.time() >= grace:  # connections that never asked anything are not waited for
+                    for conn in list(core.connections):
+                        if conn.idle and conn.transport:
+                            conn.transport.close()
+
+        await drain(idle(), drain_timeout)
         for conn in list(core.connections):
             if conn.ex is not None:
                 conn.state.abort(conn.ex)  # records its counters
             elif conn.transport:
                 conn.transport.abort()
         await self._close_everything()
-        self.state = "stopped"
 
     def _successor(self) -> HttpProxy | None:
         """The http_proxy of the same name in the generation serving now, if not this one."""
         daemon = self.context.daemon
         generation = daemon.generation if daemon is not None else None
         other = generation.components.get(self.name) if generation is not None else None
-        if isinstance(other, HttpProxy) and other is not self and hasattr(other, "core"):
+        if isinstance(other, HttpProxy) and other is not self and daemon.state_of(other) is State.SERVING:
             return other
         return None
 
@@ -297,12 +308,13 @@ class HttpProxy(Component):
         for router in self.routers.values():
             for route in router.routes:
                 route.close_idle()
-        for task in list(self.core.tasks if hasattr(self, "core") else ()):
+        for task in list(self.core.tasks):
             task.cancel()
         if self.mgmt_http:
-            await self.mgmt_http.stop(0)
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None:
+            mgmt_http, self.mgmt_http = self.mgmt_http, None
+            await mgmt_http.stop(0)
+        if self.watcher is not None:
+            watcher, self.watcher = self.watcher, None
             await watcher.stop()
         await self.counters.close()
 
@@ -323,14 +335,12 @@ class HttpProxy(Component):
                  "services and users and read billing data")]
 
     def listener_names(self) -> set[str]:
-        names = set(self._listener_names()) if hasattr(self, "services") else set()
+        names = set(self._listener_names())
         if self.config.management:
             names.add(self.config.management.listener)
         return names
 
     def status(self) -> dict[str, Any]:
-        if not hasattr(self, "core"):
-            return {}
         totals = self.counters.totals()
         return {
             "services": len(self.services),
@@ -340,7 +350,7 @@ class HttpProxy(Component):
 
     def clients(self) -> list[dict[str, Any]]:
         out = []
-        for conn in list(self.core.connections) if hasattr(self, "core") else ():
+        for conn in list(self.core.connections):
             ex = conn.ex
             out.append({
                 "peer": conn.peer, "listener": conn.router.listener, "tls": conn.tls,
@@ -351,8 +361,6 @@ class HttpProxy(Component):
         return out
 
     def metrics(self):
-        if not hasattr(self, "counters"):
-            return
         totals = self.counters.totals()
         labels = ["component", "service"]
         requests = CounterMetricFamily("relayd_http_proxy_requests", "Authorized requests", labels=labels)

@@ -179,8 +179,9 @@ class Journal:
         return self.last
 
     def close(self, remove: bool) -> None:
-        """Release the lock; with ``remove`` (nothing held) delete the files first."""
-        if remove:
+        """Release the lock; with ``remove`` (nothing held) delete the files first. Files exist
+        only if open() got as far as the first one (a failed start may close an unopened one)."""
+        if remove and self.fds[0] is not None:
             for path in self.paths:
                 try:
                     path.unlink()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from relayd import state
+from relayd.lifecycle import State
 from relayd.state.pg import Watcher, schema_name
 
 from .config import ServiceConfig
@@ -52,7 +53,8 @@ async def resync(c: HttpProxy) -> None:
         return (store.refresh_gens(), store.members(), store.services(), store.current_incarnations())
 
     gens, members, runtime, incarnations = await counters.call(read)
-    if c.state not in ("serving", "created"):
+    daemon = c.context.daemon  # the runtime owns the lifecycle state (relayd.lifecycle)
+    if daemon is not None and daemon.state_of(c) not in (State.SERVING, State.CREATED):
         return
     # Members: who may use which service now.
     if set(members) != c.core.members:
