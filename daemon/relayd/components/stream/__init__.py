@@ -19,12 +19,13 @@ from aiohttp import web
 from grpclib.server import Server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from relayd.component import Component
+from relayd.component import Component, Context
 from relayd.components.stream.config import StreamConfig
 from relayd.components.stream.forward import DataPlane, client_context, server_context
 from relayd.components.stream.manager import SessionManager
 from relayd.components.stream.ports import PortPool
 from relayd.components.stream.service import ControlService
+from relayd.lifecycle import drain
 from relayd.logsetup import access_logger
 
 __all__ = ["StreamComponent", "StreamConfig"]
@@ -59,29 +60,33 @@ class StreamComponent(Component):
     Config = StreamConfig
     config: StreamConfig
 
+    def __init__(self, name: str, config: StreamConfig, context: Context) -> None:
+        super().__init__(name, config, context)
+        # Every attribute here, no I/O (relayd.lifecycle): stop() is safe after a failed start.
+        cfg = config
+        auth = context.auth_method(cfg.auth)
+        scope_id = cfg.scope_id or getattr(auth.config, "client_id", None) or cfg.auth
+        self.pool = PortPool(cfg.data_bind, *cfg.port_range)
+        self.plane = DataPlane(role_ssl={}, buffer_size=cfg.buffer_size,
+                               connect_timeout=cfg.connect_timeout, splice=cfg.splice)
+        self.manager = SessionManager(cfg, self.pool, self.plane, self.log)
+        self.manager.access = access_logger(name) if cfg.access_log else None
+        self.service = ControlService(self.manager, auth, scope_id, self.log)
+        self.servers: list[_Server] = []
+
     async def start(self) -> None:
         cfg = self.config
         listener = self.context.listener(cfg.listener)
-        auth = self.context.auth_method(cfg.auth)
-        scope_id = cfg.scope_id or getattr(auth.config, "client_id", None) or cfg.auth
-        role_ssl: dict[str, Any] = {}
         if cfg.security == "tls" and cfg.tls is not None:
-            t = cfg.tls
-            role_ssl = {
+            t = cfg.tls  # certificate files are read here, not in __init__
+            self.plane.role_ssl = {
                 "PROD": (server_context(str(t.cert), str(t.key), str(t.ca)), None),
                 "CONS": (None, client_context(str(t.cert), str(t.key), str(t.ca), t.verify_hostname)),
             }
-        self.pool = PortPool(cfg.data_bind, *cfg.port_range)
-        self.plane = DataPlane(role_ssl=role_ssl, buffer_size=cfg.buffer_size,
-                               connect_timeout=cfg.connect_timeout, splice=cfg.splice)
-        self.manager = SessionManager(cfg, self.pool, self.plane, self.log)
-        self.manager.access = access_logger(self.name) if cfg.access_log else None
-        self.service = ControlService(self.manager, auth, scope_id, self.log)
         ssl_context = None
         if listener.tls is not None:
             # gRPC clients require ALPN "h2"; the pool's certificate, renewed on reload.
             ssl_context = listener.tls.front(("h2",))
-        self.servers: list[_Server] = []
         for sock in listener.serving_sockets():
             server = _Server([self.service])
             await server.start(sock=sock, ssl=ssl_context)
@@ -89,25 +94,18 @@ class StreamComponent(Component):
         self.log.info("stream control (gRPC) listening on %s (auth %s); data ports %s on %s",
                       ", ".join(f"{'grpcs' if ssl_context else 'grpc'}://{a}" for a in listener.addresses),
                       cfg.auth, cfg.ports, cfg.data_bind)
-        self.state = "serving"
 
     async def stop(self, drain_timeout: float) -> None:
         """Refuse new RPCs and connections, let live data connections run for drain_timeout."""
-        self.state = "draining"
         for server in self.servers:
             server.close()  # also cancels RPCs in progress (a req waiting for its hello)
         self.manager.stop_accepting()
         for server in self.servers:
             server.close_connections()
         if self.plane.totals.connections:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(drain_timeout):
-                    await self.plane.idle()
+            await drain(self.plane.idle(), drain_timeout)
         self.manager.end_all()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(drain_timeout, 1.0)):
-                await asyncio.gather(*(s.wait_closed() for s in self.servers))
-        self.state = "stopped"
+        await drain(asyncio.gather(*(s.wait_closed() for s in self.servers)), max(drain_timeout, 1.0))
 
     def listener_names(self) -> set[str]:
         return {self.config.listener}
