@@ -302,7 +302,7 @@ class GlobusLogin(AuthMethod):
             elif row[4] > mine.last_seen:
                 mine.last_seen = row[4]
 
-    async def close(self) -> None:
+    async def stop(self, drain_timeout: float = 0.0) -> None:
         if self._watcher is not None:
             await self._watcher.stop()
         if self._worker:
