@@ -46,10 +46,7 @@ import time
 from asyncio import sslproto
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from relayd.listeners import Listener
+from typing import Any, Protocol
 
 log = logging.getLogger("relayd.listeners")
 
@@ -287,6 +284,17 @@ def set_on_closed(protocol: Any, release: Release) -> None:
     protocol.on_closed = release
 
 
+class GatedListener(Protocol):
+    """What a gated server needs of a listener (relayd.listeners.Listener has this shape)."""
+
+    gate: AcceptGate | None
+
+    def serving_sockets(self) -> list[socket.socket]: ...
+
+    @property
+    def backlog(self) -> int: ...
+
+
 # -- one component's servers on one listener -----------------------------------------------------
 
 def _counted_tls(base: type) -> type:
@@ -328,7 +336,7 @@ class GatedServer:
     (connections already accepted stay, and keep counting until they close).
     """
 
-    def __init__(self, listener: Listener, protocol_factory: Callable[[], Any], *,
+    def __init__(self, listener: GatedListener, protocol_factory: Callable[[], Any], *,
                  ssl: ssl.SSLContext | None = None, attach: Attach = set_on_closed,
                  ssl_handshake_timeout: float | None = None) -> None:
         gate = listener.gate
@@ -456,7 +464,7 @@ class GatedServer:
             self._start_serving()
 
 
-async def serve_gated(listener: Listener, protocol_factory: Callable[[], Any], *,
+async def serve_gated(listener: GatedListener, protocol_factory: Callable[[], Any], *,
                       ssl: ssl.SSLContext | None = None, attach: Attach = set_on_closed) -> GatedServer:
     """Serve `protocol_factory` on every socket of `listener`, under its connection cap."""
     server = GatedServer(listener, protocol_factory, ssl=ssl, attach=attach)

@@ -11,50 +11,22 @@ keeps the very same object, with its live connections.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from relayd.context import Context  # re-exported: plugins import it from here too
+
 if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client.core import Metric
-
-    from relayd.auth.base import AuthMethod
-    from relayd.config.model import ClusterConfig, ScopeMapConfig, StateConfig
-    from relayd.engines import Engines
-    from relayd.listeners import Listener
 
 
 class ComponentConfig(BaseModel):
     """Base of every [components.NAME] table; plugins add ``kind: Literal["..."]``."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-@dataclass
-class Context:
-    """What a component or auth method may use from the daemon."""
-
-    listeners: Mapping[str, Listener]
-    auth: Mapping[str, AuthMethod]
-    scope_maps: Mapping[str, ScopeMapConfig]
-    state_dir: Path
-    daemon: Any = None  # relayd.runtime.Daemon, for status pages; None in unit tests
-    # Where durable state lives ([state]) and the cluster this node belongs to ([cluster]);
-    # None in unit tests, which means the embedded default (SQLite, one node).
-    state: StateConfig | None = None
-    cluster: ClusterConfig | None = None
-    # Report the health of an external engine here (relayd.engines); None in unit tests.
-    engines: Engines | None = None
-
-    def listener(self, name: str) -> Listener:
-        return self.listeners[name]
-
-    def auth_method(self, name: str) -> AuthMethod:
-        return self.auth[name]
 
 
 class Component:

@@ -21,7 +21,7 @@ from relayd.config.model import ControlConfig
 from relayd.listeners import ListenerError, bind_socket
 
 if TYPE_CHECKING:
-    from relayd.runtime import Daemon
+    from relayd.context import RuntimeView
 
 log = logging.getLogger("relayd.control")
 
@@ -40,7 +40,7 @@ def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
 
 
 class ControlServer:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: RuntimeView) -> None:
         self.daemon = daemon
         self.runner: web.AppRunner | None = None
         self.path: str | None = None
@@ -119,7 +119,10 @@ class ControlServer:
         return web.json_response({"ok": True, "errors": []})
 
     async def config(self, request: web.Request) -> web.Response:
-        loaded = self.daemon.generation.config  # type: ignore[union-attr]
+        generation = self.daemon.generation
+        if generation is None:
+            raise web.HTTPServiceUnavailable(text='{"message": "starting"}', content_type="application/json")
+        loaded = generation.config
         body: dict[str, Any] = {"config": loaded.effective(), "files": [str(f) for f in loaded.files],
                                 "warnings": loaded.warnings}
         if request.query.get("origins"):
@@ -134,7 +137,8 @@ class ControlServer:
 
     async def component(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        component = self.daemon.generation.components.get(name)  # type: ignore[union-attr]
+        generation = self.daemon.generation
+        component = generation.components.get(name) if generation is not None else None
         if component is None:
             raise web.HTTPNotFound(text=f'{{"message": "no component named {name!r}"}}',
                                    content_type="application/json")

@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from relayd.lifecycle import State
 
 if TYPE_CHECKING:
-    from relayd.runtime import Daemon
+    from relayd.context import RuntimeView
 
 log = logging.getLogger("relayd.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -21,7 +21,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class DaemonCollector:
     """Reads the current generation at scrape time; nothing is registered globally."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: RuntimeView) -> None:
         self.daemon = daemon
 
     def collect(self):
@@ -111,7 +111,7 @@ class _Families:
                 into.samples.append(sample._replace(labels=labels))
 
 
-def render(daemon: Daemon) -> bytes:
+def render(daemon: RuntimeView) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(daemon))
     return generate_latest(registry)

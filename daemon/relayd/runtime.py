@@ -18,7 +18,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from relayd import __version__
 from relayd.accept_gate import LimitPlan, nofile_limit, plan_limits, raise_nofile_limit
@@ -26,15 +26,13 @@ from relayd.auth.base import AuthMethod
 from relayd.component import Component, Context
 from relayd.config import ConfigError, LoadedConfig, Problem, load_config
 from relayd.config.model import iter_refs
+from relayd.control import ControlServer
 from relayd.engines import Engines
 from relayd.lifecycle import Lifecycle, State
 from relayd.listeners import Listener, ListenerError, SocketPool
 from relayd.logsetup import configure_logging
 from relayd.plugins import Registry
 from relayd.systemd import Notifier, listen_fds, watchdog_interval
-
-if TYPE_CHECKING:
-    from relayd.control import ControlServer
 
 log = logging.getLogger("relayd")
 EXIT_STOP_FAILED = 74  # EX_IOERR: a component could not stop cleanly (e.g. counts held in a journal)
@@ -244,6 +242,9 @@ class Daemon:
     def state_of(self, obj: Lifecycle) -> State:
         return self.states.get(obj, State.CREATED)
 
+    def serving_component(self, name: str) -> Component | None:
+        return self.generation.components.get(name) if self.generation is not None else None
+
     async def _start_one(self, obj: Lifecycle) -> None:
         self.states[obj] = State.CREATED
         try:
@@ -441,8 +442,6 @@ class Daemon:
             log.info("raised the open file limit (RLIMIT_NOFILE) from %d to %d", before, now)
         self.generation, _ = await self._build(config, None)
         self._apply_limits(self.generation)
-        from relayd.control import ControlServer
-
         self.control = ControlServer(self)
         await self.control.start(config.settings.control, self.pool.activated)
         self.last_reload = ReloadResult(True, 1, "started")

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from relayd import metrics
 from relayd.auth import discovery
+from relayd.auth.base import AuthError, AuthFailure
 from relayd.component import Component, ComponentConfig, Context
 from relayd.config.types import AuthRef, ListenerRef
 from relayd.httpserve import HttpService
@@ -54,8 +55,7 @@ class StatusComponent(Component):
         self.requests += 1
         daemon = self.context.daemon
         if request.path == "/healthz":
-            ok = daemon is not None and not daemon.stopping
-            if not ok:
+            if daemon is None or daemon.stopping:
                 return web.Response(text="stopping\n", status=503)
             # Still 200: a node whose Redis or PostgreSQL is down serves its local clients, so a
             # load balancer should keep it; the body says what is missing.
@@ -67,8 +67,6 @@ class StatusComponent(Component):
         if request.path not in ("/metrics", "/status"):
             return web.json_response({"message": "not found"}, status=404)
         if self.config.auth:
-            from relayd.auth.base import AuthError, AuthFailure
-
             method = self.context.auth_method(self.config.auth)
             try:
                 await method.authenticate(request.headers.get("Authorization"))
@@ -78,7 +76,9 @@ class StatusComponent(Component):
                 challenge = method.challenge()
                 headers = {"WWW-Authenticate": challenge} if status == 401 and challenge else {}
                 return web.json_response({"message": exc.message}, status=status, headers=headers)
+        if daemon is None:  # a component built outside a daemon (unit tests)
+            return web.json_response({"message": "no daemon"}, status=503)
         if request.path == "/metrics":
             return web.Response(body=metrics.render(daemon), headers={"Content-Type": metrics.CONTENT_TYPE})
-        status = daemon.status()
-        return web.json_response({k: status[k] for k in ("version", "generation", "uptime", "components")})
+        document = daemon.status()
+        return web.json_response({k: document[k] for k in ("version", "generation", "uptime", "components")})
