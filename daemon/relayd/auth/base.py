@@ -11,16 +11,18 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from pathlib import Path
 
     from prometheus_client.core import Metric
 
-    from relayd.component import Context
+    from relayd.config.model import ClusterConfig, StateConfig
+    from relayd.engines import Engines
 
 
 class AuthFailure(enum.Enum):
@@ -70,6 +72,15 @@ class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AuthContext(Protocol):
+    """What an auth method may use from its relayd.context.Context (which has this shape)."""
+
+    state_dir: Path
+    state: StateConfig | None
+    cluster: ClusterConfig | None
+    engines: Engines | None
+
+
 class AuthMethod:
     """Base class of auth plugins (entry point group ``relayd.auth``).
 
@@ -80,8 +91,12 @@ class AuthMethod:
     """
 
     Config: ClassVar[type[AuthConfig]]
+    # The http_proxy may cache this method's verdict on a credential for auth_cache_ttl (basic:
+    # an argon2 check per request would be the bottleneck). Methods that cache themselves, or
+    # whose verdict may change at any moment, leave it False.
+    cacheable: ClassVar[bool] = False
 
-    def __init__(self, name: str, config: AuthConfig, context: Context) -> None:
+    def __init__(self, name: str, config: AuthConfig, context: AuthContext) -> None:
         self.name = name
         self.config = config
         self.context = context
@@ -120,3 +135,67 @@ class AuthMethod:
     def metrics(self) -> Iterable[Metric]:
         """Prometheus metric families for this method (label ``auth`` = its name)."""
         return ()
+
+
+# -- optional capabilities -------------------------------------------------------------------
+# What some auth methods can do beyond authenticate(). A component asks with isinstance()
+# (the Protocols are runtime-checkable), never with getattr(), and gets a typed object back.
+
+
+@runtime_checkable
+class OAuthClientConfig(Protocol):
+    """The method's *config* names an OAuth client (globus, globus_login): ``client_id`` is the
+    resource a stream's scope belongs to."""
+
+    client_id: str
+
+
+class BrowserLoginConfig(Protocol):
+    login_path: str
+    logout_path: str
+    cookie_name: str
+
+
+@runtime_checkable
+class BrowserLogin(Protocol):
+    """The method signs browsers in with cookie sessions (globus_login): the http_proxy routes
+    ``login_path``/``logout_path`` to :meth:`browser_step`, strips ``cookie_name`` (and
+    ``cookie_name + "_login"``) from upstream requests and admits a request whose session
+    cookie :meth:`session_identity` knows."""
+
+    name: str
+
+    @property
+    def config(self) -> BrowserLoginConfig: ...
+
+    def session_identity(self, cookie_header: bytes | None) -> Identity | None: ...
+
+    async def browser_step(self, path: str, query: dict[str, str], cookie_header: bytes | None,
+                           scheme: str, host: str, target: str, home: str = "/") -> Any: ...
+
+
+class UserDatabase(Protocol):
+    """Users with passwords that relayd can change (relayd.auth.users.UserStore)."""
+
+    def add(self, username: str, password: str) -> object: ...
+
+    def remove(self, username: str) -> None: ...
+
+    def verify(self, username: str, password: str) -> bool: ...
+
+    def __contains__(self, username: str) -> bool: ...
+
+
+class ReadOnlyUsers(Protocol):
+    def get(self, username: str) -> bytes | None: ...
+
+
+@runtime_checkable
+class ManagesUsers(Protocol):
+    """The method checks passwords against a user database relayd writes (basic): the
+    http_proxy's management API and ``relayctl users`` add and remove users through ``users``;
+    ``htpasswd``, when set, holds more users, read only."""
+
+    name: str
+    users: UserDatabase
+    htpasswd: ReadOnlyUsers | None

@@ -50,6 +50,7 @@ def default_users_db(state_dir: Path, name: str) -> Path:
 class BasicAuth(AuthMethod):
     Config = BasicAuthConfig
     config: BasicAuthConfig
+    cacheable = True  # an argon2 check per request would be the bottleneck
 
     def __init__(self, name: str, config: BasicAuthConfig, context: Any) -> None:
         super().__init__(name, config, context)

@@ -183,8 +183,8 @@ class HttpProxy(Component):
         prefixes: set[bytes] = set()
         for routes in routers.values():
             for route in routes:
-                if route.browser:
-                    name = route.auth.config.cookie_name.encode()  # type: ignore[attr-defined]
+                if route.browser_login is not None:
+                    name = route.browser_login.config.cookie_name.encode()
                     prefixes.update({name + b"=", name + b"_login="})
         for routes in routers.values():
             for route in routes:
@@ -295,8 +295,9 @@ class HttpProxy(Component):
     def _successor(self) -> HttpProxy | None:
         """The http_proxy of the same name in the generation serving now, if not this one."""
         daemon = self.context.daemon
-        generation = daemon.generation if daemon is not None else None
-        other = generation.components.get(self.name) if generation is not None else None
+        if daemon is None:
+            return None
+        other = daemon.serving_component(self.name)
         if isinstance(other, HttpProxy) and other is not self and daemon.state_of(other) is State.SERVING:
             return other
         return None

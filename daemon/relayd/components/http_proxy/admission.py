@@ -68,9 +68,10 @@ def admit(router: Router, ex: Exchange, tls: bool) -> Admission:
         return _reply(413, json_message(f"request body larger than {cfg.max_body} bytes"), close=True)
     if req.upgrade is not None and not cfg.websocket:
         return _reply(501, json_message("WebSocket is not enabled for this service"), close=True)
-    if not route.browser:
+    login = route.browser_login
+    if login is None:
         return Admission(identity=route.cached_identity(req.authorization))
-    identity = route.auth.session_identity(req.cookie)  # type: ignore[attr-defined]
+    identity = login.session_identity(req.cookie)
     if identity is not None:
         return Admission(identity=identity)
     if req.method not in (b"GET", b"HEAD"):

@@ -41,11 +41,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from relayd.auth.base import ManagesUsers
+
 from .compat import CompatError, cert_info, echo_service, parse_service, rfc3339
 from .config import SERVICE_NAME, ServiceConfig
 from .store import NCOL, StoreConflict, row_dict
 
 if TYPE_CHECKING:
+    from relayd.auth.base import UserDatabase
+
     from . import HttpProxy, Service
 
 
@@ -180,13 +184,12 @@ class ManagementAPI:
         created = self.c.member_times.get((service, user), 0.0)
         return {"username": user, "createdAt": rfc3339(created)}
 
-    def _users_store(self, service: Service) -> Any:
+    def _users_store(self, service: Service) -> UserDatabase:
         auth = self._auth(service)
-        store = getattr(auth, "users", None)
-        if store is None:
+        if not isinstance(auth, ManagesUsers):
             raise ApiError(400, f"service '{service.name}' uses auth method '{auth.name}' "
                                 f"({auth.config.method}), which has no user store")
-        return store
+        return auth.users
 
     def _auth(self, service: Service) -> Any:
         return self.c.context.auth_method(service.config.auth or self.c.config.auth)  # type: ignore[arg-type]
@@ -378,9 +381,8 @@ class ManagementAPI:
         if (service.name, user) in self.c.core.members:
             raise ApiError(409, f"User '{user}' is already a member of '{service.name}'")
         auth = self._auth(service)
-        store = getattr(auth, "users", None)
-        if store is not None:
-            htpasswd = getattr(auth, "htpasswd", None)
+        if isinstance(auth, ManagesUsers):
+            store, htpasswd = auth.users, auth.htpasswd
             exists = await asyncio.to_thread(store.__contains__, user) or \
                 (htpasswd is not None and htpasswd.get(user) is not None)
             if not exists:

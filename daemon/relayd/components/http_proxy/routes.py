@@ -9,7 +9,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from relayd.auth.base import AuthMethod, Identity
+from relayd.auth.base import AuthMethod, BrowserLogin, Identity
 
 from .config import ServiceConfig
 from .exchange import REPLACED
@@ -82,8 +82,10 @@ class Route:
         self.anonymous = (Identity(sub="anonymous", method=auth.name, anonymous=True)
                           if auth.allows_anonymous else None)
         self.cache = core.auth_caches.setdefault(auth.name, {})
-        self.cacheable = getattr(auth.config, "method", None) == "basic"
-        self.browser = bool(getattr(auth, "browser", False))  # cookie sessions (globus_login)
+        self.cacheable = auth.cacheable
+        # Cookie sessions (globus_login): the typed capability, or None.
+        self.browser_login: BrowserLogin | None = auth if isinstance(auth, BrowserLogin) else None
+        self.browser = self.browser_login is not None
         self.cookie_prefixes: tuple[bytes, ...] = ()  # relayd's own cookies, never sent upstream
 
     def strip_session_cookies(self, prefixes: tuple[bytes, ...]) -> None:
@@ -181,9 +183,10 @@ class Router:
     def set_routes(self, routes: list[Route]) -> None:
         paths = {}
         for route in routes:
-            if route.browser:
-                paths[route.auth.config.login_path] = route.auth  # type: ignore[attr-defined]
-                paths[route.auth.config.logout_path] = route.auth  # type: ignore[attr-defined]
+            login = route.browser_login
+            if login is not None:
+                paths[login.config.login_path] = route.auth
+                paths[login.config.logout_path] = route.auth
         self.browser_paths = paths
         self.routes = routes
 

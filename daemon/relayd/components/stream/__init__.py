@@ -19,6 +19,7 @@ from aiohttp import web
 from grpclib.server import Server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from relayd.auth.base import OAuthClientConfig
 from relayd.component import Component, Context
 from relayd.components.stream.config import StreamConfig
 from relayd.components.stream.forward import DataPlane, client_context, server_context
@@ -65,7 +66,8 @@ class StreamComponent(Component):
         # Every attribute here, no I/O (relayd.lifecycle): stop() is safe after a failed start.
         cfg = config
         auth = context.auth_method(cfg.auth)
-        scope_id = cfg.scope_id or getattr(auth.config, "client_id", None) or cfg.auth
+        client_id = auth.config.client_id if isinstance(auth.config, OAuthClientConfig) else None
+        scope_id = cfg.scope_id or client_id or cfg.auth
         self.pool = PortPool(cfg.data_bind, *cfg.port_range)
         self.plane = DataPlane(role_ssl={}, buffer_size=cfg.buffer_size,
                                connect_timeout=cfg.connect_timeout, splice=cfg.splice)
