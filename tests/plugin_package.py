@@ -16,6 +16,9 @@ a package installed from PyPI:
   - auth method ``token``: ``Authorization: Bearer <token>`` where ``token`` is a Secret.
   - component ``dupe`` (also registered by the rival distribution).
   - component ``broken``, whose module fails to import.
+  - ``relayctl tiny-hello [NAME]`` (entry point group ``relayd.cli``): prints a greeting
+    without a daemon; ``relayctl tiny-plugins`` asks the running relayd how many plugins it has
+    (a command that uses the control client, like the built-ins).
 * ``relayd-tinyplugin-rival`` (module ``tinyrival``): component ``dupe`` again.
 """
 
@@ -127,6 +130,26 @@ class DupeConfig(ComponentConfig):
 
 class DupeComponent(Component):
     Config = DupeConfig
+
+
+def register_commands(sub):
+    """relayctl commands of this plugin (entry point group relayd.cli), as built-ins add theirs."""
+    p = sub.add_parser("tiny-hello", help="greet from the tiny plugin (needs no daemon)")
+    p.add_argument("name", nargs="?", default="operator")
+    p.set_defaults(func=_hello, no_daemon=True)
+    p = sub.add_parser("tiny-plugins", help="count the plugins the running relayd has")
+    p.set_defaults(func=_count_plugins)
+
+
+def _hello(args, client):
+    print(f"hello, {args.name}, from tinyplugin")
+    return 0
+
+
+def _count_plugins(args, client):
+    status, body = client.request("GET", "/v1/plugins")
+    print(f"{len(body['plugins'])} plugins")
+    return 0 if status == 200 else 1
 '''
 
 TINYRIVAL = '''
@@ -160,11 +183,15 @@ py-modules = [{modules}]
 
 [project.entry-points."relayd.auth"]
 {auth}
+
+[project.entry-points."relayd.cli"]
+{cli}
 '''
 
 
 def write_distribution(root: Path, name: str, version: str, modules: dict[str, str],
-                       components: dict[str, str], auth: dict[str, str]) -> Path:
+                       components: dict[str, str], auth: dict[str, str],
+                       cli: dict[str, str] | None = None) -> Path:
     root.mkdir(parents=True)
     for module, source in modules.items():
         (root / f"{module}.py").write_text(textwrap.dedent(source))
@@ -172,6 +199,7 @@ def write_distribution(root: Path, name: str, version: str, modules: dict[str, s
         name=name, version=version, modules=", ".join(f'"{m}"' for m in modules),
         components="\n".join(f'{k} = "{v}"' for k, v in components.items()),
         auth="\n".join(f'{k} = "{v}"' for k, v in auth.items()),
+        cli="\n".join(f'{k} = "{v}"' for k, v in (cli or {}).items()),
     ))
     return root
 
@@ -186,6 +214,7 @@ def build_plugin_site(root: Path) -> Path:
         {"echo": "tinyplugin:EchoComponent", "dupe": "tinyplugin:DupeComponent",
          "broken": "tinyplugin_broken:Component"},
         {"token": "tinyplugin:TokenAuth"},
+        {"tiny": "tinyplugin:register_commands"},
     )
     rival = write_distribution(
         root / "src-rival", "relayd-tinyplugin-rival", "2.0.0", {"tinyrival": TINYRIVAL},

@@ -180,3 +180,34 @@ def test_registry_tolerates_the_same_distribution_seen_twice():
     registry._add("components", entry("status", "relayd.components.status:StatusComponent"))
     assert registry.problem("components", "status") is None
     assert registry.conflicts["components"] == {}
+
+
+def test_a_plugin_adds_relayctl_commands(relayd, plugin_site, port, tmp_path):
+    """relayd.cli entry points: a third-party package's relayctl commands appear in --help and
+    run, next to the built-in ones, which come in through the very same group."""
+    from importlib.metadata import entry_points
+
+    from relayd.cli.ctl import COMMAND_MODULES
+
+    builtin = {ep.module for ep in entry_points(group="relayd.cli") if ep.dist and ep.dist.name == "relayd"}
+    assert builtin == set(COMMAND_MODULES)  # every built-in group is an entry point
+
+    shown = run("relayctl", "--help", site=plugin_site)
+    assert shown.returncode == 0 and "unavailable" not in shown.stderr, shown.stderr
+    assert "tiny-hello" in shown.stdout and "tiny-plugins" in shown.stdout
+    assert "users" in shown.stdout  # a built-in group, loaded beside it
+    hello = run("relayctl", "--socket", str(tmp_path / "none.sock"), "tiny-hello", "ada", site=plugin_site)
+    assert (hello.returncode, hello.stdout, hello.stderr) == (0, "hello, ada, from tinyplugin\n", "")
+
+    daemon = relayd(f"""
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+        [components.health]
+        kind = "status"
+        listener = "web"
+    """, env={"PYTHONPATH": str(plugin_site)})
+    counted = daemon.ctl("tiny-plugins")
+    assert counted.returncode == 0 and counted.stdout.endswith(" plugins\n"), counted.stderr
+
+    without = run("relayctl", "--help", site=tmp_path)  # the plugin not installed: no such command
+    assert "tiny-hello" not in without.stdout

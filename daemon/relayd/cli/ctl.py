@@ -1,8 +1,10 @@
 """``relayctl``: drive a running relayd through its control socket.
 
 Exit status: 0 success, 1 refused or failed (e.g. a rejected reload), 2 relayd unreachable
-or bad usage. Command groups of components live in their own modules, listed in
-COMMAND_MODULES; each has ``register(subparsers)`` and sets ``func(args, client) -> int``.
+or bad usage. Command groups of components live in their own modules and come in through
+the ``relayd.cli`` entry point group, the built-ins exactly as a plugin's: each entry point
+names a ``register(subparsers)`` function whose commands set ``func(args, client) -> int``
+(and ``no_daemon=True`` when they need no running relayd).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,10 @@ from relayd import __version__
 from relayd.cli.control_client import ControlClient, Unreachable
 
 DEFAULT_SOCKET = "/run/relayd-control.sock"  # = ControlConfig.socket and systemd/relayd-control.socket
+CLI_GROUP = "relayd.cli"
+# The built-in command groups, declared as relayd.cli entry points in pyproject.toml; listed here
+# too so that a source tree run without (current) package metadata still has them. A module in
+# this list that no entry point names is loaded as if one did.
 COMMAND_MODULES: list[str] = ["relayd.cli.auth_commands", "relayd.cli.stream_commands",
                                  "relayd.cli.http_commands", "relayd.cli.relay_commands",
                                  "relayd.cli.browser_commands", "relayd.cli.db_commands"]
@@ -284,14 +292,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_clients)
     s = sub.add_parser("metrics", help="print Prometheus metrics")
     s.set_defaults(func=cmd_metrics)
-    for module in COMMAND_MODULES:
+    for module, load in command_groups():
         # One broken command group must not take status/reload away from the operator.
         try:
-            importlib.import_module(module).register(sub)
+            load()(sub)
         except Exception as exc:
             print(f"relayctl: commands from {module} are unavailable: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
     return p
+
+
+def command_groups() -> list[tuple[str, Callable[[], Callable[[Any], None]]]]:
+    """(module, loader of its register function) of every relayctl command group: relayd's own
+    entry points in COMMAND_MODULES order, then other distributions' by name, then
+    COMMAND_MODULES that no entry point named."""
+    order = {module: index for index, module in enumerate(COMMAND_MODULES)}  # metadata sorts by name
+    points = list(entry_points(group=CLI_GROUP))
+    points.sort(key=lambda ep: (ep.dist is None or ep.dist.name != "relayd", order.get(ep.module, len(order)),
+                                ep.dist.name if ep.dist else "", ep.name))
+    groups: list[tuple[str, Callable[[], Callable[[Any], None]]]] = []
+    seen: set[str] = set()
+    for ep in points:
+        if ep.module in seen:
+            continue
+        seen.add(ep.module)
+        groups.append((ep.module, ep.load))
+    for module in COMMAND_MODULES:
+        if module not in seen:
+            seen.add(module)
+            groups.append((module, _register_of(module)))
+    return groups
+
+
+def _register_of(module: str) -> Callable[[], Callable[[Any], None]]:
+    def load() -> Callable[[Any], None]:
+        register: Callable[[Any], None] = importlib.import_module(module).register
+        return register
+
+    return load
 
 
 def main(argv: list[str] | None = None) -> int:
