@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 
+import scistream_pb2_grpc as pb_grpc
 from relayd.components.stream.proto import scistream_pb2 as pb
-from relayd.components.stream.proto import scistream_pb2_grpc as pb_grpc
 from relayd.testing import free_port, start_relayd, write_config
 
 SCOPE_SUFFIX = "scistream"

@@ -15,7 +15,7 @@ import pytest
 import trustme
 import websockets
 
-from relayd.components.stream.proto import scistream_pb2_grpc as pb_grpc
+import scistream_pb2_grpc as pb_grpc
 from relayd.testing import free_port, start_relayd, write_config
 from stream_helpers import pb, port_range
 from test_http_proxy import Upstream

@@ -3,9 +3,11 @@
     .venv/bin/pip install grpcio-tools grpclib mypy-protobuf
     .venv/bin/python daemon/relayd/components/stream/proto/generate.py
 
-Writes scistream_pb2.py (messages) with its type stub scistream_pb2.pyi (mypy-protobuf),
-scistream_grpc.py (grpclib service base and stub, used by relayd) and scistream_pb2_grpc.py (grpcio stub: the stack s2uc uses; the tests talk to relayd
-through it). Generated imports are made package-relative so the modules live inside relayd.
+Writes scistream_pb2.py (messages) with its type stub scistream_pb2.pyi (mypy-protobuf) and
+scistream_grpc.py (grpclib service base and stub, used by relayd) here, and
+tests/scistream_pb2_grpc.py (the grpcio stub: the stack s2uc uses; the tests talk to relayd
+through it, and grpcio is a test dependency only). Generated imports are rewritten so the
+modules find scistream_pb2 inside relayd.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 HERE = Path(__file__).resolve().parent
+TESTS = HERE.parents[4] / "tests"  # daemon/relayd/components/stream/proto -> the repository's tests/
 
 
 def main() -> int:
@@ -37,15 +40,15 @@ def main() -> int:
         f"--grpclib_python_out={HERE}",
         f"--plugin=protoc-gen-mypy={mypy_plugin}",
         f"--mypy_out={HERE}",
-        f"--grpc_python_out={HERE}",
+        f"--grpc_python_out={TESTS}",
         str(HERE / "scistream.proto"),
     ]
     if protoc.main(args) != 0:
         return 1
-    for name in ("scistream_grpc.py", "scistream_pb2_grpc.py"):
-        path = HERE / name
+    for path, package in ((HERE / "scistream_grpc.py", "."),
+                          (TESTS / "scistream_pb2_grpc.py", "relayd.components.stream.proto")):
         text = path.read_text()
-        text = re.sub(r"^import scistream_pb2\b", "from . import scistream_pb2", text, flags=re.M)
+        text = re.sub(r"^import scistream_pb2\b", f"from {package} import scistream_pb2", text, flags=re.M)
         path.write_text(text)
     return 0
 

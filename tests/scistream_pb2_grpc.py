@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import scistream_pb2 as scistream__pb2
+from relayd.components.stream.proto import scistream_pb2 as scistream__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
