@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relayd.config.model import CoreSettings, build_settings_model, iter_refs
 from relayd.config.sources import ConfigError, Layers, Path_, Problem, env_layer, parse_set, read_layers
@@ -59,31 +58,6 @@ def dotted_key(path: Path_) -> str:
     )
 
 
-class _LayeredSource(PydanticBaseSettingsSource):
-    """The already merged files + env + --set layers, as one pydantic-settings source."""
-
-    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self._data = data
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return self._data
-
-
-def _settings_class(model: type[CoreSettings], data: dict[str, Any]) -> type[CoreSettings]:
-    class Settings(model, BaseSettings):  # type: ignore[misc, valid-type]
-        model_config = SettingsConfigDict(extra="forbid")
-
-        @classmethod
-        def settings_customise_sources(cls, settings_cls, **_: Any):  # type: ignore[override]
-            return (_LayeredSource(settings_cls, data),)
-
-    return Settings
-
-
 def load_config(
     config_path: Path = DEFAULT_CONFIG,
     *,
@@ -103,7 +77,7 @@ def load_config(
 
     model = build_settings_model(registry)
     try:
-        settings = _settings_class(model, layers.data)()
+        settings = model.model_validate(layers.data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, layers, registry, model)) from None
     problems = _check_references(settings, layers)

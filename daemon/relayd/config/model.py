@@ -131,6 +131,9 @@ class ClusterConfig(Strict):
 
 
 class CoreSettings(Strict):
+    # Defaults are validated too (a host name that is no valid cluster node name is an error).
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
     listeners: dict[Name, ListenerConfig] = Field(default_factory=dict)
     scope_maps: dict[Name, ScopeMapConfig] = Field(default_factory=dict)
     control: ControlConfig = Field(default_factory=ControlConfig)

@@ -220,8 +220,8 @@ def read_layers(config_path: Path) -> Layers:
 def env_layer(environ: dict[str, str], prefix: str = "RELAYD_") -> tuple[dict[str, Any], dict[Path_, str]]:
     """RELAYD_A__B__C=value as {"a": {"b": {"c": value}}}; JSON values are decoded.
 
-    Keys are lower-cased, as pydantic-settings does; the names of config tables are
-    restricted to lower case for that reason.
+    Keys are lower-cased (environment variable names are conventionally upper case); the names
+    of config tables are restricted to lower case for that reason.
     """
     data: dict[str, Any] = {}
     origins: dict[Path_, str] = {}

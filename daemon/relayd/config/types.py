@@ -11,8 +11,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BeforeValidator, SecretStr, StringConstraints, WithJsonSchema
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
-# Names are lower case because environment variable keys are lower-cased by
-# pydantic-settings: RELAYD_COMPONENTS__MyRelay__... would silently become "myrelay".
+# Names are lower case because environment variable keys are lower-cased (config/sources.py):
+# RELAYD_COMPONENTS__MyRelay__... would silently become "myrelay".
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 
