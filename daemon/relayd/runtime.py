@@ -16,6 +16,7 @@ import os
 import signal
 import time
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from relayd.engines import Engines
 from relayd.lifecycle import Lifecycle, State
 from relayd.listeners import Listener, ListenerError, SocketPool
 from relayd.logsetup import configure_logging
-from relayd.plugins import Registry
+from relayd.plugins import GROUPS, Registry
 from relayd.systemd import Notifier, listen_fds, watchdog_interval
 
 log = logging.getLogger("relayd")
@@ -149,41 +150,42 @@ class Daemon:
         new_components: list[Component] = []
         changed: list[str] = []
         building = ("auth", "?")  # what a failure is attributed to, set before each step
+
+        async def build(group: str, tables: dict[str, Any], fingerprint: Callable[[str, Any], str],
+                        kept: Mapping[str, Any], built: dict[str, Any], new: list[Any]) -> None:
+            """Auth methods and components alike: keep the object of an unchanged table,
+            else construct and start a new one (relayd.lifecycle)."""
+            nonlocal building
+            for name, table in tables.items():
+                building = (group, name)
+                key = f"{group}.{name}"
+                fingerprints[key] = fingerprint(name, table)
+                if old and old.fingerprints.get(key) == fingerprints[key]:
+                    built[name] = kept[name]
+                    continue
+                cls = self.registry.usable(group)[getattr(table, GROUPS[group][1])]
+                obj = cls(name, table, context)
+                new.append(obj)
+                await self._start_one(obj)
+                built[name] = obj
+                changed.append(key)
+
         try:
-            for name, aconf in settings.auth.items():
-                building = ("auth", name)
-                fp = _fingerprint(aconf.model_dump(mode="json"), self._secret_values(aconf), _engines_key(settings))
-                fingerprints[f"auth.{name}"] = fp
-                if old and old.fingerprints.get(f"auth.{name}") == fp:
-                    auth[name] = old.auth[name]
-                    continue
-                cls = self.registry.usable("auth")[aconf.method]
-                method = cls(name, aconf, context)
-                new_auth.append(method)
-                await self._start_one(method)
-                auth[name] = method
-                changed.append(f"auth.{name}")
+            await build("auth", settings.auth,
+                        lambda _, t: _fingerprint(t.model_dump(mode="json"), self._secret_values(t),
+                                                  _engines_key(settings)),
+                        old.auth if old else {}, auth, new_auth)
             context.auth = auth
-            for name, cconf in settings.components.items():
-                building = ("components", name)
-                fp = self._component_fingerprint(settings, name, cconf, fingerprints)
-                fingerprints[f"components.{name}"] = fp
-                if old and old.fingerprints.get(f"components.{name}") == fp:
-                    components[name] = old.components[name]
-                    continue
-                cls = self.registry.usable("components")[cconf.kind]
-                component = cls(name, cconf, context)
-                new_components.append(component)
-                await self._start_one(component)
-                components[name] = component
-                changed.append(f"components.{name}")
+            await build("components", settings.components,
+                        lambda n, t: self._component_fingerprint(settings, n, t, fingerprints),
+                        old.components if old else {}, components, new_components)
         except Exception as exc:
             await self._stop_all(new_components, new_auth, drain_timeout=0)
             self._release_sockets(old)
             if isinstance(exc, ConfigError):
                 raise
-            # Attribute the failure to what was being built (a constructor that raises never
-            # was never added to new_*, so the last new object would be the wrong culprit).
+            # Attribute the failure to what was being built (an object whose constructor raised
+            # is not in new_*, so the last new object would be the wrong culprit).
             group, where = building
             log.debug("building %s.%s failed", group, where, exc_info=True)
             message = f"failed to start: {type(exc).__name__}: {exc}" if not isinstance(exc, OSError) \
