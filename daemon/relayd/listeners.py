@@ -42,6 +42,17 @@ def parse_bind(bind: str) -> tuple[int, Any]:
     return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
 
 
+def port_of(address: str) -> int | None:
+    """The TCP port of a listener address as shown in status ("127.0.0.1:80", "[::]:443");
+    None for a unix socket."""
+    if address.startswith("unix:"):
+        return None
+    try:
+        return int(address.rsplit(":", 1)[1])
+    except ValueError:
+        return None
+
+
 def bind_socket(bind: str, backlog: int) -> socket.socket:
     family, address = parse_bind(bind)
     try:

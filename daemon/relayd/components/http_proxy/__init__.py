@@ -19,10 +19,11 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
 
 from relayd.accept_gate import GatedServer, serve_gated
+from relayd.auth import discovery
 from relayd.component import Component, Context
 from relayd.httpserve import HttpService
 from relayd.lifecycle import State, drain
-from relayd.listeners import ListenerError, make_server_ssl_context
+from relayd.listeners import ListenerError, make_server_ssl_context, port_of
 from relayd.logsetup import access_logger
 
 from .config import HttpProxyConfig, ServiceConfig, browser_clashes, config_problems, conflicts
@@ -51,10 +52,6 @@ class Service:
 
 
 def _discovery(methods: list[Any]) -> dict[str, Any]:
-    try:
-        from relayd.auth import discovery
-    except ImportError:  # pragma: no cover - older core
-        return {"service": "relayd", "auth": [m.describe() for m in methods]}
     return discovery.document(methods)
 
 
@@ -433,10 +430,5 @@ def _tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SS
 
 
 def _port(addresses: list[str]) -> int | None:
-    for address in addresses:
-        if not address.startswith("unix:"):
-            try:
-                return int(address.rsplit(":", 1)[1])
-            except ValueError:
-                continue
-    return None
+    """The port of the first TCP address."""
+    return next((port for port in map(port_of, addresses) if port is not None), None)

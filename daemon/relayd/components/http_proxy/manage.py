@@ -42,6 +42,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from relayd.auth.base import ManagesUsers
+from relayd.listeners import port_of
 
 from .compat import CompatError, cert_info, echo_service, parse_service, rfc3339
 from .config import SERVICE_NAME, ServiceConfig
@@ -255,8 +256,8 @@ class ManagementAPI:
             "name": service.name,
             "serverName": full["serverName"],
             "createdAt": full["createdAt"],
-            "portHttps": sorted({_port(a) for a in full["bindHttps"] or []} - {None}),
-            "portHttp": sorted({_port(a) for a in full["bindHttp"] or []} - {None}),
+            "portHttps": sorted({port_of(a) for a in full["bindHttps"] or []} - {None}),
+            "portHttp": sorted({port_of(a) for a in full["bindHttp"] or []} - {None}),
         }
         if full["cert"]:
             try:
@@ -525,12 +526,3 @@ def _path(value: Any) -> Any:
     from pathlib import Path
 
     return Path(value)
-
-
-def _port(address: str) -> int | None:
-    if address.startswith("unix:"):
-        return None
-    try:
-        return int(address.rsplit(":", 1)[1])
-    except ValueError:
-        return None

@@ -41,7 +41,7 @@ def map_target(prefix: str, target: str, to_path: str) -> str:
 
 def has_dot_segment(path: str) -> bool:
     """'.' or '..' segments (also percent-encoded) would let an upstream escape the `to` path."""
-    if "." not in path and "%2" not in path and "%2".upper() not in path:
+    if "." not in path and "%2" not in path:  # "%2e" and "%2E" both contain "%2"
         return False
     for segment in path.split("?", 1)[0].split("/"):
         s = segment.lower().replace("%2e", ".")
