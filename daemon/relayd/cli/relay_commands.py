@@ -16,7 +16,7 @@ from relayd.cli.ctl import import_group
 
 
 def cmd_import(args: argparse.Namespace, client: object) -> int:
-    from relayd.components.relay.importer import ImportError_, convert
+    from relayd.components.relay.importer import ConversionError, convert
 
     try:
         text = Path(args.file).read_text()
@@ -26,7 +26,7 @@ def cmd_import(args: argparse.Namespace, client: object) -> int:
     name = args.name or "relay"
     try:
         result = convert(text, name)
-    except ImportError_ as exc:
+    except ConversionError as exc:
         print(f"relayctl: {args.file}: {exc}", file=sys.stderr)
         return 1
     if args.output:

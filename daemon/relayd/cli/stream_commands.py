@@ -53,14 +53,14 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from relayd.components.stream.client import ControlClient, client_ssl
+    from relayd.components.stream.client import StreamClient, client_ssl
 
     try:
         context = None if args.insecure else client_ssl(args.server_cert)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise CommandError(f"--server_cert {args.server_cert}: {exc}") from None
     try:
-        return ControlClient(args.s2cs, ssl_context=context, token=_token(args), timeout=args.rpc_timeout)
+        return StreamClient(args.s2cs, ssl_context=context, token=_token(args), timeout=args.rpc_timeout)
     except ValueError as exc:
         raise CommandError(f"--s2cs: {exc}") from None
 

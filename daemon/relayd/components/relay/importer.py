@@ -30,7 +30,7 @@ _GETSIZEOF_ASCII_OVERHEAD = 49  # sys.getsizeof("") on CPython 3.11-3.13 (64-bit
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 
-class ImportError_(Exception):
+class ConversionError(Exception):
     """The input is not a usable proxystore-relay configuration."""
 
 
@@ -50,17 +50,17 @@ def _typed(data: dict[str, Any], key: str, types: tuple[type, ...], where: str =
         return None
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         expected = " or ".join(t.__name__ for t in types)
-        raise ImportError_(f"{where}{key} = {value!r}: expected {expected} (proxystore-relay reads it strictly)")
+        raise ConversionError(f"{where}{key} = {value!r}: expected {expected} (proxystore-relay reads it strictly)")
     return value
 
 
 def convert(text: str, name: str = "relay") -> Imported:
     if not _NAME.match(name):
-        raise ImportError_(f"name {name!r} must match {_NAME.pattern}")
+        raise ConversionError(f"name {name!r} must match {_NAME.pattern}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ImportError_(f"not valid TOML: {exc}") from None
+        raise ConversionError(f"not valid TOML: {exc}") from None
     notes: list[str] = []
     for key in sorted(set(data) - _TOP):
         hint = f" (a documentation typo for {_DOC_TYPOS[key]!r}, and only valid under [logging])" \
@@ -76,7 +76,7 @@ def convert(text: str, name: str = "relay") -> Imported:
     auth = data.get("auth") or {}
     logging_ = data.get("logging") or {}
     if not isinstance(auth, dict) or not isinstance(logging_, dict):
-        raise ImportError_("[auth] and [logging] must be tables")
+        raise ConversionError("[auth] and [logging] must be tables")
 
     out = ["# Imported from a proxystore-relay configuration by `relayctl import proxystore-relay`.", ""]
     out += [f"[listeners.{name}]"]
@@ -97,7 +97,7 @@ def convert(text: str, name: str = "relay") -> Imported:
     auth_name = f"{name}_globus" if method == "globus" else f"{name}_open"
     extra_auth = sorted(set(auth) - {"method", "kwargs"})
     if extra_auth:
-        raise ImportError_(f"[auth] has unknown keys {', '.join(extra_auth)} (proxystore-relay rejects them too)")
+        raise ConversionError(f"[auth] has unknown keys {', '.join(extra_auth)} (proxystore-relay rejects them too)")
     out.append(f"[auth.{auth_name}]")
     if method is None:
         out.append('method = "none"  # proxystore-relay\'s null authenticator: one shared identity')
@@ -106,10 +106,10 @@ def convert(text: str, name: str = "relay") -> Imported:
     elif method == "globus":
         kwargs = auth.get("kwargs") or {}
         if not isinstance(kwargs, dict):
-            raise ImportError_("[auth.kwargs] must be a table")
+            raise ConversionError("[auth.kwargs] must be a table")
         unknown = sorted(set(kwargs) - {"client_id", "client_secret", "audience"})
         if unknown:
-            raise ImportError_(f"[auth.kwargs] has keys GlobusAuthenticator does not take: {', '.join(unknown)}")
+            raise ConversionError(f"[auth.kwargs] has keys GlobusAuthenticator does not take: {', '.join(unknown)}")
         out.append('method = "globus"')
         client_id = kwargs.get("client_id")
         if client_id:
@@ -127,7 +127,7 @@ def convert(text: str, name: str = "relay") -> Imported:
                          "'relay-globus-secret' or edit client_secret")
         out.append(f"audience = {_q(kwargs.get('audience') or PROXYSTORE_RELAY_AUDIENCE)}")
     else:
-        raise ImportError_(f"auth.method = {method!r}: proxystore-relay knows only \"globus\" (or no method)")
+        raise ConversionError(f"auth.method = {method!r}: proxystore-relay knows only \"globus\" (or no method)")
     out.append("")
 
     out += [f"[components.{name}]", 'kind = "relay"', f"listener = {_q(name)}", f"auth = {_q(auth_name)}"]
@@ -157,7 +157,7 @@ def convert(text: str, name: str = "relay") -> Imported:
         if isinstance(level, int) and level in _LEVELS:
             level = _LEVELS[level]
         if not isinstance(level, str) or level.lower() not in _LEVELS.values():
-            raise ImportError_(f"logging.default_level = {level!r}: not a logging level")
+            raise ConversionError(f"logging.default_level = {level!r}: not a logging level")
         out += ["[logging.loggers]", f"{_q(f'relayd.relay.{name}')} = {_q(level.lower())}", ""]
     if logging_.get("log_dir") is not None:
         notes.append("logging.log_dir: not carried over; relayd logs to the journal (journalctl -u relayd)")

@@ -37,7 +37,7 @@ def client_ssl(server_cert: Path | None) -> ssl.SSLContext:
     return ctx
 
 
-class ControlClient:
+class StreamClient:
     def __init__(self, s2cs: str, *, ssl_context: ssl.SSLContext | None, token: str | None,
                  timeout: float = 30.0, hello_wait: float = 10.0) -> None:
         self.host, self.port = parse_hostport(s2cs)
@@ -46,7 +46,7 @@ class ControlClient:
         self.timeout = timeout
         self.hello_wait = hello_wait
 
-    async def __aenter__(self) -> ControlClient:
+    async def __aenter__(self) -> StreamClient:
         self.channel = Channel(self.host, self.port, ssl=self.ssl_context)
         self.stub = ControlStub(self.channel)
         return self
