@@ -155,7 +155,7 @@ def _union(models: list[type[BaseModel]], discriminator: str) -> Any:
     return Annotated[Union[tuple(models)], Field(discriminator=discriminator)]  # noqa: UP007
 
 
-def build_settings_model(registry: Registry, *, fragment: bool = False) -> type[CoreSettings]:
+def build_settings_model(registry: Registry) -> type[CoreSettings]:
     """Settings with `components` and `auth` tables typed by the installed plugins."""
     components: list[type[BaseModel]] = [cls.Config for cls in registry.usable("components").values()]
     auth: list[type[BaseModel]] = [cls.Config for cls in registry.usable("auth").values()]
