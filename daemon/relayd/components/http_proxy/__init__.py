@@ -38,7 +38,7 @@ from .sync import make_store, start_watcher
 if TYPE_CHECKING:
     from relayd.state.pg import Watcher
 
-__all__ = ["HttpProxy", "HttpProxyConfig"]
+__all__ = ["HttpProxy", "HttpProxyComponent", "HttpProxyConfig"]
 FIRST_REQUEST_GRACE = 2.0  # seconds a connection accepted just before a stop has to send its request
 
 
@@ -55,7 +55,7 @@ def _discovery(methods: list[Any]) -> dict[str, Any]:
     return discovery.document(methods)
 
 
-class HttpProxy(Component):
+class HttpProxyComponent(Component):
     Config = HttpProxyConfig
     config: HttpProxyConfig
 
@@ -289,13 +289,13 @@ class HttpProxy(Component):
                 conn.transport.abort()
         await self._close_everything()
 
-    def _successor(self) -> HttpProxy | None:
+    def _successor(self) -> HttpProxyComponent | None:
         """The http_proxy of the same name in the generation serving now, if not this one."""
         daemon = self.context.daemon
         if daemon is None:
             return None
         other = daemon.serving_component(self.name)
-        if isinstance(other, HttpProxy) and other is not self and daemon.state_of(other) is State.SERVING:
+        if isinstance(other, HttpProxyComponent) and other is not self and daemon.state_of(other) is State.SERVING:
             return other
         return None
 
@@ -432,3 +432,7 @@ def _tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SS
 def _port(addresses: list[str]) -> int | None:
     """The port of the first TCP address."""
     return next((port for port in map(port_of, addresses) if port is not None), None)
+
+
+# The name this class had (entry point metadata of an install made before the rename names it).
+HttpProxy = HttpProxyComponent

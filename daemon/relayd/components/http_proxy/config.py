@@ -229,7 +229,7 @@ def find_overlap(services: list[tuple[str, ServiceConfig]]) -> str | None:
     return None
 
 
-# -- checks across tables (HttpProxy.config_problems, run when the configuration is loaded) ------
+# -- checks across tables (HttpProxyComponent.config_problems, run when the configuration is loaded) ------
 
 def is_loopback_bind(bind: str) -> bool:
     """Whether a listener `bind` can only be reached from this host (unix socket or loopback IP)."""

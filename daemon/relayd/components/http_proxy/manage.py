@@ -51,7 +51,7 @@ from .store import NCOL, StoreConflict, row_dict
 if TYPE_CHECKING:
     from relayd.auth.base import UserDatabase
 
-    from . import HttpProxy, Service
+    from . import HttpProxyComponent, Service
 
 
 class ApiError(Exception):
@@ -70,7 +70,7 @@ def _time(value: float | None) -> str | None:
 
 
 class ManagementAPI:
-    def __init__(self, component: HttpProxy) -> None:
+    def __init__(self, component: HttpProxyComponent) -> None:
         self.c = component
         self.requests: dict[str, Any] | None = None  # runtime service -> the JSON it was created with
 
