@@ -84,7 +84,7 @@ class BasicAuth(AuthMethod):
         self.log.info("basic auth %r: users in %s%s", self.name, self.db_path,
                       f", read-only htpasswd {self.config.htpasswd}" if self.htpasswd else "")
 
-    async def close(self) -> None:
+    async def stop(self, drain_timeout: float = 0.0) -> None:
         if self.watcher is not None:
             await self.watcher.stop()
         close = getattr(self.users, "close", None)
