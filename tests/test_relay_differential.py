@@ -35,14 +35,33 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> No
     raise AssertionError(f"nothing listens on {port}")
 
 
+def start_stock_relay(tmp: Path) -> tuple[subprocess.Popen, int]:
+    """proxystore-relay on a free port; another port if one was taken between free_port() and
+    its bind (it then exits: "address already in use"), which happens on a busy machine."""
+    for _ in range(5):
+        port = free_port()
+        log = tmp / f"proxystore-relay-{port}.log"
+        with log.open("wb") as out:
+            stock = subprocess.Popen([STOCK, "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
+                                     stdout=subprocess.DEVNULL, stderr=out, env={**os.environ})
+        try:
+            wait_listening(port, stock)
+            return stock, port
+        except AssertionError:
+            stock.kill()
+            stock.wait(15)
+            if "address already in use" not in log.read_text(errors="replace"):
+                raise AssertionError(f"proxystore-relay did not start: {log.read_text(errors='replace')}") from None
+    raise AssertionError("proxystore-relay found no free port in 5 tries")
+
+
 @pytest.fixture(scope="module")
 def relays(tmp_path_factory):
     from relayd.testing import start_relayd, write_config
 
     tmp = tmp_path_factory.mktemp("diff")
-    stock_port, ours_port = free_port(), free_port()
-    stock = subprocess.Popen([STOCK, "--host", "127.0.0.1", "--port", str(stock_port), "--log-level", "WARNING"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    stock, stock_port = start_stock_relay(tmp)
+    ours_port = free_port()
     ours = start_relayd(tmp, write_config(tmp / "etc", f"""
         [auth.open]
         method = "none"
@@ -54,7 +73,6 @@ def relays(tmp_path_factory):
         auth = "open"
     """))
     try:
-        wait_listening(stock_port, stock)
         yield {"stock": f"ws://127.0.0.1:{stock_port}", "relayd": f"ws://127.0.0.1:{ours_port}"}
     finally:
         stock.terminate()
