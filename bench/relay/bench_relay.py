@@ -1,14 +1,21 @@
 """relayd's relay vs proxystore-relay, same machine, same run, both at WARNING logging.
 
 usage: .venv/bin/python bench/relay/bench_relay.py [--rounds 3] [--seconds 10] [--procs 3] [--pairs 2]
-                                                  [--idle 10000] [--json results.json]
+                                                  [--idle 10000 [19000 ...]] [--idle-only]
+                                                  [--baseline REV] [--json results.json]
 
 Per round and target (interleaved): forwarded msgs/s under load from --procs client processes
 (each --pairs sender->receiver pairs of hand-rolled clients, see load.py), relay CPU time per
 forwarded message (utime+stime of the relay process over the run, /proc/PID/stat), and the
-median one-way latency of 2000 sequential messages on an otherwise idle relay. Then --idle
-registered idle clients on relayd (and on proxystore-relay) with the RSS of each relay.
+median one-way latency of 2000 sequential messages on an otherwise idle relay. Then, for each
+--idle count, that many registered idle clients (answering pings) on each relay, with its RSS
+before and with them. --baseline REV adds relayd@REV: the same venv and interpreter running a
+temporary `git worktree` of REV (its daemon/ first on PYTHONPATH), so only relayd's code differs.
 All traffic is on 127.0.0.1. Prints medians of the rounds and the ratios relayd / proxystore.
+
+One process holds at most RLIMIT_NOFILE's hard limit of descriptors (this script raises the soft
+limit to it; on the project's machines the hard limit is 20,000 and cannot be raised without
+CAP_SYS_RESOURCE), so an --idle count above about hard - 500 cannot be measured.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +75,7 @@ class Target:
     def __init__(self, name: str, command: list[str], port: int, env: dict[str, str] | None = None,
                  log: Path | None = None) -> None:
         self.name, self.port = name, port
+        self.imported_from = ""
         self.log = open(log or os.devnull, "wb")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         wait_port(port)
@@ -83,15 +90,17 @@ class Target:
         self.log.close()
 
 
-def start_relayd(tmp: Path) -> Target:
+def start_relayd(tmp: Path, name: str = "relayd", daemon_dir: Path | None = None, max_connections: int = 1024) -> Target:
     port = free_port()
-    (tmp / "etc").mkdir(exist_ok=True)
-    (tmp / "etc" / "relayd.toml").write_text(f"""
+    etc = tmp / f"etc-{name}"
+    etc.mkdir(exist_ok=True)
+    (etc / "relayd.toml").write_text(f"""
 [logging]
 level = "warning"
 [listeners.relay]
 bind = "127.0.0.1:{port}"
 backlog = 4096
+max_connections = {max_connections}
 [auth.open]
 method = "none"
 [components.relay]
@@ -100,10 +109,16 @@ listener = "relay"
 auth = "open"
 send_buffer_bytes = 4194304
 """)
-    env = {**os.environ, "RELAYD_CONTROL__SOCKET": str(tmp / "control.sock"),
-           "RELAYD_STATE_DIR": str(tmp / "state")}
+    env = {**os.environ, "RELAYD_CONTROL__SOCKET": str(tmp / f"control-{name}.sock"),
+           "RELAYD_STATE_DIR": str(tmp / f"state-{name}")}
     env.pop("NOTIFY_SOCKET", None)
-    return Target("relayd", [str(BIN / "relayd"), "--config", str(tmp / "etc")], port, env, tmp / "relayd.log")
+    if daemon_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(daemon_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    where = subprocess.run([PY, "-c", "import relayd; print(relayd.__file__)"], env=env, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    target = Target(name, [str(BIN / "relayd"), "--config", str(etc)], port, env, tmp / f"{name}.log")
+    target.imported_from = where
+    return target
 
 
 def start_proxystore(tmp: Path) -> Target:
@@ -148,6 +163,7 @@ def latency(target: Target, count: int = 2000) -> float:
 
 
 def idle(target: Target, count: int, procs: int = 4) -> dict:
+    settle(target.proc.pid)
     base = rss_mib(target.proc.pid)
     per = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
     loads = [subprocess.Popen([PY, LOAD, "idle", str(target.port), str(n)], stdin=subprocess.PIPE,
@@ -172,21 +188,38 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--procs", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=2)
-    ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--idle", type=int, nargs="*", default=[10000])
+    ap.add_argument("--idle-only", action="store_true", help="skip the forwarding rounds")
+    ap.add_argument("--baseline", help="also run relayd at this git revision (relayd@REV)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, min(hard, 4 * args.idle + 1024))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by relays and load processes
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by relays and load processes
+    too_many = [n for n in args.idle if n > hard - 500]
+    if too_many:
+        print(f"skipping --idle {too_many}: a relay process may hold at most {hard} descriptors "
+              "(RLIMIT_NOFILE hard limit)", flush=True)
+        args.idle = [n for n in args.idle if n <= hard - 500]
+    most = max(args.idle, default=0) + 1000
 
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    targets = [start_relayd(tmp), start_proxystore(tmp)]
+    worktree = None
+    targets = [start_relayd(tmp, max_connections=most)]
+    if args.baseline:
+        worktree = tmp / "baseline"
+        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", str(worktree), args.baseline],
+                       check=True, capture_output=True)
+        targets.append(start_relayd(tmp, f"relayd@{args.baseline}", worktree / "daemon", most))
+    targets.append(start_proxystore(tmp))
+    for t in targets:
+        print(f"{t.name}: {t.imported_from or 'proxystore-relay'}", flush=True)
     results: dict[str, list[dict]] = {t.name: [] for t in targets}
+    idle_results: dict[str, dict] = {}
     try:
         for t in targets:  # warm-up, not recorded
             flood(t, args.procs, args.pairs, 1)
-        for rnd in range(args.rounds):
+        for rnd in range(0 if args.idle_only else args.rounds):
             for t in targets:
                 r = flood(t, args.procs, args.pairs, args.seconds)
                 r["latency_median_us"] = latency(t)
@@ -195,34 +228,44 @@ def main() -> int:
                       f"  relay CPU {r['relay_cpu_pct']:3.0f}%  load CPU {r['load_cpu_pct']:3.0f}%  loadavg {r['loadavg_1min']:.1f}"
                       f"  latency p50 {r['latency_median_us']:6.0f} us",
                       flush=True)
-        idle_results = {}
-        if args.idle:
+        for count in args.idle:
             for t in targets:
-                idle_results[t.name] = idle(t, args.idle)
-                print(f"idle {t.name:17} {args.idle} clients: RSS {idle_results[t.name]['rss_mib']:.0f} MiB "
-                      f"(before {idle_results[t.name]['rss_mib_before']:.0f} MiB)", flush=True)
+                r = idle_results.setdefault(t.name, {})[str(count)] = idle(t, count)
+                print(f"idle {t.name:17} {count} clients: RSS {r['rss_mib']:.0f} MiB (before {r['rss_mib_before']:.0f} MiB)"
+                      f" = {r['kib_per_client']:.1f} KiB/client", flush=True)
     finally:
         for t in targets:
             t.stop()
+        if worktree is not None:
+            subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+    if args.idle_only:
+        if args.json:
+            args.json.write_text(json.dumps({"idle": idle_results, "args": vars(args) | {"json": str(args.json)},
+                                             "imported_from": {t.name: t.imported_from for t in targets}}, indent=1))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
     summary = {name: {k: med(name, k) for k in ("msgs_per_s", "cpu_us_per_msg", "latency_median_us")}
                for name in results}
-    a, b = summary["relayd"], summary["proxystore-relay"]
-    ratios = {"throughput": a["msgs_per_s"] / b["msgs_per_s"],
-              "cpu_per_msg": a["cpu_us_per_msg"] / b["cpu_us_per_msg"],
-              "latency": a["latency_median_us"] / b["latency_median_us"]}
+    b = summary["proxystore-relay"]
+    ratios = {name: {"throughput": a["msgs_per_s"] / b["msgs_per_s"],
+                     "cpu_per_msg": a["cpu_us_per_msg"] / b["cpu_us_per_msg"],
+                     "latency": a["latency_median_us"] / b["latency_median_us"]}
+              for name, a in summary.items() if name != "proxystore-relay"}
     print(f"\nmedians of {args.rounds} rounds ({args.procs} load processes x {args.pairs} pairs, {args.seconds:g} s):")
     for name, s in summary.items():
         print(f"  {name:17} {s['msgs_per_s']:9.0f} msg/s  {s['cpu_us_per_msg']:7.1f} us CPU/msg  "
               f"latency p50 {s['latency_median_us']:6.0f} us")
-    print(f"  relayd / proxystore-relay: throughput x{ratios['throughput']:.1f}, CPU per message "
-          f"x{ratios['cpu_per_msg']:.3f} (1/{1 / ratios['cpu_per_msg']:.1f}), latency x{ratios['latency']:.2f}")
+    for name, r in ratios.items():
+        print(f"  {name} / proxystore-relay: throughput x{r['throughput']:.1f}, CPU per message "
+              f"x{r['cpu_per_msg']:.3f} (1/{1 / r['cpu_per_msg']:.1f}), latency x{r['latency']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"rounds": results, "summary": summary, "ratios": ratios,
-                                         "idle": idle_results, "args": vars(args) | {"json": str(args.json)}},
+                                         "idle": idle_results, "args": vars(args) | {"json": str(args.json)},
+                                         "imported_from": {t.name: t.imported_from for t in targets}},
                                         indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

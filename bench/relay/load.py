@@ -5,7 +5,8 @@ usage:
                                      peer_connection frames in batches under flow control;
                                      receivers only count bytes. Prints JSON {"delivered": N, "seconds": S}.
   load.py latency PORT COUNT         one pair, COUNT sequential messages; prints JSON one-way latencies (us)
-  load.py idle PORT COUNT            COUNT registered clients that stay idle; prints "ready" when all are
+  load.py idle PORT COUNT            COUNT registered clients that stay idle (answering pings, so the
+                                     relay's keepalive keeps them); prints "ready" when all are
                                      registered, then waits for stdin to close.
 Every client registers like proxystore's RelayClient (relay_registration, waits for relay_response).
 """
@@ -59,6 +60,26 @@ class Client(asyncio.Protocol):
         self.expect = 0
         self.drained = asyncio.Event()
         self.drained.set()
+        self.answer_pings = False  # idle clients answer the relay's keepalive pings, like RelayClient
+        self.inbox = b""
+
+    def pong(self, data: bytes) -> None:
+        """Answer every ping frame with a pong (server frames are unmasked; control frames carry
+        at most 125 bytes, RFC 6455 5.5)."""
+        self.inbox += data
+        while len(self.inbox) >= 2:
+            n = self.inbox[1] & 0x7F
+            head = 2 if n < 126 else 4 if n == 126 else 10
+            if n >= 126:
+                if len(self.inbox) < head:
+                    return
+                n = int.from_bytes(self.inbox[2:head], "big")
+            if len(self.inbox) < head + n:
+                return
+            opcode, payload = self.inbox[0] & 0x0F, self.inbox[head:head + n]
+            self.inbox = self.inbox[head + n:]
+            if opcode == 0x9:
+                self.t.write(bytes([0x8A, 0x80 | n]) + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(payload)))
 
     def connection_made(self, transport) -> None:
         self.t = transport
@@ -84,6 +105,8 @@ class Client(asyncio.Protocol):
                 self.registered.set_result(None)
             return
         self.count += len(data)
+        if self.answer_pings:
+            self.pong(data)
         if self.waiter is not None and self.count >= self.expect and not self.waiter.done():
             self.waiter.set_result(time.perf_counter())
 
@@ -106,10 +129,11 @@ class Client(asyncio.Protocol):
         await self.registered
 
 
-async def connect(port: int) -> Client:
+async def connect(port: int, answer_pings: bool = False) -> Client:
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(lambda: Client(port), "127.0.0.1", port)
     await client.register()
+    client.answer_pings = answer_pings  # (flood receivers only count bytes: they never idle)
     return client
 
 
@@ -129,7 +153,7 @@ async def flood(port: int, pairs: int, seconds: float) -> None:
             if not sender.drained.is_set():
                 try:
                     await asyncio.wait_for(sender.drained.wait(), max(0.0, end - time.perf_counter()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             else:
                 await asyncio.sleep(0)
@@ -164,7 +188,7 @@ async def idle(port: int, count: int) -> None:
     clients: list[Client] = []
     wave = 500  # stay under the listen backlog
     for start in range(0, count, wave):
-        clients += await asyncio.gather(*(connect(port) for _ in range(min(wave, count - start))))
+        clients += await asyncio.gather(*(connect(port, True) for _ in range(min(wave, count - start))))
     print("ready", len(clients), flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
