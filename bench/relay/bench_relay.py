@@ -216,6 +216,7 @@ def main() -> int:
         print(f"{t.name}: {t.imported_from or 'proxystore-relay'}", flush=True)
     results: dict[str, list[dict]] = {t.name: [] for t in targets}
     idle_results: dict[str, dict] = {}
+    first_rss: dict[str, float] = {}  # RSS before the first idle count (later counts reuse freed memory)
     try:
         for t in targets:  # warm-up, not recorded
             flood(t, args.procs, args.pairs, 1)
@@ -230,9 +231,18 @@ def main() -> int:
                       flush=True)
         for count in args.idle:
             for t in targets:
-                r = idle_results.setdefault(t.name, {})[str(count)] = idle(t, count)
+                try:
+                    r = idle(t, count)
+                except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:  # reported, not fatal
+                    idle_results.setdefault(t.name, {})[str(count)] = {"error": str(exc)}
+                    print(f"idle {t.name:17} {count} clients: failed: {exc}", flush=True)
+                    continue
+                r["rss_mib_start"] = first_rss.setdefault(t.name, r["rss_mib_before"])
+                r["kib_per_client_from_start"] = 1024 * (r["rss_mib"] - r["rss_mib_start"]) / count
+                idle_results.setdefault(t.name, {})[str(count)] = r
                 print(f"idle {t.name:17} {count} clients: RSS {r['rss_mib']:.0f} MiB (before {r['rss_mib_before']:.0f} MiB)"
-                      f" = {r['kib_per_client']:.1f} KiB/client", flush=True)
+                      f" = {r['kib_per_client']:.1f} KiB/client; {r['kib_per_client_from_start']:.1f} from the"
+                      f" relay's RSS before the first count ({r['rss_mib_start']:.0f} MiB)", flush=True)
     finally:
         for t in targets:
             t.stop()

@@ -6,9 +6,9 @@ Runs the relay's RelayServer (from whatever `relayd` this interpreter imports: p
 daemon/ first on PYTHONPATH to measure it) in this process on uvloop, with tracemalloc on, and
 connects --clients registered idle clients from separate load processes (load.py idle). Then:
 
-- tracemalloc: the heap growth per client, grouped by the allocating line (innermost frame in
-  relayd, aiohttp, websockets or asyncio; a C extension's allocation is charged to the Python
-  line that called into it) and by package;
+- tracemalloc: the heap growth per client, grouped by the allocating line (a C extension's
+  allocation is charged to the Python line that called into it; uvloop's own callbacks have
+  none, so its transports show as uvloop/__init__.py) and by package;
 - objects: the objects reachable from one connection and from no other (from the Client, its
   transport and its protocol, minus everything reachable from a second connection), counted by
   type with sys.getsizeof;
@@ -30,6 +30,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 import tracemalloc
 import types
 from collections import Counter, defaultdict
@@ -41,23 +42,15 @@ HERE = Path(__file__).resolve().parent
 PACKAGES = ("relayd", "aiohttp", "websockets", "asyncio", "uvloop", "multidict", "yarl")
 
 
+def phase(what: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
 def package_of(filename: str) -> str:
     for name in PACKAGES:
         if f"/{name}/" in filename:
             return name
     return "other"
-
-
-def site(traceback: tracemalloc.Traceback) -> str:
-    """The innermost frame in one of PACKAGES (else the innermost frame)."""
-    frames = list(traceback)[::-1]  # tracemalloc lists the oldest frame first
-    for frame in frames:
-        if package_of(frame.filename) != "other":
-            path = frame.filename
-            name = package_of(path)
-            return f"{name}/{path.split(f'/{name}/', 1)[1]}:{frame.lineno}"
-    frame = frames[0]
-    return f"{Path(frame.filename).name}:{frame.lineno}"
 
 
 SHARED_TYPES = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.CodeType,
@@ -96,6 +89,7 @@ def private_objects(server, a, b) -> Counter:
     stop = {id(server), id(core), id(asyncio.get_running_loop()), id(core.connections), id(core.by_uuid)}
     stop |= {id(v) for v in vars(server).values()}
     stop |= {id(v) for v in vars(core).values()}
+    stop |= {id(vars(m)) for m in list(sys.modules.values())}  # module globals (from frames)
     mine = reachable(roots_of(a), stop)
     theirs = reachable(roots_of(b), stop)
     sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -156,6 +150,7 @@ async def measure(count: int) -> dict:
     while server.core.connections:
         await asyncio.sleep(0.05)
 
+    phase("warm-up done")
     gc.collect()
     types0 = Counter(type(o).__qualname__ for o in gc.get_objects())
     snap0 = tracemalloc.take_snapshot()
@@ -168,6 +163,7 @@ async def measure(count: int) -> dict:
         line = (await proc.stdout.readline()).decode()
         if not line.startswith("ready"):
             raise RuntimeError(f"idle load failed: {line!r}")
+    phase("clients ready")
     await asyncio.sleep(1.0)
     assert server.core.registered == count, (server.core.registered, count, server.core.closes)
     gc.collect()
@@ -176,23 +172,28 @@ async def measure(count: int) -> dict:
     pages1 = sockstat_tcp_pages()
     kernel = kernel_socket_memory(port)
 
+    phase("snapshots taken")
     filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    snap0, snap1 = snap0.filter_traces(filters), snap1.filter_traces(filters)
     by_site: Counter = Counter()
     by_package: Counter = Counter()
-    for stat in snap1.filter_traces(filters).compare_to(snap0.filter_traces(filters), "traceback"):
-        by_site[site(stat.traceback)] += stat.size_diff
-        pkg = "other"
-        for frame in reversed(stat.traceback):
-            if package_of(frame.filename) != "other":
-                pkg = package_of(frame.filename)
-                break
+    # grouped by the allocating line (innermost frame): grouping by whole tracebacks is exact
+    # too but takes many minutes on a heap this size
+    for stat in snap1.compare_to(snap0, "lineno"):
+        frame = stat.traceback[0]
+        pkg = package_of(frame.filename)
+        name = (f"{pkg}/{frame.filename.split(f'/{pkg}/', 1)[1]}" if pkg != "other"
+                else Path(frame.filename).name)
+        by_site[f"{name}:{frame.lineno}"] += stat.size_diff
         by_package[pkg] += stat.size_diff
     del snap0, snap1, stat
     tracemalloc.stop()  # the object walk below must not allocate under tracing
     gc.collect()
+    phase("snapshots compared")
     total = sum(by_site.values())
     clients = sorted(server.core.by_uuid.values(), key=lambda c: c.uuid)
     private = private_objects(server, clients[len(clients) // 2], clients[len(clients) // 2 + 1])
+    phase("objects walked")
     gc_types = {k: (types1[k] - types0.get(k, 0)) / count for k in types1 if types1[k] - types0.get(k, 0) >= count}
 
     for proc in loads:
@@ -222,7 +223,7 @@ def main() -> int:
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    tracemalloc.start(12)
+    tracemalloc.start(1)
     result = uvloop.run(measure(args.clients))
     import relayd
 
