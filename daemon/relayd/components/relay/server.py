@@ -1,26 +1,30 @@
-"""The asyncio shell of the relay: aiohttp's WebSocket server on the listener's sockets.
+"""The asyncio shell of the relay: the listener's sockets, one WsConnection per client.
 
-aiohttp was chosen by measurement: on this project's 2-core machine its WebSocket server
-relayed about twice what the ``websockets`` library did (62k vs 26k small messages/s, see
-bench/README.md). Frames to receivers are written straight to the transport, never awaited:
-a slow receiver's backlog is checked against ``send_buffer_bytes`` and the receiver is closed
-(4005) instead of stalling the sender, which is what proxystore-relay does.
+Each connection is a small ``asyncio.Protocol`` (``wsconn.py``) on the ``websockets`` library's
+sans-I/O parser, so an idle registered client costs a few KiB and no task; it replaced
+aiohttp's WebSocket server, which cost about 15 KiB per idle client (bench/README.md). Frames
+to receivers are written straight to the transport, never awaited: a slow receiver's backlog
+is checked against ``send_buffer_bytes`` and the receiver is closed (4005) instead of stalling
+the sender, which is what proxystore-relay does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from websockets.datastructures import Headers
 
+from relayd.accept_gate import GatedServer, serve_gated
 from relayd.auth.base import AuthError, AuthFailure
 from relayd.components.relay import protocol as p
-from relayd.httpserve import HttpService
-from relayd.lifecycle import drain
+from relayd.components.relay.cluster import OUTBOX_LIMIT
+from relayd.components.relay.wsconn import Request, Response, WsConnection
 from relayd.logsetup import quote
 
 if TYPE_CHECKING:
@@ -31,6 +35,9 @@ if TYPE_CHECKING:
 _HEADER2 = struct.Struct("!BBH").pack
 _HEADER8 = struct.Struct("!BBQ").pack
 WRITE_AT = 65536  # queued bytes that are written at once rather than at the end of the iteration
+DISCOVERY_PATH = "/.well-known/relayd"
+HINT = "This is a ProxyStore-compatible WebSocket relay: connect with ws:// or wss://\n"
+FIRST_REQUEST_GRACE = 1.0  # a retiring relay lets just-accepted connections finish their handshake
 
 
 def text_frame(data: bytes) -> bytes:
@@ -43,19 +50,12 @@ def text_frame(data: bytes) -> bytes:
     return _HEADER8(0x81, 127, n) + data
 
 
-class Conn:
-    """The shell's handle on one connection (Client.conn)."""
-
-    __slots__ = ("ws", "transport", "close_task", "timer", "pending", "pending_bytes", "sent")
-
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
-        self.ws = ws
-        self.transport = transport
-        self.close_task: asyncio.Task | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.pending: list[bytes] | None = None  # frames waiting for this loop iteration's flush
-        self.pending_bytes = 0
-        self.sent = 0  # bytes of the messages queued for this client
+def http_response(status: int, phrase: str, body: bytes, content_type: str, **headers: str) -> Response:
+    fields = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                      ("Connection", "close")])
+    for name, value in headers.items():
+        fields[name.replace("_", "-")] = value
+    return Response(status, phrase, fields, body)
 
 
 class RelayServer:
@@ -65,54 +65,41 @@ class RelayServer:
         self.log = log
         self.core = p.RelayCore(max_message_bytes=config.max_message_bytes, max_clients=config.max_clients,
                                 max_messages_per_second=config.max_messages_per_second)
-        # aiohttp's keep-alive timer also runs before the first request, and is cancelled by the
-        # upgrade: it is our handshake deadline against connections that never speak.
-        self.http = HttpService(self.handle, keepalive_timeout=config.open_timeout)
-        self.handlers: set[asyncio.Task] = set()
+        self.max_message_bytes = p.HARD_MAX_BYTES
+        self.connections: set[WsConnection] = set()  # every open connection, handshake or not
+        self.servers: list[GatedServer] = []
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.dirty: list[p.Client] = []  # clients with frames queued for this loop iteration
         self.stopping = False
         self.auth_failures = 0
         self.access: logging.Logger | None = None  # access_log = true
+        self._keepalive: asyncio.TimerHandle | None = None
         self.cluster: ClusterBus | None = None  # set by the component when [cluster] redis is
 
-    # -- HTTP entry --------------------------------------------------------------------------
+    # -- HTTP and the handshake (called by WsConnection) ---------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.path == "/.well-known/relayd" and request.headers.get("Upgrade", "").lower() != "websocket":
+    def http_response(self, request: Request) -> Response:
+        """The answer to a request that is not a WebSocket handshake: the discovery document,
+        or a hint for a browser (426, as aiohttp answered it before)."""
+        if request.path.split("?", 1)[0] == DISCOVERY_PATH:
             return self.discovery()
-        ws = web.WebSocketResponse(
-            autoping=True, compress=False, max_msg_size=p.HARD_MAX_BYTES,
-            heartbeat=self.config.keepalive_interval or None, timeout=self.config.close_timeout,
-        )
-        if not ws.can_prepare(request).ok:
-            return web.Response(status=426, headers={"Upgrade": "websocket"},
-                                text="This is a ProxyStore-compatible WebSocket relay: connect with ws:// or wss://\n")
-        await ws.prepare(request)
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        try:
-            await self.serve_connection(request, ws)
-        finally:
-            self.handlers.discard(task)
-        return ws
+        return http_response(426, "Upgrade Required", HINT.encode(), "text/plain; charset=utf-8",
+                             Upgrade="websocket")
 
-    def discovery(self) -> web.Response:
+    def discovery(self) -> Response:
         try:
             from relayd.auth.discovery import document
         except ImportError:
-            return web.json_response({"message": "not found"}, status=404)
-        return web.json_response(document([self.auth]))
+            return http_response(404, "Not Found", b'{"message": "not found"}', "application/json")
+        body = json.dumps(document([self.auth])).encode()
+        return http_response(200, "OK", body, "application/json; charset=utf-8")
 
-    async def serve_connection(self, request: web.BaseRequest, ws: web.WebSocketResponse) -> None:
-        loop = asyncio.get_running_loop()
-        transport = request.transport
-        assert transport is not None
-        conn = Conn(ws, transport)
-        peer = transport.get_extra_info("peername")
-        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
-        client = p.Client(conn, address, time.time(), request.headers.get("Authorization"))
-        refused = self.core.open(client, loop.time())
+    def opened(self, conn: WsConnection, request: Request) -> None:
+        """The handshake answered 101: the connection is a relay client from now on."""
+        authorization = request.headers.get_all("Authorization")
+        client = p.Client(conn, conn.address, time.time(), authorization[0] if authorization else None)
+        conn.client = client
+        refused = self.core.open(client, self.loop.time())
         if refused is None and self.stopping:
             # Never fail the handshake with an HTTP error (RelayClient would not retry it);
             # a 1001 after the upgrade is retried.
@@ -120,54 +107,49 @@ class RelayServer:
         if refused is not None:
             self.close_peer(refused)
         elif self.config.register_timeout:
-            conn.timer = loop.call_later(self.config.register_timeout, self._register_timeout, client)
-        core = self.core
-        received = 0
-        started = loop.time()
+            conn.timer = self.loop.call_later(self.config.register_timeout, self._register_timeout, client)
+
+    # -- messages (called by WsConnection, in order, one connection at a time) -------------------
+
+    def message(self, conn: WsConnection, text: str | None) -> Awaitable[None] | None:
+        """One message from a client (None: a binary one). Returns an awaitable when the
+        connection must wait for it before its next message is read (a registration)."""
+        client = conn.client
         try:
-            while not client.closed:
-                msg = await ws.receive()
-                kind = msg.type
-                if kind is WSMsgType.TEXT:
-                    received += len(msg.data)
-                    result = core.receive(client, msg.data, loop.time())
-                    actions = await self.register(client, result) if isinstance(result, p.Register) else result
-                elif kind is WSMsgType.BINARY:
-                    actions = core.receive_binary(client)
-                else:  # CLOSE, CLOSING, CLOSED, ERROR (e.g. 1009 from the WebSocket layer)
-                    if kind is WSMsgType.ERROR:
-                        core.count_close(ws.close_code or p.MESSAGE_TOO_BIG)
-                    break
-                self.execute(actions)
-                if self.cluster is not None:
-                    await self.cluster.wait_for_room()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+            if text is None:
+                self.execute(self.core.receive_binary(client))
+            else:
+                result = self.core.receive(client, text, self.loop.time())
+                if type(result) is p.Register:
+                    return self._register_and_execute(client, result)
+                self.execute(result)
         except Exception:  # a bug: say so with 1011 rather than leave the client hanging
-            self.log.exception("relay connection from %s failed", client.address)
-            if not client.closed:
-                self.close_peer(core.close(client, p.INTERNAL_ERROR, p.REASON_INTERNAL_ERROR))
-        finally:
-            core.disconnect(client)
-            if self.cluster is not None and client.uuid is not None:
-                self.cluster.release(client, client.uuid)
-            if client.uuid is not None:
-                self.log.info("unregistered client %s (%r), close code %s", client.uuid, client.name,
-                              ws.close_code)
-            if self.access is not None:
-                self.access.info(
-                    "client=%s user=%s name=%s uuid=%s close=%s messages_in=%d messages_out=%d "
-                    "bytes_in=%d bytes_out=%d duration=%.3f", client.address,
-                    quote(client.identity_label or "-"), quote(client.name or "-"), client.uuid or "-",
-                    ws.close_code if ws.close_code is not None else "-", client.messages_in,
-                    client.messages_out, received, conn.sent, loop.time() - started)
-            if conn.timer:
-                conn.timer.cancel()
-            if conn.close_task:
-                try:
-                    await conn.close_task
-                except asyncio.CancelledError:
-                    pass
+            self._internal_error(client)
+        cluster = self.cluster
+        if cluster is not None and len(cluster.outbox) >= OUTBOX_LIMIT:
+            return cluster.wait_for_room()  # Redis is slower than this sender: stop reading it
+        return None
+
+    async def _register_and_execute(self, client: p.Client, request: p.Register) -> None:
+        try:
+            self.execute(await self.register(client, request))
+        except Exception:
+            self._internal_error(client)
+
+    def _internal_error(self, client: p.Client) -> None:
+        self.log.exception("relay connection from %s failed", client.address)
+        if not client.closed:
+            self.close_peer(self.core.close(client, p.INTERNAL_ERROR, p.REASON_INTERNAL_ERROR))
+
+    def execute(self, actions: Any) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is p.Send:
+                self.send(action.client, action.text)
+            elif kind is p.Close:
+                self.close_peer(action)
+            else:  # p.Remote: only a clustered core returns these
+                self.cluster.forward(action)  # type: ignore[union-attr]
 
     async def register(self, client: p.Client, request: p.Register) -> list[p.Action]:
         try:
@@ -211,22 +193,31 @@ class RelayServer:
         if client.uuid is None and not client.closed:
             self.close_peer(self.core.close(client, p.REGISTER_TIMEOUT, p.REASON_REGISTER_TIMEOUT))
 
-    # -- output ------------------------------------------------------------------------------
+    def lost(self, conn: WsConnection) -> None:
+        """The connection is gone (called once, from connection_lost)."""
+        client: p.Client = conn.client
+        self.core.disconnect(client)
+        if self.cluster is not None and client.uuid is not None:
+            self.cluster.release(client, client.uuid)
+        if conn.timer:
+            conn.timer.cancel()
+            conn.timer = None
+        if client.uuid is not None:
+            self.log.info("unregistered client %s (%r), close code %s", client.uuid, client.name, conn.close_code)
+        if self.access is not None:
+            self.access.info(
+                "client=%s user=%s name=%s uuid=%s close=%s messages_in=%d messages_out=%d "
+                "bytes_in=%d bytes_out=%d duration=%.3f", client.address,
+                quote(client.identity_label or "-"), quote(client.name or "-"), client.uuid or "-",
+                conn.close_code if conn.close_code is not None else "-", client.messages_in,
+                client.messages_out, conn.received, conn.sent, self.loop.time() - conn.started)
 
-    def execute(self, actions: Any) -> None:
-        for action in actions:
-            kind = type(action)
-            if kind is p.Send:
-                self.send(action.client, action.text)
-            elif kind is p.Close:
-                self.close_peer(action)
-            else:  # p.Remote: only a clustered core returns these
-                self.cluster.forward(action)  # type: ignore[union-attr]
+    # -- output ------------------------------------------------------------------------------
 
     def send(self, client: p.Client, text: str) -> None:
         """Queue a frame; a client's frames are written together once per loop iteration (one
         syscall for many messages under load), or as soon as 64 KiB are queued."""
-        conn: Conn = client.conn
+        conn: WsConnection = client.conn
         if client.closed:
             return
         frame = text_frame(text.encode())
@@ -234,29 +225,29 @@ class RelayServer:
             conn.sent += len(frame)
             conn.pending, conn.pending_bytes = [frame], len(frame)
             if not self.dirty:
-                asyncio.get_running_loop().call_soon(self.flush)
+                self.loop.call_soon(self.flush)
             self.dirty.append(client)
         else:
             conn.pending.append(frame)
             conn.sent += len(frame)
             conn.pending_bytes += len(frame)
         if conn.pending_bytes >= WRITE_AT:
-            self.write(client)
+            self.write(conn)
 
     def flush(self) -> None:
         dirty, self.dirty = self.dirty, []
         for client in dirty:
             if client.conn.pending is not None:
-                self.write(client)
+                self.write(client.conn)
 
-    def write(self, client: p.Client) -> None:
+    def write(self, conn: WsConnection) -> None:
         """Hand the queued frames to the transport; whatever the kernel does not take stays in the
         transport's buffer, and a client whose buffer passes send_buffer_bytes is not reading:
         close it (4005) rather than buffer without bound or make its senders wait."""
-        conn: Conn = client.conn
         pending = conn.pending
         conn.pending, conn.pending_bytes = None, 0
         transport = conn.transport
+        client = conn.client
         if not pending or client.closed or transport.is_closing():
             return
         transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
@@ -266,37 +257,59 @@ class RelayServer:
             self.close_peer(self.core.close(client, p.SLOW_RECEIVER, p.REASON_SLOW_RECEIVER))
 
     def close_peer(self, action: p.Close) -> None:
-        """Close a connection without waiting (it may be another connection's turn)."""
-        conn: Conn = action.client.conn
-        if conn.pending and not conn.transport.is_closing():  # what was decided before goes first
+        """Close a connection without waiting (it may be another connection's turn); what was
+        decided for it before is written first."""
+        conn: WsConnection = action.client.conn
+        if conn.pending and not conn.transport.is_closing():
             conn.transport.write(b"".join(conn.pending))
-            conn.pending, conn.pending_bytes = None, 0
-        if conn.close_task is None and not conn.ws.closed:
-            conn.close_task = asyncio.get_running_loop().create_task(
-                self._close(conn, action.code, action.reason))
+        conn.pending, conn.pending_bytes = None, 0
+        conn.close(action.code, action.reason)
 
-    async def _close(self, conn: Conn, code: int, reason: str) -> None:
-        try:
-            await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode(), drain=False),
-                                   self.config.close_timeout + 1)
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            # A receiver that stopped reading never takes our close frame: cut it off.
-            if not conn.transport.is_closing() or conn.transport.get_write_buffer_size():
-                conn.transport.abort()
+    # -- keepalive: one timer for all connections ------------------------------------------------
+
+    def _keepalive_sweep(self) -> None:
+        """Every quarter of keepalive_interval: ping a connection quiet for at least an interval
+        (5th sweep without data), drop it if nothing, not even the pong, arrives in the next
+        three quarters (8th sweep): answering within half an interval is always in time,
+        also on a loaded machine. One timer for all connections, none per connection."""
+        interval = self.config.keepalive_interval
+        assert interval
+        self._keepalive = self.loop.call_later(interval / 4, self._keepalive_sweep)
+        for conn in list(self.connections):
+            if conn.client is not None:
+                conn.keepalive_tick(5, 8)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, listener: Any) -> None:
-        await self.http.serve(listener)
+        self.loop = asyncio.get_running_loop()
+        self.servers.append(await serve_gated(listener, lambda: WsConnection(self), ssl=listener.ssl_context))
+        if self.config.keepalive_interval and self._keepalive is None:
+            self._keepalive = self.loop.call_later(self.config.keepalive_interval / 4, self._keepalive_sweep)
 
     async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, let just-accepted connections finish their handshake (a reload must
+        not drop a client's request), close every client with 1001, wait up to drain_timeout
+        for them to go, then cut off the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(drain_timeout, 0.1)
         self.stopping = True
-        for server in self.http.servers:
+        for server in self.servers:
             server.close()  # stop accepting; the listener itself stays open for the next generation
+        self.servers.clear()
+        grace = loop.time() + min(drain_timeout, FIRST_REQUEST_GRACE)
+        while any(c.client is None for c in self.connections) and loop.time() < grace:
+            await asyncio.sleep(0.005)
         for client in list(self.core.connections):
             self.close_peer(self.core.close(client, p.GOING_AWAY, p.REASON_GOING_AWAY))
-        if self.handlers:
-            await drain(asyncio.wait(list(self.handlers)), max(drain_timeout, 0.1))
-        await self.http.stop(0)
+        for conn in list(self.connections):
+            if conn.client is None:
+                conn.transport.close()  # never sent a handshake
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        await asyncio.sleep(0)  # let connection_lost run for what was just aborted
