@@ -37,8 +37,8 @@ class RelayConfig(ComponentConfig):
     )
     keepalive_interval: Seconds | None = Field(
         20.0,
-        description="ping a client after this long without traffic; one that does not answer within half "
-        "of it is dropped (unset: no pings)",
+        description="ping a client after this long without traffic (1 to 1.25 of it); one from which "
+        "nothing arrives within 3/4 of it after the ping is dropped (unset: no pings)",
     )
     open_timeout: Seconds = Field(
         10.0, gt=0,
