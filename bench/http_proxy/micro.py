@@ -109,12 +109,15 @@ def main() -> int:
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--once", action="store_true", help="one pass, no timing (for callgrind: run twice, subtract)")
+    p.add_argument("--no-record", action="store_true", help="usage counting replaced by nothing (its share)")
     args = p.parse_args()
     import uvloop
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     client, upstream, transport = setup(loop)
+    if args.no_record:
+        client.core.counters.record = lambda *args: None
     rounds(client, upstream, 100)
     if transport.written != 100 * (len(RESPONSE) - 8):  # the Connection header is dropped
         print(f"unexpected output: {transport.written} bytes for 100 requests", file=sys.stderr)

@@ -148,7 +148,8 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
     """The request head sent upstream: the client's end-to-end headers plus ours, our framing.
 
     ``cache`` (one per client connection) keeps the lines the proxy adds for a route and host
-    when the client sent no forwarding headers of its own: they are the same on every request.
+    when the client sent no forwarding headers of its own, and the identity lines for a route
+    and user: they are the same on every request.
     """
     route = ex.route
     assert route is not None
@@ -187,9 +188,16 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
         out.append(_forwarding(route, ex.host, peer, scheme, xff, fwd))
     identity = ex.identity
     if identity is not None and not identity.anonymous:
-        out.append(route.user_header + header_value(ex.user))
-        if identity.email:
-            out.append(route.email_header + header_value(identity.email))
+        if cache is None:
+            out.append(_identity_lines(route, ex.user, identity.email))
+        else:  # the same user on every request of a connection, as a rule
+            key = (route, ex.user, identity.email)
+            lines = cache.get(key)
+            if lines is None:
+                if len(cache) > 16:
+                    cache.clear()
+                lines = cache[key] = _identity_lines(route, ex.user, identity.email)
+            out.append(lines)
     if req.chunked:
         out.append(b"Transfer-Encoding: chunked")
     elif req.length is not None:
@@ -198,6 +206,11 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
         out.append(b"Connection: Upgrade")
         out.append(b"Upgrade: " + req.upgrade)
     return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def _identity_lines(route: Route, user: str, email: str | None) -> bytes:
+    line = route.user_header + header_value(user)
+    return line + b"\r\n" + route.email_header + header_value(email) if email else line
 
 
 def _forwarding(route: Route, host: bytes | None, peer: bytes, scheme: bytes, xff: bytes | None,
