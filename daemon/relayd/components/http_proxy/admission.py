@@ -70,7 +70,7 @@ def admit(router: Router, ex: Exchange, tls: bool) -> Admission:
         return _reply(501, json_message("WebSocket is not enabled for this service"), close=True)
     login = route.browser_login
     if login is None:
-        return Admission(identity=route.cached_identity(req.authorization))
+        return Admission(None, None, route.cached_identity(req.authorization))  # positional: no kwargs dict
     identity = login.session_identity(req.cookie)
     if identity is not None:
         return Admission(identity=identity)

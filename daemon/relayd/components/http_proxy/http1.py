@@ -42,8 +42,18 @@ _NEVER_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"}
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(?::[0-9]{1,5})?\Z")
 
 
+_VALID_HOSTS: set[bytes] = set()  # Host values that matched _HOST (clients send few distinct ones)
+
+
 def valid_host(value: bytes) -> bool:
-    return _HOST.match(value) is not None
+    if value in _VALID_HOSTS:
+        return True
+    if _HOST.match(value) is None:
+        return False
+    if len(_VALID_HOSTS) >= 1024:  # Host is the client's to choose: keep the cache bounded
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(value)
+    return True
 
 
 class ProtocolError(Exception):
@@ -304,7 +314,7 @@ class RequestReader(_Reader):
         head.headers = self.headers
         if hosts > 1 or (hosts == 0 and not head.http10):
             raise ProtocolError("exactly one Host header is required")
-        if head.host is not None and not _HOST.match(head.host):
+        if head.host is not None and not valid_host(head.host):
             raise ProtocolError("invalid Host header")
         if encodings:
             if not _single_chunked(encodings):
