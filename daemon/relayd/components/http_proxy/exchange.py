@@ -191,12 +191,12 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
         if cache is None:
             out.append(_identity_lines(route, ex.user, identity.email))
         else:  # the same user on every request of a connection, as a rule
-            key = (route, ex.user, identity.email)
-            lines = cache.get(key)
+            user_key = (route, ex.user, identity.email)
+            lines = cache.get(user_key)
             if lines is None:
                 if len(cache) > 16:
                     cache.clear()
-                lines = cache[key] = _identity_lines(route, ex.user, identity.email)
+                lines = cache[user_key] = _identity_lines(route, ex.user, identity.email)
             out.append(lines)
     if req.chunked:
         out.append(b"Transfer-Encoding: chunked")
