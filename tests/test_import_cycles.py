@@ -126,14 +126,8 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-# Known cycles, each to be removed (not to be added to): the test fails on any other.
-# globus_login's session rows are converted by functions in globus_login that the PostgreSQL
-# session store imports back (both lazily); they belong with the store or in a module of their own.
-# http_proxy's store, split in three, imports back (lazily) Inc and StoreError from store.py;
-# they belong in a module the three import.
-KNOWN = [["relayd.auth.globus_login", "relayd.state.sessions_pg"],
-         ["relayd.components.http_proxy.store", "relayd.components.http_proxy.store_migrate",
-          "relayd.components.http_proxy.store_reads"]]
+# Known cycles, each to be removed (never added to): none left.
+KNOWN: list[list[str]] = []
 
 
 def _report(cycles: list[list[str]]) -> str:

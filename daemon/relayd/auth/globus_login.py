@@ -33,7 +33,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import sqlite3
@@ -48,6 +47,7 @@ from pydantic import Field, model_validator
 
 from relayd import state
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
+from relayd.auth.browser_session import Session, session_from_row, session_row
 from relayd.auth.globus import AuthBaseUrl, _default_base_url
 from relayd.config.types import Seconds, Secret
 
@@ -93,16 +93,6 @@ class GlobusLoginConfig(AuthConfig):
         if self.login_path == self.logout_path:
             raise ValueError(f"login_path and logout_path must differ (both are {self.login_path!r})")
         return self
-
-
-@dataclass
-class Session:
-    identity: Identity
-    expires: float
-    tokens: list[str] = field(default_factory=list)
-    created: float = 0.0
-    last_seen: float = 0.0
-    written_seen: float = 0.0
 
 
 @dataclass
@@ -216,23 +206,6 @@ class SessionStore:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def session_row(sid_hash: str, session: Session) -> tuple:
-    """The sessions table's row of a session (both stores)."""
-    ident = session.identity
-    data = {"sub": ident.sub, "username": ident.username, "name": ident.name, "email": ident.email,
-            "scopes": sorted(ident.scopes)}
-    return (sid_hash, json.dumps(data), json.dumps(session.tokens), session.created, session.last_seen,
-            session.expires)
-
-
-def session_from_row(method: str, row: tuple) -> Session:
-    _sid_hash, ident, tokens, created, seen, expires = row
-    data = json.loads(ident)
-    identity = Identity(sub=data["sub"], method=method, username=data.get("username"),
-                        name=data.get("name"), email=data.get("email"), scopes=frozenset(data.get("scopes") or ()))
-    return Session(identity, expires, json.loads(tokens), created, seen, seen)
 
 
 def default_sessions_db(state_dir: Path, name: str) -> Path:

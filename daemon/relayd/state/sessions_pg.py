@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from relayd.auth.browser_session import session_from_row, session_row
 from relayd.state.pg import Db, StateUnavailable, schema_name
 
 log = logging.getLogger("relayd.auth")
@@ -76,8 +77,6 @@ class PgSessionStore:
             "SELECT sid_hash, identity, tokens, created, last_seen, expires FROM sessions").fetchall()
 
     def load(self, method: str) -> dict[str, Any]:
-        from relayd.auth.globus_login import session_from_row
-
         return {row[0]: session_from_row(method, row) for row in self.rows()}
 
     def _queue(self, what: str, fn: Any) -> None:
@@ -100,8 +99,6 @@ class PgSessionStore:
         self.queue.submit(run)
 
     def add(self, sid_hash: str, session: Any) -> None:
-        from relayd.auth.globus_login import session_row
-
         row = session_row(sid_hash, session)
         with self._lock:
             self.unwritten.add(sid_hash)

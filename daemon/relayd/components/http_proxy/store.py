@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .store_reads import COLUMNS, NCOL, StoreReads
+from .store_reads import StoreReads
+from .store_rows import COLUMNS, NCOL, Inc, StoreConflict, StoreError
 
 __all__ = ["COLUMNS", "NCOL", "OVERFLOW", "SCHEMA_VERSION", "Inc", "Store", "StoreConflict", "StoreError",
            "row_dict"]
@@ -84,33 +85,7 @@ _TOTALS_UPSERT = (
 
 
 
-class StoreError(Exception):
-    """The state database cannot be used (the message says why and what to do)."""
-
-
-class StoreConflict(StoreError):
-    """The name is taken (e.g. another node created the same service a moment ago)."""
-
-
 FLUSH_MARK = "flush:"  # journal_applied key prefix of a writer's flush sequence (see ``add``)
-
-
-class Inc:
-    """A user incarnation as the event loop counts it; sgen/gen are None until resolved."""
-
-    __slots__ = ("created", "endpoints", "gen", "service", "sgen", "user")
-
-    def __init__(self, service: str, user: str, sgen: int | None, gen: int | None,
-                 created: float | None = None, endpoints: set[str] | None = None) -> None:
-        self.service = service
-        self.user = user
-        self.sgen = sgen
-        self.gen = gen
-        self.created = time.time() if created is None else created
-        self.endpoints: set[str] = endpoints if endpoints is not None else set()
-
-    def __repr__(self) -> str:
-        return f"Inc({self.service!r}, {self.user!r}, sgen={self.sgen}, gen={self.gen})"
 
 
 def row_dict(values: list[int] | tuple[int, ...]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from .store import COLUMNS, StoreError
+from .store_rows import COLUMNS, StoreError
 
 if TYPE_CHECKING:
     from .store import Store

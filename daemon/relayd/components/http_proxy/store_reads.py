@@ -3,13 +3,9 @@ totals, current incarnations with their counters, every incarnation's history.""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .store import Inc
-
-COLUMNS = ("requests", "bytes_in", "bytes_out", "s1xx", "s2xx", "s3xx", "s4xx", "s5xx", "no_response")
-NCOL = len(COLUMNS)
+from .store_rows import COLUMNS, NCOL, Inc
 
 
 def _current(service: str | None, user: str | None) -> tuple[str, list[str]]:
@@ -43,8 +39,6 @@ class StoreReads:
 
     def current_incarnations(self) -> list[tuple[Inc, bool]]:
         """The current incarnation of every user (with its endpoint keys) and whether it is open."""
-        from .store import Inc
-
         db = self.db
         with_clause, _ = _current(None, None)
         incs: dict[tuple[str, str, int], tuple[Inc, bool]] = {}
