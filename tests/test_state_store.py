@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -163,13 +164,17 @@ def test_random_flush_failures_across_two_writers_never_lose_or_double_a_count(b
     commits but loses its acknowledgement. A failed flush is retried with its own seq (as
     Counters does) before anything newer; the sum in the database equals what was counted."""
     store = backend()
+    # The writers' names are new in each example: hypothesis runs every example against the same
+    # database, where an earlier example's writer (id(steps) could repeat) already marked these
+    # seqs as applied, so its flushes were skipped as replays: counts "lost" by the test itself.
+    example = uuid.uuid4().hex
     seqs = {"a": 0, "b": 0}
     unsure: dict[str, tuple[int, dict] | None] = {"a": None, "b": None}
     base = total(store)
     counted = 0
     for writer, user, n, fate in steps:
         counted += n
-        key = f"{writer}-{id(steps)}"
+        key = f"{writer}-{example}"
         if unsure[writer] is not None:  # settle the failed one first (always works here)
             seq, batch = unsure[writer]  # type: ignore[misc]
             store.add(batch, {}, flush=(key, seq))
@@ -185,7 +190,7 @@ def test_random_flush_failures_across_two_writers_never_lose_or_double_a_count(b
             unsure[writer] = (seqs[writer], batch)
     for writer, pending in unsure.items():
         if pending is not None:
-            store.add(pending[1], {}, flush=(f"{writer}-{id(steps)}", pending[0]))
+            store.add(pending[1], {}, flush=(f"{writer}-{example}", pending[0]))
     assert total(store) - base == counted
 
 
