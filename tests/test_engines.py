@@ -37,3 +37,39 @@ def test_degraded_lists_engines_down_and_logs_each_transition_once(caplog) -> No
     assert "pw" not in caplog.text
     # A reload registering the same engine keeps its history.
     assert engines.register("cluster", "redis", "redis://:pw@r:6379") is cluster
+
+
+def test_removing_an_unreachable_cluster_engine_by_reload_ends_degraded(relayd, port) -> None:
+    """An operator takes a dead Redis out of the configuration: the node is no longer degraded."""
+    import json
+
+    from relayd.testing import free_port, get_text
+
+    status_port, dead_redis = free_port(), free_port()  # nothing listens on dead_redis
+    body = f"""
+[auth.open]
+method = "none"
+[listeners.relay]
+bind = "127.0.0.1:{port}"
+[listeners.status]
+bind = "127.0.0.1:{status_port}"
+[components.relay]
+kind = "relay"
+listener = "relay"
+auth = "open"
+[components.health]
+kind = "status"
+listener = "status"
+"""
+    daemon = relayd(body + f'[cluster]\nredis = "redis://:pw@127.0.0.1:{dead_redis}"\nnode = "n1"\n')
+
+    def engines() -> dict:
+        return json.loads(daemon.ctl("status", "--json").stdout)["engines"]
+
+    assert engines()["cluster"]["up"] is False
+    assert "pw" not in engines()["cluster"]["url"]
+    assert get_text(f"http://127.0.0.1:{status_port}/healthz")[1].startswith("degraded: cluster")
+    (daemon.config_dir / "relayd.toml").write_text(body)
+    assert daemon.ctl("reload").returncode == 0
+    assert engines() == {}
+    assert get_text(f"http://127.0.0.1:{status_port}/healthz")[1] == "ok\n"

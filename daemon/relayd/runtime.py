@@ -307,6 +307,7 @@ class Daemon:
             if new.config.settings.control != old.config.settings.control:
                 log.warning("[control] changes take effect at the next restart, not on reload")
             self.generation = new
+            self._forget_unused_engines(new)
             self.pool.install_tls(set(new.listener_keys.values()))
             self._apply_limits(new)
             self._renewed(old, new)
@@ -359,6 +360,15 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(retire())
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
+
+    def _forget_unused_engines(self, gen: Generation) -> None:
+        """An engine removed from the configuration leaves status and /healthz (its last record,
+        perhaps "down", would otherwise say "degraded" for ever)."""
+        settings = gen.config.settings
+        if settings.cluster.redis is None:
+            self.engines.unregister("cluster")
+        if settings.state.url is None:
+            self.engines.unregister("state")
 
     def _apply_limits(self, gen: Generation) -> None:
         """Set each listener's max_connections (gates outlive generations), warn if too many."""
