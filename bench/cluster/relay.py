@@ -29,11 +29,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "relay"))
-from bench_relay import Target, cpu_seconds, free_port, rss_mib, settle  # noqa: E402
+from bench_relay import LOAD, Target, cpu_seconds, free_port, idle_clients, relay_config, rss_mib, settle  # noqa: E402
 
 PY = sys.executable
 BIN = Path(PY).parent
-LOAD = str(HERE / "relay_load.py")
 
 
 def start_redis(tmp: Path) -> Target:
@@ -52,20 +51,7 @@ def start_node(tmp: Path, name: str, redis_port: int | None) -> Target:
     home = tmp / name
     (home / "etc").mkdir(parents=True)
     cluster = f'[cluster]\nredis = "redis://127.0.0.1:{redis_port}/0"\nnode = "{name}"\n' if redis_port else ""
-    (home / "etc" / "relayd.toml").write_text(f"""{cluster}
-[logging]
-level = "warning"
-[listeners.relay]
-bind = "127.0.0.1:{port}"
-backlog = 4096
-[auth.open]
-method = "none"
-[components.relay]
-kind = "relay"
-listener = "relay"
-auth = "open"
-send_buffer_bytes = 4194304
-""")
+    (home / "etc" / "relayd.toml").write_text(relay_config(port, cluster=cluster))
     env = {**os.environ, "RELAYD_CONTROL__SOCKET": str(home / "control.sock"), "RELAYD_STATE_DIR": str(home / "state")}
     env.pop("NOTIFY_SOCKET", None)
     node = Target(name, [str(BIN / "relayd"), "--config", str(home / "etc")], port, env, home / "relayd.log")
@@ -85,7 +71,7 @@ def flood(nodes: list[Target], redis: Target | None, pairs: list[tuple[int, int]
     cpu0 = sum(cpu_seconds(n.proc.pid) for n in nodes)
     rcpu0 = cpu_seconds(redis.proc.pid) if redis else 0.0
     t0 = time.monotonic()
-    loads = [subprocess.Popen([PY, LOAD, "flood", str(seconds), *(f"{s}:{r}" for s, r in mine)],
+    loads = [subprocess.Popen([PY, LOAD, "flood-across", str(seconds), *(f"{s}:{r}" for s, r in mine)],
                               stdout=subprocess.PIPE, text=True) for mine in share if mine]
     outs = [json.loads(p.communicate(timeout=seconds + 60)[0]) for p in loads]
     wall = time.monotonic() - t0
@@ -101,7 +87,7 @@ def flood(nodes: list[Target], redis: Target | None, pairs: list[tuple[int, int]
 def latency(sender: Target, receiver: Target, everyone: list[Target], count: int = 2000) -> float:
     for node in everyone:
         settle(node.proc.pid)
-    out = subprocess.run([PY, LOAD, "latency", str(count), str(sender.port), str(receiver.port)],
+    out = subprocess.run([PY, LOAD, "latency", str(sender.port), str(count), str(receiver.port)],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     return statistics.median(json.loads(out)["latency_us"])
 
@@ -114,21 +100,10 @@ def idle(node: Target, redis: Target, count: int, procs: int = 4) -> dict:
         return 0
 
     base, rbase = rss_mib(node.proc.pid), used_memory()
-    per = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
-    loads = [subprocess.Popen([PY, LOAD, "idle", str(node.port), str(n)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for n in per]
-    try:
-        for p in loads:
-            if not p.stdout.readline().startswith("ready"):
-                raise RuntimeError("idle load failed")
-        time.sleep(1)  # a measurement: let the node settle
+    with idle_clients(node.name, node.port, count, procs):
         return {"clients": count, "rss_mib_before": base, "rss_mib": rss_mib(node.proc.pid),
                 "kib_per_client": 1024 * (rss_mib(node.proc.pid) - base) / count,
                 "redis_bytes_per_registration": (used_memory() - rbase) / count}
-    finally:
-        for p in loads:
-            p.stdin.close()
-            p.wait(60)
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ CAP_SYS_RESOURCE), so an --idle count above about hard - 500 cannot be measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -90,25 +92,30 @@ class Target:
         self.log.close()
 
 
-def start_relayd(tmp: Path, name: str = "relayd", daemon_dir: Path | None = None, max_connections: int = 1024) -> Target:
-    port = free_port()
-    etc = tmp / f"etc-{name}"
-    etc.mkdir(exist_ok=True)
-    (etc / "relayd.toml").write_text(f"""
+def relay_config(port: int, *, max_connections: int | None = None, cluster: str = "") -> str:
+    """relayd.toml for a relay-only node at WARNING on 127.0.0.1:port; cluster: a [cluster] block."""
+    limit = f"max_connections = {max_connections}\n" if max_connections is not None else ""
+    return f"""{cluster}
 [logging]
 level = "warning"
 [listeners.relay]
 bind = "127.0.0.1:{port}"
 backlog = 4096
-max_connections = {max_connections}
-[auth.open]
+{limit}[auth.open]
 method = "none"
 [components.relay]
 kind = "relay"
 listener = "relay"
 auth = "open"
 send_buffer_bytes = 4194304
-""")
+"""
+
+
+def start_relayd(tmp: Path, name: str = "relayd", daemon_dir: Path | None = None, max_connections: int = 1024) -> Target:
+    port = free_port()
+    etc = tmp / f"etc-{name}"
+    etc.mkdir(exist_ok=True)
+    (etc / "relayd.toml").write_text(relay_config(port, max_connections=max_connections))
     env = {**os.environ, "RELAYD_CONTROL__SOCKET": str(tmp / f"control-{name}.sock"),
            "RELAYD_STATE_DIR": str(tmp / f"state-{name}")}
     env.pop("NOTIFY_SOCKET", None)
@@ -162,24 +169,31 @@ def latency(target: Target, count: int = 2000) -> float:
     return statistics.median(json.loads(out)["latency_us"])
 
 
-def idle(target: Target, count: int, procs: int = 4) -> dict:
-    settle(target.proc.pid)
-    base = rss_mib(target.proc.pid)
+@contextlib.contextmanager
+def idle_clients(name: str, port: int, count: int, procs: int = 4) -> Iterator[None]:
+    """count registered idle clients on the relay at port (procs load processes) while the block runs."""
     per = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
-    loads = [subprocess.Popen([PY, LOAD, "idle", str(target.port), str(n)], stdin=subprocess.PIPE,
+    loads = [subprocess.Popen([PY, LOAD, "idle", str(port), str(n)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for n in per]
     try:
         for p in loads:
             line = p.stdout.readline()
             if not line.startswith("ready"):
-                raise RuntimeError(f"idle load failed on {target.name}: {line!r}")
+                raise RuntimeError(f"idle load failed on {name}: {line!r}")
         time.sleep(1)  # let the relay settle (this is a measurement, not synchronisation)
-        return {"clients": count, "rss_mib_before": base, "rss_mib": rss_mib(target.proc.pid),
-                "kib_per_client": 1024 * (rss_mib(target.proc.pid) - base) / count}
+        yield
     finally:
         for p in loads:
             p.stdin.close()
             p.wait(60)
+
+
+def idle(target: Target, count: int) -> dict:
+    settle(target.proc.pid)
+    base = rss_mib(target.proc.pid)
+    with idle_clients(target.name, target.port, count):
+        return {"clients": count, "rss_mib_before": base, "rss_mib": rss_mib(target.proc.pid),
+                "kib_per_client": 1024 * (rss_mib(target.proc.pid) - base) / count}
 
 
 def main() -> int:

@@ -1,10 +1,15 @@
-"""Load generator for bench_relay.py: cheap hand-rolled WebSocket clients, so the relay is the bottleneck.
+"""Load generator for the relay benches (bench_relay.py, bench/cluster/relay.py): cheap hand-rolled
+WebSocket clients, so the relay is the bottleneck.
 
 usage:
   load.py flood PORT PAIRS SECONDS   PAIRS sender->receiver pairs; senders write pre-masked
                                      peer_connection frames in batches under flow control;
                                      receivers only count bytes. Prints JSON {"delivered": N, "seconds": S}.
-  load.py latency PORT COUNT         one pair, COUNT sequential messages; prints JSON one-way latencies (us)
+  load.py flood-across SECONDS SPORT:RPORT [SPORT:RPORT ...]
+                                     the same flood, one pair per argument, the sender on relayd
+                                     port SPORT and its receiver on RPORT (possibly other nodes)
+  load.py latency PORT COUNT [RPORT] one pair (its receiver on RPORT if given), COUNT sequential
+                                     messages; prints JSON one-way latencies (us)
   load.py idle PORT COUNT            COUNT registered clients that stay idle (answering pings, so the
                                      relay's keepalive keeps them); prints "ready" when all are
                                      registered, then waits for stdin to close.
@@ -137,9 +142,13 @@ async def connect(port: int, answer_pings: bool = False) -> Client:
     return client
 
 
-async def flood(port: int, pairs: int, seconds: float) -> None:
-    clients = [await connect(port) for _ in range(2 * pairs)]
-    senders, receivers = clients[::2], clients[1::2]
+async def flood(seconds: float, ports: list[tuple[int, int]]) -> None:
+    """One sender->receiver pair per (sender port, receiver port)."""
+    senders: list[Client] = []
+    receivers: list[Client] = []
+    for sport, rport in ports:
+        senders.append(await connect(sport))
+        receivers.append(await connect(rport))
     text = peer_message(senders[0].uuid, receivers[0].uuid, "x" * 60)
     size = server_frame_len(text)
     batches = [client_frame(peer_message(s.uuid, r.uuid, "x" * 60)) * BATCH for s, r in zip(senders, receivers)]
@@ -161,13 +170,13 @@ async def flood(port: int, pairs: int, seconds: float) -> None:
     await asyncio.gather(*(pump(s, b) for s, b in zip(senders, batches)))
     elapsed = time.perf_counter() - t0
     delivered = sum((r.count - c0) // size for r, c0 in zip(receivers, start_counts))
-    for c in clients:
+    for c in senders + receivers:
         c.t.abort()
     print(json.dumps({"delivered": delivered, "seconds": elapsed}), flush=True)
 
 
-async def latency(port: int, count: int) -> None:
-    a, b = await connect(port), await connect(port)
+async def latency(count: int, sport: int, rport: int) -> None:
+    a, b = await connect(sport), await connect(rport)
     text = peer_message(a.uuid, b.uuid, "x" * 60)
     frame, size = client_frame(text), server_frame_len(text)
     loop = asyncio.get_running_loop()
@@ -197,12 +206,16 @@ async def idle(port: int, count: int) -> None:
 
 
 if __name__ == "__main__":
-    mode, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    mode, args = sys.argv[1], sys.argv[2:]
     if mode == "flood":
-        coro = flood(port, n, float(sys.argv[4]))
+        port, pairs = int(args[0]), int(args[1])
+        coro = flood(float(args[2]), [(port, port)] * pairs)
+    elif mode == "flood-across":
+        coro = flood(float(args[0]), [(int(s), int(r)) for s, r in (arg.split(":") for arg in args[1:])])
     elif mode == "latency":
-        coro = latency(port, n)
+        port = int(args[0])
+        coro = latency(int(args[1]), port, int(args[2]) if len(args) > 2 else port)
     else:
-        coro = idle(port, n)
+        coro = idle(int(args[0]), int(args[1]))
     uvloop.run(coro)
     os._exit(0)
