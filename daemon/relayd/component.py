@@ -20,7 +20,8 @@ from relayd.context import Context  # re-exported: plugins import it from here t
 
 if TYPE_CHECKING:
     from aiohttp import web
-    from prometheus_client.core import Metric
+
+    from relayd.metric_families import Metric
 
 
 class ComponentConfig(BaseModel):

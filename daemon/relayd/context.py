@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from aiohttp import web
-    from prometheus_client.core import Metric
 
     from relayd.auth.base import AuthMethod
     from relayd.config import LoadedConfig
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     from relayd.engines import Engines
     from relayd.lifecycle import Lifecycle, State
     from relayd.listeners import Listener
+    from relayd.metric_families import Metric
     from relayd.plugins import Registry
 
 

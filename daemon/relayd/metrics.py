@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from relayd.lifecycle import State
+from relayd.metric_families import Metric, counter, gauge
 
 if TYPE_CHECKING:
     from relayd.context import RuntimeView
@@ -24,52 +25,38 @@ class DaemonCollector:
     def __init__(self, daemon: RuntimeView) -> None:
         self.daemon = daemon
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         daemon = self.daemon
         gen = daemon.generation
-        yield GaugeMetricFamily("relayd_generation", "Configuration generation being served",
-                                value=gen.number if gen else 0)
-        yield GaugeMetricFamily("relayd_uptime_seconds", "Seconds since relayd started",
-                                value=time.time() - daemon.started_at)
-        reloads = CounterMetricFamily("relayd_reloads", "Configuration reloads", labels=["result"])
-        for result, count in daemon.reload_counts.items():
-            reloads.add_metric([result], count)
-        yield reloads
-        up = GaugeMetricFamily("relayd_component_up", "1 while a component serves",
-                               labels=["component", "kind"])
-        for name, component in (gen.components.items() if gen else ()):
-            up.add_metric([name, component.kind], 1 if daemon.state_of(component) is State.SERVING else 0)
-        yield up
-        connections = GaugeMetricFamily("relayd_listener_connections",
-                                        "Open client connections per listener", labels=["listener"])
-        limits = GaugeMetricFamily("relayd_listener_max_connections",
-                                   "max_connections of each listener", labels=["listener"])
-        reached = CounterMetricFamily("relayd_listener_limit_reached",
-                                      "Times a listener reached max_connections and stopped accepting",
-                                      labels=["listener"])
-        for name, listener in (gen.listeners.items() if gen else ()):
-            gate = listener.gate
-            if gate is None:
-                continue
-            if gate.enforced:
-                connections.add_metric([name], gate.open)
-            limits.add_metric([name], gate.limit)
-            reached.add_metric([name], gate.reached)
-        yield from (connections, limits, reached)
-        engine_up = GaugeMetricFamily("relayd_engine_up", "1 while an external engine (Redis, "
-                                      "PostgreSQL) is reachable", labels=["name", "engine"])
-        engine_failures = CounterMetricFamily("relayd_engine_failures",
-                                              "Times an external engine became unreachable",
-                                              labels=["name", "engine"])
-        for name, health in daemon.engines:
-            engine_up.add_metric([name, health.engine], 1 if health.up else 0)
-            engine_failures.add_metric([name, health.engine], health.failures)
-        yield from (engine_up, engine_failures)
+        components = list(gen.components.items()) if gen else []
+        gates = [(name, listener.gate) for name, listener in (gen.listeners.items() if gen else ())
+                 if listener.gate is not None]
+        yield gauge("relayd_generation", "Configuration generation being served",
+                    samples=[((), gen.number if gen else 0)])
+        yield gauge("relayd_uptime_seconds", "Seconds since relayd started",
+                    samples=[((), time.time() - daemon.started_at)])
+        yield counter("relayd_reloads", "Configuration reloads", ["result"],
+                      (([result], count) for result, count in daemon.reload_counts.items()))
+        yield gauge("relayd_component_up", "1 while a component serves", ["component", "kind"],
+                    (([name, component.kind], 1 if daemon.state_of(component) is State.SERVING else 0)
+                     for name, component in components))
+        yield gauge("relayd_listener_connections", "Open client connections per listener", ["listener"],
+                    (([name], gate.open) for name, gate in gates if gate.enforced))
+        yield gauge("relayd_listener_max_connections", "max_connections of each listener", ["listener"],
+                    (([name], gate.limit) for name, gate in gates))
+        yield counter("relayd_listener_limit_reached",
+                      "Times a listener reached max_connections and stopped accepting", ["listener"],
+                      (([name], gate.reached) for name, gate in gates))
+        engines = list(daemon.engines)
+        yield gauge("relayd_engine_up", "1 while an external engine (Redis, PostgreSQL) is reachable",
+                    ["name", "engine"], (([name, health.engine], 1 if health.up else 0) for name, health in engines))
+        yield counter("relayd_engine_failures", "Times an external engine became unreachable", ["name", "engine"],
+                      (([name, health.engine], health.failures) for name, health in engines))
         # Components (and auth methods) of one kind yield families of the same names: the text
         # format allows one HELP/TYPE block per family, so their samples are merged into one
         # family, told apart by the `component` (`auth`) label.
         merged = _Families()
-        for name, component in (gen.components.items() if gen else ()):
+        for name, component in components:
             try:
                 families = list(component.metrics())
             except Exception:  # one broken component must not hide the others

@@ -19,10 +19,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
 
-    from prometheus_client.core import Metric
-
     from relayd.config.model import ClusterConfig, StateConfig
     from relayd.engines import Engines
+    from relayd.metric_families import Metric
 
 
 class AuthFailure(enum.Enum):

@@ -24,13 +24,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from prometheus_client.core import CounterMetricFamily, Metric
 from pydantic import Field
 
 from relayd import state
 from relayd.auth import htpasswd as htp
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
 from relayd.auth.users import MAX_PASSWORD, MAX_USERNAME, UserStore, verify_hash
+from relayd.metric_families import Metric, counter
 
 
 class BasicAuthConfig(AuthConfig):
@@ -108,9 +108,7 @@ class BasicAuth(AuthMethod):
     def metrics(self) -> Iterable[Metric]:
         for key, text in (("checks", "Basic credentials checked"),
                           ("failures", "Basic credentials refused (unknown user or wrong password)")):
-            family = CounterMetricFamily(f"relayd_auth_basic_{key}", text, labels=["auth"])
-            family.add_metric([self.name], self.stats[key])
-            yield family
+            yield counter(f"relayd_auth_basic_{key}", text, ["auth"], [([self.name], self.stats[key])])
 
     def check(self, username: str, password: str) -> bool:
         """Blocking: database user, else htpasswd user, else a dummy hash (same cost)."""

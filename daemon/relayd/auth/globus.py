@@ -34,11 +34,11 @@ from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import AfterValidator, Field, field_validator
 
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
 from relayd.config.types import Seconds, Secret
+from relayd.metric_families import Metric, counter, gauge
 
 DEFAULT_AUTH_BASE_URL = "https://auth.globus.org"
 # RFC 6750 b64token; Globus tokens are alphanumeric, this only keeps junk away from Globus.
@@ -299,12 +299,9 @@ class GlobusAuth(AuthMethod):
             "unavailable": "Checks denied because Globus Auth could not be asked",
         }
         for key, text in help_text.items():
-            family = CounterMetricFamily(f"relayd_auth_globus_{key}", text, labels=["auth"])
-            family.add_metric([self.name], self.stats[key])
-            yield family
-        cached = GaugeMetricFamily("relayd_auth_globus_cached_tokens", "Tokens in the cache", labels=["auth"])
-        cached.add_metric([self.name], len(self.cache))
-        yield cached
+            yield counter(f"relayd_auth_globus_{key}", text, ["auth"], [([self.name], self.stats[key])])
+        yield gauge("relayd_auth_globus_cached_tokens", "Tokens in the cache", ["auth"],
+                    [([self.name], len(self.cache))])
 
     def challenge(self) -> str:
         scope = self.login_scope

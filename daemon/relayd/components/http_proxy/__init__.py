@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily
 
 from relayd.accept_gate import GatedServer, serve_gated
 from relayd.auth import discovery
@@ -29,10 +28,10 @@ from relayd.logsetup import access_logger
 from .config import HttpProxyConfig, ServiceConfig, browser_clashes, config_problems, conflicts
 from .counters import Counters
 from .manage import ManagementAPI
+from .metrics import proxy_metrics
 from .pages import Pages
 from .proxy import ClientConnection
 from .routes import Core, Route, Router
-from .store import COLUMNS
 from .sync import make_store, start_watcher
 
 if TYPE_CHECKING:
@@ -359,25 +358,7 @@ class HttpProxyComponent(Component):
         return out
 
     def metrics(self):
-        totals = self.counters.totals()
-        labels = ["component", "service"]
-        requests = CounterMetricFamily("relayd_http_proxy_requests", "Authorized requests", labels=labels)
-        bytes_in = CounterMetricFamily("relayd_http_proxy_request_bytes", "Request body bytes", labels=labels)
-        bytes_out = CounterMetricFamily("relayd_http_proxy_response_bytes", "Response body bytes",
-                                        labels=labels)
-        responses = CounterMetricFamily("relayd_http_proxy_responses", "Responses by status class",
-                                        labels=labels + ["class"])
-        rejected = CounterMetricFamily("relayd_http_proxy_rejected", "Requests refused by auth (401/403)",
-                                       labels=labels)
-        for service, row in sorted(totals.items()):
-            requests.add_metric([self.name, service], row[0])
-            bytes_in.add_metric([self.name, service], row[1])
-            bytes_out.add_metric([self.name, service], row[2])
-            for i, column in enumerate(COLUMNS[3:], start=3):
-                responses.add_metric([self.name, service, column.removeprefix("s")], row[i])
-        for service, count in sorted(self.counters.rejected_counts.items()):
-            rejected.add_metric([self.name, service], count)
-        yield from (requests, bytes_in, bytes_out, responses, rejected)
+        return proxy_metrics(self.name, self.counters)
 
     async def control(self, request: web.Request, path: str) -> web.StreamResponse | None:
         if path.startswith("browser-sessions"):

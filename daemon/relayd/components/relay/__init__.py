@@ -12,14 +12,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
 from relayd.component import Component, Context
 from relayd.components.relay.cluster import ClusterBus
 from relayd.components.relay.config import RelayConfig
 from relayd.components.relay.server import RelayServer
 from relayd.engines import EngineHealth, redact_url
 from relayd.logsetup import access_logger
+from relayd.metric_families import Metric, counter, gauge
 
 
 def _iso(ts: float) -> str:
@@ -103,24 +102,18 @@ class RelayComponent(Component):
 
     def metrics(self) -> Iterable[Metric]:
         core, labels, name = self.server.core, ["component"], [self.name]
-        gauge = GaugeMetricFamily("relayd_relay_clients", "Registered relay clients", labels=labels)
-        gauge.add_metric(name, core.registered)
-        yield gauge
-        gauge = GaugeMetricFamily("relayd_relay_connections", "Open relay WebSocket connections", labels=labels)
-        gauge.add_metric(name, len(core.connections))
-        yield gauge
-        for metric, help_text, value in (
+        yield gauge("relayd_relay_clients", "Registered relay clients", labels, [(name, core.registered)])
+        yield gauge("relayd_relay_connections", "Open relay WebSocket connections", labels,
+                    [(name, len(core.connections))])
+        counters = [
             ("relayd_relay_registrations", "Successful registrations", core.registrations),
             ("relayd_relay_forwarded", "peer_connection messages forwarded to a peer", core.forwarded),
             ("relayd_relay_errors", "peer_connection messages echoed back with an error "
              "(unknown peer, other identity)", core.echoed),
             ("relayd_relay_auth_failures", "Registrations refused by the auth method", self.server.auth_failures),
-        ):
-            counter = CounterMetricFamily(metric, help_text, labels=labels)
-            counter.add_metric(name, value)
-            yield counter
+        ]
         if self.bus is not None:
-            for metric, help_text, value in (
+            counters += [
                 ("relayd_relay_cluster_sent", "peer_connection messages published to another node", self.bus.sent),
                 ("relayd_relay_cluster_received", "peer_connection messages received from another node",
                  self.bus.received),
@@ -128,12 +121,8 @@ class RelayComponent(Component):
                  "the sender got an error", self.bus.failed),
                 ("relayd_relay_cluster_dropped", "malformed or misaddressed messages dropped from this "
                  "node's channel", self.bus.dropped),
-            ):
-                counter = CounterMetricFamily(metric, help_text, labels=labels)
-                counter.add_metric(name, value)
-                yield counter
-        closes = CounterMetricFamily("relayd_relay_closes", "Connections closed by the relay, by close code",
-                                     labels=["component", "code"])
-        for code, count in sorted(core.closes.items()):
-            closes.add_metric([self.name, str(code)], count)
-        yield closes
+            ]
+        for metric, help_text, value in counters:
+            yield counter(metric, help_text, labels, [(name, value)])
+        yield counter("relayd_relay_closes", "Connections closed by the relay, by close code", ["component", "code"],
+                      (([self.name, str(code)], count) for code, count in sorted(core.closes.items())))

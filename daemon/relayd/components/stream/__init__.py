@@ -17,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 from grpclib.server import Server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from relayd.auth.base import OAuthClientConfig
 from relayd.component import Component, Context
@@ -28,6 +27,7 @@ from relayd.components.stream.ports import PortPool
 from relayd.components.stream.service import ControlService
 from relayd.lifecycle import drain
 from relayd.logsetup import access_logger
+from relayd.metric_families import Metric, counter, gauge
 
 __all__ = ["StreamComponent", "StreamConfig"]
 
@@ -136,45 +136,23 @@ class StreamComponent(Component):
 
     def metrics(self) -> Iterable[Metric]:
         name, totals = self.name, self.plane.totals
-        sessions = GaugeMetricFamily("relayd_stream_sessions", "Stream sessions by state",
-                                     labels=["component", "state"])
         counts = {"setup": 0, "ready": 0, "active": 0}
         for s in self.manager.sessions:
             counts[s.state] = counts.get(s.state, 0) + 1
-        for state, count in counts.items():
-            sessions.add_metric([name, state], count)
-        yield sessions
-        ended = CounterMetricFamily("relayd_stream_sessions_ended", "Stream sessions ended, by reason",
-                                    labels=["component", "reason"])
-        for reason, count in self.manager.ended.items():
-            ended.add_metric([name, reason], count)
-        yield ended
-        moved = CounterMetricFamily("relayd_stream_bytes", "Bytes forwarded by the data plane",
-                                    labels=["component", "direction"])
-        moved.add_metric([name, "to_target"], totals.bytes_to_target)
-        moved.add_metric([name, "from_target"], totals.bytes_from_target)
-        yield moved
-        yield _gauge("relayd_stream_connections", "Open data-plane connections", name, totals.connections)
-        yield _counter("relayd_stream_connections_accepted", "Data-plane connections accepted", name,
-                       totals.connections_total)
-        yield _counter("relayd_stream_connect_failures", "Connections to targets that failed", name,
-                       totals.connect_failures)
-        yield _gauge("relayd_stream_ports_free", "Ports of the range not held by a session", name,
-                     self.pool.free)
-        rpcs = CounterMetricFamily("relayd_stream_rpcs", "scistream.Control calls by result",
-                                   labels=["component", "rpc", "code"])
-        for (rpc, code), count in sorted(self.service.calls.items()):
-            rpcs.add_metric([name, rpc, code], count)
-        yield rpcs
-
-
-def _gauge(metric: str, doc: str, component: str, value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(metric, doc, labels=["component"])
-    family.add_metric([component], value)
-    return family
-
-
-def _counter(metric: str, doc: str, component: str, value: float) -> CounterMetricFamily:
-    family = CounterMetricFamily(metric, doc, labels=["component"])
-    family.add_metric([component], value)
-    return family
+        yield gauge("relayd_stream_sessions", "Stream sessions by state", ["component", "state"],
+                    (([name, state], count) for state, count in counts.items()))
+        yield counter("relayd_stream_sessions_ended", "Stream sessions ended, by reason", ["component", "reason"],
+                      (([name, reason], count) for reason, count in self.manager.ended.items()))
+        yield counter("relayd_stream_bytes", "Bytes forwarded by the data plane", ["component", "direction"],
+                      [([name, "to_target"], totals.bytes_to_target),
+                       ([name, "from_target"], totals.bytes_from_target)])
+        labels, one = ["component"], [name]
+        yield gauge("relayd_stream_connections", "Open data-plane connections", labels, [(one, totals.connections)])
+        yield counter("relayd_stream_connections_accepted", "Data-plane connections accepted", labels,
+                      [(one, totals.connections_total)])
+        yield counter("relayd_stream_connect_failures", "Connections to targets that failed", labels,
+                      [(one, totals.connect_failures)])
+        yield gauge("relayd_stream_ports_free", "Ports of the range not held by a session", labels,
+                    [(one, self.pool.free)])
+        yield counter("relayd_stream_rpcs", "scistream.Control calls by result", ["component", "rpc", "code"],
+                      (([name, rpc, code], count) for (rpc, code), count in sorted(self.service.calls.items())))
