@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,20 @@ def plugin_site(tmp_path_factory) -> Path:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 from a throwaway CA: (cert.pem, key.pem, a client context
+    that trusts the CA)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    return tmp_path / "cert.pem", tmp_path / "key.pem", ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
 
 
 @pytest.fixture

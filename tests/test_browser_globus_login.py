@@ -9,14 +9,14 @@ skipped without them.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
+import configs
+from polling import wait_for
 from relayd.testing import free_port
 from test_http_proxy import Upstream
-from test_http_proxy_globus_login import tls_files  # noqa: F401
 
 webdriver = pytest.importorskip("selenium.webdriver")
 if not (shutil.which("chromium") and shutil.which("chromedriver")):
@@ -30,54 +30,10 @@ SUB = "11111111-2222-3333-4444-555555555555"
 
 
 def config(tls_port: int, cert, key, upstream: str, fake, extra: str = "", proxy_extra: str = "") -> str:
-    return f"""
-        [listeners.secure]
-        bind = "127.0.0.1:{tls_port}"
-        tls = {{ cert = "{cert}", key = "{key}" }}
-        [auth.browser]
-        method = "globus_login"
-        client_id = "{fake.client_id}"
-        client_secret = "{fake.client_secret}"
-        auth_base_url = "{fake.base_url.rstrip('/')}"
-        revoke_retry = 0.2
-        {extra}
-        [auth.open]
-        method = "none"
-        [components.web]
-        kind = "http_proxy"
-        auth = "browser"
-        {proxy_extra}
-        [components.web.services.app]
-        listeners = ["secure"]
-        from = "/app"
-        to = "{upstream}"
-        [components.web.services.public]
-        listeners = ["secure"]
-        from = "/public"
-        to = "{upstream}"
-        auth = "open"
-        [components.web.services.down]
-        listeners = ["secure"]
-        from = "/down"
-        to = "http://127.0.0.1:{free_port()}"
-        auth = "open"
-        [components.web.services.members]
-        listeners = ["secure"]
-        from = "/members"
-        to = "{upstream}"
-        members_only = true
-    """
-
-
-def wait_for(condition, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return configs.globus_login_proxy(
+        tls_port, cert, key, upstream, fake, auth_extra="revoke_retry = 0.2\n" + extra, proxy_extra=proxy_extra,
+        services=configs.service("web", "down", f"http://127.0.0.1:{free_port()}", listeners=["secure"], auth="open")
+        + configs.service("web", "members", upstream, listeners=["secure"], members_only=True))
 
 
 class Browser:
@@ -149,7 +105,7 @@ def browser(tmp_path):
     b.close()
 
 
-def test_browser_journey(relayd, fake_globus, tls_files, browser, tmp_path):  # noqa: F811
+def test_browser_journey(relayd, fake_globus, tls_files, browser, tmp_path):
     cert, key, _ = tls_files
     tls_port = free_port()
     fake = fake_globus
@@ -244,7 +200,7 @@ def test_browser_journey(relayd, fake_globus, tls_files, browser, tmp_path):  # 
     print("screenshots in", browser.shots)
 
 
-def test_browser_expired_session_and_refused_identity(relayd, fake_globus, tls_files, browser):  # noqa: F811
+def test_browser_expired_session_and_refused_identity(relayd, fake_globus, tls_files, browser):
     cert, key, _ = tls_files
     tls_port = free_port()
     fake = fake_globus

@@ -17,44 +17,20 @@ from typing import Self
 import psycopg
 import pytest
 
+import configs
+from polling import wait_for
 from relayd.testing import free_port
 from test_http_proxy import Upstream, basic, request
-from test_http_proxy_billing import Api, wait_for
+from test_http_proxy_billing import Api
 
-FLUSH = 0.2
 BOUND = 5.0  # relayd.state.pg.RESYNC: the documented propagation bound (NOTIFY is much faster)
 USERS = {"alice": "pw-a", "bob": "pw-b"}
 
 
 def node_config(name: str, url: str, port: int, mgmt: int, status: int, upstream: str) -> str:
-    return f"""
-        [state]
-        url = "{url}"
-        [cluster]
-        node = "{name}"
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        [listeners.mgmt]
-        bind = "127.0.0.1:{mgmt}"
-        [listeners.status]
-        bind = "127.0.0.1:{status}"
-        [auth.users]
-        method = "basic"
-        [components.health]
-        kind = "status"
-        listener = "status"
-        [components.web]
-        kind = "http_proxy"
-        auth = "users"
-        flush_interval = {FLUSH}
-        extra_listeners = ["web"]
-        management = {{ listener = "mgmt", token = "none" }}
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{upstream}"
-        members_only = true
-    """
+    return configs.config(configs.state(url), configs.cluster(name), configs.listeners(status=status),
+                          configs.auth(users="basic"), configs.status(), configs.billing_proxy(port, mgmt),
+                          configs.acme_service(upstream, members_only=True))
 
 
 class Node:

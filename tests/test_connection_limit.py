@@ -12,7 +12,6 @@ import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -20,6 +19,8 @@ from typing import ClassVar
 import pytest
 import uvloop
 
+import configs
+from polling import wait_for
 from relayd.accept_gate import RESERVED_FDS, GatedServer, backlog_length, plan_limits, serve_gated
 from relayd.config.model import ListenerConfig
 from relayd.listeners import Listener, bind_socket, make_server_ssl_context
@@ -27,17 +28,6 @@ from relayd.testing import RelaydProcess, free_port, get_text
 
 DEADLINE = 20.0
 LIMIT_WARNING = re.compile(r"listener (\S+): \d+ connections open, its max_connections \((\d+)\)")
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = DEADLINE) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        select.select([], [], [], 0.02)  # poll
 
 
 # -- the default formula --------------------------------------------------------------------------
@@ -349,27 +339,10 @@ def nofile_wrapper(limit: int) -> list[str]:
 
 
 def config(web: int, status: int, upstream: str, max_connections: int | None = None) -> str:
-    limit = f"max_connections = {max_connections}" if max_connections else ""
-    return f"""
-        [listeners.web]
-        bind = "127.0.0.1:{web}"
-        {limit}
-        [listeners.status]
-        bind = "127.0.0.1:{status}"
-        [auth.open]
-        method = "none"
-        [components.web]
-        kind = "http_proxy"
-        auth = "open"
-        flush_interval = 0.2
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{upstream}"
-        [components.status]
-        kind = "status"
-        listener = "status"
-    """
+    return configs.config(
+        configs.listener("web", web, max_connections=max_connections or None), configs.listeners(status=status),
+        configs.auth(open="none"), configs.http_proxy("web", auth="open", flush_interval=0.2),
+        configs.service("web", "acme", upstream, listeners=["web"]), configs.status("status"))
 
 
 def proxy_get(port: int, timeout: float = 10) -> tuple[int, bytes]:

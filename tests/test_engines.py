@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+import configs
 from relayd.engines import Engines, redact_url
 
 
@@ -46,21 +47,8 @@ def test_removing_an_unreachable_cluster_engine_by_reload_ends_degraded(relayd, 
     from relayd.testing import free_port, get_text
 
     status_port, dead_redis = free_port(), free_port()  # nothing listens on dead_redis
-    body = f"""
-[auth.open]
-method = "none"
-[listeners.relay]
-bind = "127.0.0.1:{port}"
-[listeners.status]
-bind = "127.0.0.1:{status_port}"
-[components.relay]
-kind = "relay"
-listener = "relay"
-auth = "open"
-[components.health]
-kind = "status"
-listener = "status"
-"""
+    body = configs.config(configs.auth(open="none"), configs.listeners(relay=port, status=status_port),
+                          configs.relay(), configs.status())
     daemon = relayd(body + f'[cluster]\nredis = "redis://:pw@127.0.0.1:{dead_redis}"\nnode = "n1"\n')
 
     def engines() -> dict:

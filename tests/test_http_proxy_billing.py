@@ -20,31 +20,17 @@ from pathlib import Path
 
 import pytest
 
+import configs
+from configs import FLUSH, acme_service, billing_proxy
+from polling import wait_for
 from relayd.testing import free_port
 from test_http_proxy import Upstream, basic, request
 
 JSON = {"Content-Type": "application/json"}
-FLUSH = 0.2
 
 
 def config(port: int, mgmt: int, *, auth: str = "users", extra: str = "") -> str:
-    return f"""
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        [listeners.mgmt]
-        bind = "127.0.0.1:{mgmt}"
-        [auth.users]
-        method = "basic"
-        [auth.open]
-        method = "none"
-        [components.web]
-        kind = "http_proxy"
-        auth = "{auth}"
-        flush_interval = {FLUSH}
-        extra_listeners = ["web"]
-        management = {{ listener = "mgmt", token = "none" }}
-        {extra}
-    """
+    return configs.config(configs.auth(users="basic", open="none"), billing_proxy(port, mgmt, auth=auth), extra)
 
 
 class Api:
@@ -57,18 +43,6 @@ class Api:
         status, _, raw = request(self.port, method, path, JSON if body is not None else None,
                                  None if body is None else json.dumps(body))
         return status, json.loads(raw) if raw else None
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0):
-    """Poll with a deadline (no sleeping for synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling interval
 
 
 def db_total(db: Path) -> int:
@@ -305,13 +279,7 @@ def test_created_service_json_is_echoed_field_by_field(relayd, port, tmp_path):
 def test_rejected_counts_persist_across_restart(relayd, port):
     mgmt = free_port()
     with Upstream() as up:
-        text = config(port, mgmt, extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        members_only = true
-        """)
+        text = config(port, mgmt, extra=acme_service(up.url, members_only=True))
         daemon = relayd(text)
         api = Api(mgmt)
         assert api("POST", "/services/acme/users", {"username": "alice", "password": "pw"})[0] == 200
@@ -329,13 +297,7 @@ def test_rejected_counts_persist_across_restart(relayd, port):
 def test_relayctl_members_add_remove_list(relayd, port):
     mgmt = free_port()
     with Upstream() as up:
-        daemon = relayd(config(port, mgmt, extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        members_only = true
-        """))
+        daemon = relayd(config(port, mgmt, extra=acme_service(up.url, members_only=True)))
         assert daemon.ctl("users", "add", "bob", input="pw-b\npw-b\n").returncode == 0
         assert request(port, "GET", "/acme/x", basic("bob", "pw-b"))[0] == 403  # not a member yet
         result = daemon.ctl("members", "add", "acme", "bob")
@@ -371,12 +333,7 @@ def test_relayctl_members_add_remove_list(relayd, port):
 def test_stats_json_has_one_shape_and_counts_users_with_counts(relayd, port):
     mgmt = free_port()
     with Upstream() as up:
-        daemon = relayd(config(port, mgmt, auth="open", extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        """))
+        daemon = relayd(config(port, mgmt, auth="open", extra=acme_service(up.url)))
         for _ in range(4):
             assert request(port, "GET", "/acme/q")[0] == 200
         result = daemon.ctl("stats", "--json")
@@ -439,12 +396,7 @@ def test_a_schema_1_database_keeps_its_totals_as_the_first_incarnation(relayd, p
                 ("gone", "dave", "", 4, 0, 0, 0, 4, 0, 0, 0, 0)]  # a runtime service deleted before
         conn.executemany("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     with Upstream() as up:
-        daemon = relayd(config(port, mgmt, auth="open", extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        """))
+        daemon = relayd(config(port, mgmt, auth="open", extra=acme_service(up.url)))
         api = Api(mgmt)
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
             assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 2
@@ -578,12 +530,7 @@ def test_disk_full_during_load_and_at_stop_loses_no_count(relayd, port, small_tm
     mgmt = free_port()
     db = small_tmpfs / "http_proxy-web.sqlite3"
     with Upstream() as up:
-        text = config(port, mgmt, auth="open", extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        """)
+        text = config(port, mgmt, auth="open", extra=acme_service(up.url))
         env = {"RELAYD_STATE_DIR": str(small_tmpfs)}
         daemon = relayd(text, env=env)
         api = Api(mgmt)
@@ -659,12 +606,7 @@ def test_disk_full_across_a_reload_the_new_component_replays_the_old_ones_journa
     mgmt = free_port()
     db = small_tmpfs / "http_proxy-web.sqlite3"
     with Upstream() as up:
-        daemon = relayd(config(port, mgmt, auth="open", extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        """), env={"RELAYD_STATE_DIR": str(small_tmpfs)})
+        daemon = relayd(config(port, mgmt, auth="open", extra=acme_service(up.url)), env={"RELAYD_STATE_DIR": str(small_tmpfs)})
         load = Load(port).start()
         load.wait_more(100, "requests")
         wait_for(lambda: db_total(db) > 0, "a first flush")
@@ -698,12 +640,7 @@ def test_sigkill_while_the_disk_is_full_keeps_the_journaled_counts(relayd, port,
     mgmt = free_port()
     db = small_tmpfs / "http_proxy-web.sqlite3"
     with Upstream() as up:
-        text = config(port, mgmt, auth="open", extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        """)
+        text = config(port, mgmt, auth="open", extra=acme_service(up.url))
         env = {"RELAYD_STATE_DIR": str(small_tmpfs)}
         daemon = relayd(text, env=env)
         load = Load(port).start()
@@ -734,12 +671,7 @@ def test_sigkill_under_load_loses_at_most_one_flush_interval(relayd, port, tmp_p
     mgmt = free_port()
     db = tmp_path / "state" / "http_proxy-web.sqlite3"
     with Upstream() as up:
-        daemon = relayd(config(port, mgmt, auth="open", extra=f"""
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{up.url}"
-        """))
+        daemon = relayd(config(port, mgmt, auth="open", extra=acme_service(up.url)))
         load = Load(port).start()
         load.wait_more(1500, "load")
         killed_at = time.monotonic()

@@ -8,49 +8,14 @@ import json
 import ssl
 
 import aiohttp
-import pytest
 
+import configs
 from relayd.testing import free_port
 from test_http_proxy import Upstream, echoed_headers
 
 
 def _config(port: int, tls_port: int, cert, key, upstream: str, fake, extra: str = "") -> str:
-    return f"""
-        [listeners.secure]
-        bind = "127.0.0.1:{tls_port}"
-        tls = {{ cert = "{cert}", key = "{key}" }}
-        [auth.browser]
-        method = "globus_login"
-        client_id = "{fake.client_id}"
-        client_secret = "{fake.client_secret}"
-        auth_base_url = "{fake.base_url.rstrip('/')}"
-        {extra}
-        [components.web]
-        kind = "http_proxy"
-        auth = "browser"
-        [auth.open]
-        method = "none"
-        [components.web.services.app]
-        listeners = ["secure"]
-        from = "/app"
-        to = "{upstream}"
-        [components.web.services.public]
-        listeners = ["secure"]
-        from = "/public"
-        to = "{upstream}"
-        auth = "open"
-    """
-
-
-@pytest.fixture
-def tls_files(tmp_path):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path / "cert.pem", tmp_path / "key.pem", ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    return configs.globus_login_proxy(tls_port, cert, key, upstream, fake, auth_extra=extra)
 
 
 async def _browse(url: str, context: ssl.SSLContext, steps):

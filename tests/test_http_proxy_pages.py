@@ -17,7 +17,6 @@ from relayd.components.http_proxy.pages import Pages, wants_html
 from relayd.testing import free_port
 from test_browser_globus_login import config
 from test_http_proxy import Upstream
-from test_http_proxy_globus_login import tls_files  # noqa: F401  (fixture)
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
@@ -90,7 +89,7 @@ def test_pages_escape_and_operator_templates_are_sandboxed(tmp_path: Path):
 # -- end to end ----------------------------------------------------------------------------------
 
 @pytest.fixture
-def proxy(relayd, fake_globus, tls_files):  # noqa: F811
+def proxy(relayd, fake_globus, tls_files):
     cert, key, client_context = tls_files
     tls_port = free_port()
     with Upstream() as up:
@@ -264,7 +263,7 @@ def test_relayctl_sessions_and_logout_user(proxy):
     run(base, context, steps)
 
 
-def test_operator_pages_dir(relayd, fake_globus, tls_files, tmp_path):  # noqa: F811
+def test_operator_pages_dir(relayd, fake_globus, tls_files, tmp_path):
     cert, key, context = tls_files
     tls_port = free_port()
     pages = tmp_path / "pages"
@@ -335,7 +334,7 @@ def test_sign_in_again_returns_to_the_referring_page(proxy):
     run(base, context, steps)
 
 
-def test_pending_revocations_survive_a_restart(relayd, fake_globus, tls_files):  # noqa: F811
+def test_pending_revocations_survive_a_restart(relayd, fake_globus, tls_files):
     cert, key, context = tls_files
     tls_port = free_port()
     fake = fake_globus
@@ -364,7 +363,7 @@ def test_pending_revocations_survive_a_restart(relayd, fake_globus, tls_files): 
             time.sleep(0.05)
 
 
-def test_idle_sessions_end(relayd, fake_globus, tls_files):  # noqa: F811
+def test_idle_sessions_end(relayd, fake_globus, tls_files):
     cert, key, context = tls_files
     tls_port = free_port()
     fake = fake_globus

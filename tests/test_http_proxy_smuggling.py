@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+import configs
 from http_recorder import Cut, RawClient, Recorded, Recorder, Response
 from relayd.cli.control_client import ControlClient
 from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
@@ -62,40 +63,15 @@ class Env:
 
 
 def _config(port: int, rec: Recorder, files_port: int) -> str:
-    return f"""
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        [auth.open]
-        method = "none"
-        [auth.users]
-        method = "basic"
-        [components.web]
-        kind = "http_proxy"
-        auth = "open"
-        flush_interval = 0.2
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{rec.url}/base"
-        read_timeout = 3
-        [components.web.services.priv]
-        listeners = ["web"]
-        from = "/priv"
-        to = "{rec.url}/base/priv"
-        auth = "users"
-        read_timeout = 3
-        [components.web.services.named]
-        listeners = ["web"]
-        from = "/named"
-        to = "{rec.url}/base/named"
-        server_names = ["named.test"]
-        read_timeout = 3
-        [components.web.services.files]
-        listeners = ["web"]
-        from = "/files"
-        to = "http://127.0.0.1:{files_port}/public"
-        read_timeout = 3
-    """
+    def service(name: str, to: str, **keys: object) -> str:
+        return configs.service("web", name, to, listeners=["web"], read_timeout=3, **keys)
+
+    return configs.config(
+        configs.listeners(web=port), configs.auth(open="none", users="basic"),
+        configs.http_proxy("web", auth="open", flush_interval=0.2),
+        service("acme", f"{rec.url}/base"), service("priv", f"{rec.url}/base/priv", auth="users"),
+        service("named", f"{rec.url}/base/named", server_names=["named.test"]),
+        service("files", f"http://127.0.0.1:{files_port}/public"))
 
 
 def _wait_listening(port: int, deadline: float) -> None:

@@ -12,6 +12,7 @@ import socket
 import pytest
 import websockets
 
+import configs
 from relayd.logsetup import JournalFormatter, TextFormatter, stream_is_journal
 from relayd.testing import free_port, start_relayd, write_config
 from stream_helpers import open_session, pb, port_range, stub
@@ -27,38 +28,12 @@ def _lines(daemon) -> list[str]:
 
 
 def _all_components(ports: dict[str, int], s2cs_ports, extra: str = "") -> str:
-    return f"""
-[auth.open]
-method = "none"
-[listeners.relay]
-bind = "127.0.0.1:{ports['relay']}"
-[listeners.status]
-bind = "127.0.0.1:{ports['status']}"
-[listeners.web]
-bind = "127.0.0.1:{ports['web']}"
-[listeners.ctl]
-bind = "127.0.0.1:{ports['ctl']}"
-[components.relay]
-kind = "relay"
-listener = "relay"
-auth = "open"
-{extra}
-[components.health]
-kind = "status"
-listener = "status"
-[components.proxy]
-kind = "http_proxy"
-auth = "open"
-extra_listeners = ["web"]
-{extra}
-[components.s2cs]
-kind = "stream"
-listener = "ctl"
-auth = "open"
-data_bind = "127.0.0.1"
-ports = "{s2cs_ports[0]}-{s2cs_ports[1]}"
-{extra}
-"""
+    """relay, status, http_proxy and stream on the listeners named by ports; extra: lines for
+    each component but status."""
+    return configs.config(
+        configs.auth(open="none"), configs.listeners(**ports), configs.relay() + extra, configs.status(),
+        configs.http_proxy("proxy", auth="open", extra_listeners=["web"]) + extra,
+        configs.stream("s2cs", ports=s2cs_ports) + extra)
 
 
 @pytest.fixture

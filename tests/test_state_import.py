@@ -5,39 +5,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import textwrap
 
 import psycopg
 
+import configs
+from polling import wait_for
 from relayd.testing import BIN, free_port
 from test_cluster_billing import USERS, pg_totals
 from test_http_proxy import Upstream, basic, request
-from test_http_proxy_billing import Api, db_total, wait_for
-
-FLUSH = 0.2
+from test_http_proxy_billing import Api, db_total
 
 
 def config(port: int, mgmt: int, upstream: str, url: str | None) -> str:
-    state = f'[state]\nurl = "{url}"\n' if url else ""
-    return state + textwrap.dedent(f"""
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        [listeners.mgmt]
-        bind = "127.0.0.1:{mgmt}"
-        [auth.users]
-        method = "basic"
-        [components.web]
-        kind = "http_proxy"
-        auth = "users"
-        flush_interval = {FLUSH}
-        extra_listeners = ["web"]
-        management = {{ listener = "mgmt", token = "none" }}
-        [components.web.services.acme]
-        listeners = ["web"]
-        from = "/acme"
-        to = "{upstream}"
-        members_only = true
-    """)
+    return configs.config(configs.state(url) if url else "", configs.auth(users="basic"),
+                          configs.billing_proxy(port, mgmt), configs.acme_service(upstream, members_only=True))
 
 
 def relayctl(config_dir, state_dir, *args: str) -> subprocess.CompletedProcess:

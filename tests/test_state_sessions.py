@@ -5,27 +5,14 @@ local fake Globus Auth, with one cookie jar (cookies are per host, not per port)
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 
 import aiohttp
-import pytest
 
 from relayd.testing import free_port
 from test_cluster_billing import BOUND
 from test_http_proxy import Upstream
 from test_http_proxy_globus_login import _browse, _config
-
-
-@pytest.fixture
-def tls_files(tmp_path):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path / "cert.pem", tmp_path / "key.pem", ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
 
 
 async def _poll(session: aiohttp.ClientSession, url: str, want: int, what: str) -> float:

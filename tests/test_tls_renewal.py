@@ -15,6 +15,7 @@ import pytest
 import trustme
 import websockets
 
+import configs
 import scistream_pb2_grpc as pb_grpc
 from relayd.testing import free_port, start_relayd, write_config
 from stream_helpers import pb, port_range
@@ -52,34 +53,13 @@ def test_every_component_serves_the_renewed_certificate_after_reload(tmp_path, c
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     _issue(ca, "first", cert, key)
     ports = {k: free_port() for k in KINDS}
-    tls = f'tls = {{ cert = "{cert}", key = "{key}" }}'
     s2cs = port_range(4)
     with Upstream() as upstream:
-        config = """
-[auth.open]
-method = "none"
-""" + "".join(f'[listeners.{k}]\nbind = "127.0.0.1:{ports[k]}"\n{tls}\n' for k in KINDS) + f"""
-[components.relay]
-kind = "relay"
-listener = "relay"
-auth = "open"
-[components.health]
-kind = "status"
-listener = "status"
-[components.proxy]
-kind = "http_proxy"
-auth = "open"
-[components.proxy.services.acme]
-listeners = ["web"]
-from = "/acme"
-to = "{upstream.url}"
-[components.s2cs]
-kind = "stream"
-listener = "ctl"
-auth = "open"
-data_bind = "127.0.0.1"
-ports = "{s2cs[0]}-{s2cs[1]}"
-"""
+        tls = {"cert": str(cert), "key": str(key)}
+        config = configs.config(
+            configs.auth(open="none"), *(configs.listener(k, ports[k], tls=tls) for k in KINDS),
+            configs.relay(), configs.status(), configs.http_proxy("proxy", auth="open"),
+            configs.service("proxy", "acme", upstream.url, listeners=["web"]), configs.stream("s2cs", ports=s2cs))
         daemon = start_relayd(tmp_path, write_config(tmp_path / "etc", config))
         client = _client(ca)
         h2 = _client(ca, ["h2"])
@@ -143,14 +123,8 @@ def test_a_broken_renewal_is_rejected_and_the_old_certificate_kept(tmp_path, ca)
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     _issue(ca, "first", cert, key)
     port = free_port()
-    config = f"""
-[listeners.status]
-bind = "127.0.0.1:{port}"
-tls = {{ cert = "{cert}", key = "{key}" }}
-[components.health]
-kind = "status"
-listener = "status"
-"""
+    config = configs.config(configs.listener("status", port, tls={"cert": str(cert), "key": str(key)}),
+                            configs.status())
     daemon = start_relayd(tmp_path, write_config(tmp_path / "etc", config))
     try:
         other = trustme.CA().issue_cert("127.0.0.1", common_name="mismatch")
