@@ -13,6 +13,7 @@ import pytest
 import websockets
 
 import configs
+from polling import wait_for
 from relayd.logsetup import JournalFormatter, TextFormatter, stream_is_journal
 from relayd.testing import free_port, start_relayd, write_config
 from stream_helpers import open_session, pb, port_range, stub
@@ -121,16 +122,6 @@ def _access(daemon, component: str) -> list[str]:
             if f"INFO relayd.access.{component}: " in l]
 
 
-def _wait(predicate, timeout=10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-    return value
-
-
 def test_http_proxy_access_log_without_credentials(relayd, port):
     with Upstream() as upstream:
         daemon = relayd(proxy_config(port, upstream.url, auth="users", extra="access_log = true"))
@@ -140,7 +131,8 @@ def test_http_proxy_access_log_without_credentials(relayd, port):
         assert status == 200
         status, _, _ = request(port, "POST", "/acme/up", {"Authorization": auth}, body=b"x" * 1000)
         assert status == 200
-        lines = _wait(lambda: len(_access(daemon, "web")) >= 2 and _access(daemon, "web"))
+        lines = wait_for(lambda: len(_access(daemon, "web")) >= 2 and _access(daemon, "web"), "two web access lines",
+                         timeout=10.0)
     first = lines[0]
     assert re.fullmatch(r"client=127\.0\.0\.1 user=alice service=acme method=GET path=/acme/data status=200 "
                         r"bytes_in=\d+ bytes_out=\d+ duration=\d+\.\d{3}", first), first
@@ -175,7 +167,7 @@ def test_relay_and_stream_access_logs(tmp_path, ports):
                                           "message_type": "relay_registration"}))
                 await ws.recv()
         asyncio.run(asyncio.wait_for(relay_client(), 30))
-        line = _wait(lambda: _access(daemon, "relay"))[0]
+        line = wait_for(lambda: _access(daemon, "relay"), "a relay access line", timeout=10.0)[0]
         assert re.fullmatch(r"client=127\.0\.0\.1:\d+ user=anonymous name=alpha "
                             r"uuid=11111111-1111-1111-1111-111111111111 close=1000 messages_in=1 "
                             r"messages_out=1 bytes_in=\d+ bytes_out=\d+ duration=\d+\.\d{3}", line), line
@@ -197,7 +189,7 @@ def test_relay_and_stream_access_logs(tmp_path, ports):
         control_stub.release(pb.Release(uid="sess-1"), timeout=10)
         channel.close()
         app.close()
-        line = _wait(lambda: _access(daemon, "s2cs"))[0]
+        line = wait_for(lambda: _access(daemon, "s2cs"), "a stream access line", timeout=10.0)[0]
         assert re.fullmatch(r"session=sess-1 user=anonymous role=PROD num_conn=1 rate=10000 "
                             r"targets=127\.0\.0\.1:\d+ reason=released bytes_to_target=5000 "
                             r"bytes_from_target=0 connections=1 duration=\d+\.\d{3}", line), line

@@ -7,10 +7,10 @@ import json
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polling import wait_for
 from relayd.testing import free_port
 
 
@@ -115,11 +115,7 @@ class Looper(threading.Thread):
 
 
 def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        threading.Event().wait(0.005)  # yield to the client threads; polled with a deadline
+    wait_for(predicate, what, timeout, interval=0.005)  # a short interval: the client threads run between polls
 
 
 def status(daemon) -> dict:
