@@ -10,7 +10,6 @@ keeps serving. Replaced objects are stopped after the swap, in the background.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -22,13 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from relayd import __version__
-from relayd.accept_gate import LimitPlan, nofile_limit, plan_limits, raise_nofile_limit
 from relayd.auth.base import AuthMethod
 from relayd.component import Component, Context
 from relayd.config import ConfigError, LoadedConfig, Problem, load_config
-from relayd.config.model import iter_refs
 from relayd.control import ControlServer
+from relayd.daemon_status import StatusReport
 from relayd.engines import Engines
+from relayd.fd_limits import nofile_limit, plan_limits, raise_nofile_limit
+from relayd.generation import (
+    Generation,
+    ReloadResult,
+    apply_limits,
+    component_fingerprint,
+    engines_key,
+    fingerprint_of,
+    secret_values,
+)
 from relayd.lifecycle import Lifecycle, State
 from relayd.listeners import Listener, ListenerError, SocketPool
 from relayd.logsetup import configure_logging
@@ -39,50 +47,6 @@ log = logging.getLogger("relayd")
 EXIT_STOP_FAILED = 74  # EX_IOERR: a component could not stop cleanly (e.g. counts held in a journal)
 
 
-def _engines_key(settings: Any) -> str:
-    """Where state and cluster live: a change rebuilds every component and auth method."""
-    state_url = settings.state.url.get_secret_value() if settings.state.url else ""
-    redis_url = settings.cluster.redis.get_secret_value() if settings.cluster.redis else ""
-    return _fingerprint(str(settings.state_dir), state_url, redis_url, settings.cluster.node)
-
-
-def _fingerprint(*parts: Any) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
-
-
-@dataclass
-class Generation:
-    number: int
-    config: LoadedConfig
-    listeners: dict[str, Listener]
-    listener_keys: dict[str, tuple[str, object]]
-    auth: dict[str, AuthMethod]
-    components: dict[str, Component]
-    fingerprints: dict[str, str]  # "auth.NAME" / "components.NAME" -> fingerprint
-    limits: LimitPlan  # max_connections of each listener
-    loaded_at: float = field(default_factory=time.time)
-
-
-@dataclass
-class ReloadResult:
-    ok: bool
-    generation: int
-    message: str
-    errors: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    at: float = field(default_factory=time.time)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "generation": self.generation,
-            "message": self.message,
-            "errors": self.errors,
-            "changed": self.changed,
-            "at": self.at,
-        }
-
-
 @dataclass
 class DaemonOptions:
     config_path: Path
@@ -90,7 +54,7 @@ class DaemonOptions:
     environ: dict[str, str] | None = None
 
 
-class Daemon:
+class Daemon(StatusReport):
     def __init__(self, options: DaemonOptions, registry: Registry | None = None) -> None:
         self.options = options
         self.registry = registry or Registry.discover()
@@ -172,12 +136,12 @@ class Daemon:
 
         try:
             await build("auth", settings.auth,
-                        lambda _, t: _fingerprint(t.model_dump(mode="json"), self._secret_values(t),
-                                                  _engines_key(settings)),
+                        lambda _, t: fingerprint_of(t.model_dump(mode="json"), secret_values(t),
+                                                    engines_key(settings)),
                         old.auth if old else {}, auth, new_auth)
             context.auth = auth
             await build("components", settings.components,
-                        lambda n, t: self._component_fingerprint(settings, n, t, fingerprints),
+                        lambda n, t: component_fingerprint(settings, n, t, fingerprints),
                         old.components if old else {}, components, new_components)
         except Exception as exc:
             await self._stop_all(new_components, new_auth, drain_timeout=0)
@@ -198,51 +162,10 @@ class Daemon:
         generation = Generation(number, config, listeners, listener_keys, auth, components, fingerprints, limits)
         return generation, changed + [f"{r} (removed)" for r in removed]
 
-    def _component_fingerprint(self, settings: Any, name: str, cconf: Any, fps: dict[str, str]) -> str:
-        refs = []
-        for _path, table, target in iter_refs(cconf):
-            if table == "listeners":
-                # Not max_connections: the listener's gate applies a new one in place.
-                refs.append((table, target, settings.listeners[target].model_dump(
-                    mode="json", exclude={"max_connections"})))
-            elif table == "auth":
-                refs.append((table, target, fps.get(f"auth.{target}")))
-            else:
-                refs.append((table, target, getattr(settings, table)[target].model_dump(mode="json")))
-        return _fingerprint(cconf.model_dump(mode="json"), self._secret_values(cconf), refs, _engines_key(settings))
-
-    @staticmethod
-    def _secret_values(model: Any) -> list[str]:
-        """Secrets take part in fingerprints (a rotated secret must rebuild), never in output."""
-        from pydantic import BaseModel, SecretStr
-
-        found: list[str] = []
-
-        def walk(value: Any) -> None:
-            if isinstance(value, SecretStr):
-                found.append(value.get_secret_value())
-            elif isinstance(value, BaseModel):
-                for name in type(value).model_fields:
-                    walk(getattr(value, name))
-            elif isinstance(value, dict):
-                for item in value.values():
-                    walk(item)
-            elif isinstance(value, (list, tuple)):
-                for item in value:
-                    walk(item)
-
-        walk(model)
-        import hashlib
-
-        return [hashlib.sha256(s.encode()).hexdigest() for s in found]
-
     def _release_sockets(self, keep: Generation | None) -> None:
         in_use = set(keep.listener_keys.values()) if keep else set()
         self.pool.discard_tls()  # certificates re-read for a generation that will not serve
         self.pool.release_unused(in_use)
-
-    def state_of(self, obj: Lifecycle) -> State:
-        return self.states.get(obj, State.CREATED)
 
     def serving_component(self, name: str) -> Component | None:
         return self.generation.components.get(name) if self.generation is not None else None
@@ -309,7 +232,7 @@ class Daemon:
             self.generation = new
             self._forget_unused_engines(new)
             self.pool.install_tls(set(new.listener_keys.values()))
-            self._apply_limits(new)
+            apply_limits(new)
             self._renewed(old, new)
             self._retire(old, new)
             result = ReloadResult(True, new.number, f"generation {new.number} serving", [], changed)
@@ -370,79 +293,6 @@ class Daemon:
         if settings.state.url is None:
             self.engines.unregister("state")
 
-    def _apply_limits(self, gen: Generation) -> None:
-        """Set each listener's max_connections (gates outlive generations), warn if too many."""
-        plan = gen.limits
-        for name, listener in gen.listeners.items():
-            assert listener.gate is not None
-            listener.gate.set_limit(plan.limits[name], name)
-        log.debug("max_connections: %s (RLIMIT_NOFILE %d, %d reserved)",
-                  ", ".join(f"{n}={v}" for n, v in plan.limits.items()) or "no listeners",
-                  plan.nofile, plan.reserved)
-        warning = plan.warning()
-        if warning:
-            log.warning("%s", warning)
-
-    # -- status ----------------------------------------------------------------------------
-
-    def status_line(self) -> str:
-        gen = self.generation
-        if gen is None:
-            return "starting"
-        clients = sum(int(c.status().get("clients", 0) or 0) for c in gen.components.values())
-        return f"generation {gen.number}: {len(gen.components)} components, {clients} clients"
-
-    def status(self) -> dict[str, Any]:
-        gen = self.generation
-        assert gen is not None
-        components = {}
-        for name, component in gen.components.items():
-            entry = {"kind": component.kind, "state": self.state_of(component).value, **component.status()}
-            warnings = self._component_warnings(gen, component)
-            if warnings:
-                entry["warnings"] = warnings
-            components[name] = entry
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime": time.time() - self.started_at,
-            "generation": gen.number,
-            "loaded_at": gen.loaded_at,
-            "config_files": [str(p) for p in gen.config.files],
-            "last_reload": self.last_reload.as_dict() if self.last_reload else None,
-            "reloads": dict(self.reload_counts),
-            "listeners": {
-                n: {"addresses": l.addresses, "tls": l.ssl_context is not None, "activated": l.activated,
-                    **l.gate.status()}  # type: ignore[union-attr]
-                for n, l in gen.listeners.items()
-            },
-            "components": components,
-            "node": gen.config.settings.cluster.node,
-            "engines": self.engines.as_dict(),
-            "degraded": self.engines.degraded(),
-            "draining": sorted(self.retiring),
-            "stopping": self.stopping,
-        }
-
-    @staticmethod
-    def _component_warnings(gen: Generation, component: Component) -> list[str]:
-        warnings = []
-        refs = list(iter_refs(component.config))
-        listeners = {t for _, table, t in refs if table == "listeners"}
-        for _, table, target in refs:
-            if table == "auth" and gen.auth.get(target) and gen.auth[target].allows_anonymous:
-                public = [n for n in listeners if n in gen.listeners and not gen.listeners[n].is_loopback]
-                if public:
-                    warnings.append(
-                        f"AUTH DISABLED: auth method {target!r} lets anyone in, on non-loopback "
-                        f"listener(s) {', '.join(sorted(public))}"
-                    )
-        try:
-            warnings += component.warnings()
-        except Exception:  # a broken plugin must not break `relayctl status`
-            log.exception("warnings of component %s failed", component.name)
-        return warnings
-
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -453,7 +303,7 @@ class Daemon:
         if now != before:
             log.info("raised the open file limit (RLIMIT_NOFILE) from %d to %d", before, now)
         self.generation, _ = await self._build(config, None)
-        self._apply_limits(self.generation)
+        apply_limits(self.generation)
         self.control = ControlServer(self)
         await self.control.start(config.settings.control, self.pool.activated)
         self.last_reload = ReloadResult(True, 1, "started")
