@@ -30,106 +30,32 @@ once from ``connection_lost``. For TLS the gate puts its own TLS layer (the loop
 between the transport and the component's protocol and counts the raw connection: a component's
 protocol never hears of a connection whose handshake failed, which would otherwise keep its slot.
 
-The default limit. See :func:`plan_limits` and relayd.toml(5), LISTENERS.
+The default limit. See :func:`relayd.fd_limits.plan_limits` and relayd.toml(5), LISTENERS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import socket
 import ssl
 import struct
 import sys
 import time
 from asyncio import sslproto
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
+
+# The limits themselves live in relayd.fd_limits; imported from here by older code and tests.
+from relayd.fd_limits import RESERVED_FDS, LimitPlan, nofile_limit, plan_limits, raise_nofile_limit
 
 log = logging.getLogger("relayd.listeners")
 
-# The default max_connections; see plan_limits().
-RESERVED_FDS = 64  # relayd itself: stdio, epoll and event fds, listening sockets and their dups,
-#                    the control socket and its clients, state databases (SQLite + WAL), logs
-HEADROOM_DIVISOR = 8  # plus nofile/8: idle upstream pools, splice pipes, auth HTTP clients
-FDS_PER_CONNECTION = 2  # an http_proxy client and its upstream (splice falls back to copying
-#                         when no descriptors are left for its pipe)
 UNLIMITED = sys.maxsize
 RETRY_DELAY = 1.0  # seconds before trying again to accept after a failure (e.g. EMFILE on dup)
 
 Release = Callable[[], None]
 Attach = Callable[[Any, Release], None]
-
-
-# -- RLIMIT_NOFILE and the default limits --------------------------------------------------------
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit, as nginx and systemd advise; (before, now).
-
-    systemd's default soft limit is 1024 (for select()-based programs); relayd uses epoll and
-    may use up to the hard limit (LimitNOFILE= in relayd.service sets both).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard or hard == resource.RLIM_INFINITY:
-        return soft, soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("cannot raise the open file limit (RLIMIT_NOFILE) from %d to %d: %s", soft, hard, exc)
-        return soft, soft
-    return soft, hard
-
-
-def nofile_limit() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
-
-
-@dataclass(frozen=True)
-class LimitPlan:
-    """max_connections of every listener of one configuration, with how they were derived."""
-
-    nofile: int
-    reserved: int  # descriptors kept for relayd itself
-    capacity: int  # connections that the rest serves, at FDS_PER_CONNECTION each
-    limits: dict[str, int]
-    default: int | None  # for listeners without max_connections (None: every one sets it)
-    explicit: dict[str, int] = field(default_factory=dict)
-
-    def warning(self) -> str | None:
-        """A message when explicit max_connections add up to more than the file limit serves."""
-        total = sum(self.explicit.values())
-        if not self.explicit or total <= self.capacity:
-            return None
-        listed = ", ".join(f"{name} ({value})" for name, value in sorted(self.explicit.items()))
-        return (f"max_connections of listener(s) {listed} add up to {total} connections, more than "
-                f"the open file limit (RLIMIT_NOFILE {self.nofile}) serves: about {self.capacity} at "
-                f"{FDS_PER_CONNECTION} descriptors each, after {self.reserved} kept for relayd itself. "
-                "Near that many connections accept() and upstream connections fail with EMFILE (and "
-                "the control socket and other listeners with them); lower max_connections or raise "
-                "LimitNOFILE= in relayd.service")
-
-
-def plan_limits(explicit: Mapping[str, int | None], nofile: int) -> LimitPlan:
-    """The max_connections of each listener, for a soft RLIMIT_NOFILE of `nofile`.
-
-    reserved = RESERVED_FDS + nofile // HEADROOM_DIVISOR     (64 + 1/8 of the limit)
-    capacity = (nofile - reserved) // FDS_PER_CONNECTION      (2 descriptors per connection)
-    default  = (capacity - sum of explicit max_connections) // listeners without one, at least 1
-
-    E.g. 65536 (LimitNOFILE= of relayd.service) with two listeners: 14320 each; 1024: 208 each.
-    Every listener gets a share, so one at its limit leaves the others (the status listener,
-    the control socket) their descriptors.
-    """
-    reserved = RESERVED_FDS + nofile // HEADROOM_DIVISOR
-    capacity = max(0, nofile - reserved) // FDS_PER_CONNECTION
-    fixed = {name: value for name, value in explicit.items() if value is not None}
-    derived = [name for name, value in explicit.items() if value is None]
-    default = max(1, (capacity - sum(fixed.values())) // len(derived)) if derived else None
-    limits = {name: fixed.get(name, default) for name in explicit}
-    return LimitPlan(nofile, reserved, capacity, limits, default, fixed)  # type: ignore[arg-type]
 
 
 # -- the gate ----------------------------------------------------------------------------------
@@ -313,18 +239,21 @@ def _counted_tls(base: type) -> type:
 
 
 _AsyncioTLS = _counted_tls(sslproto.SSLProtocol)
+_UvloopLoop: type | None
+_UvloopTLS: type | None
 try:
     import uvloop
-    from uvloop.loop import SSLProtocol as _UvloopSSLProtocol  # type: ignore[attr-defined]
+    from uvloop import loop as _uvloop_loop
 except ImportError:  # pragma: no cover - uvloop is a dependency
-    uvloop = None  # type: ignore[assignment]
-    _UvloopTLS = None
+    _UvloopLoop = _UvloopTLS = None
 else:
-    _UvloopTLS = _counted_tls(_UvloopSSLProtocol)
+    _UvloopLoop = uvloop.Loop
+    # uvloop's stubs do not declare its TLS layer, a Cython class of uvloop.loop.
+    _UvloopTLS = _counted_tls(vars(_uvloop_loop)["SSLProtocol"])
 
 
 def _tls_class(loop: asyncio.AbstractEventLoop) -> type:
-    if _UvloopTLS is not None and isinstance(loop, uvloop.Loop):
+    if _UvloopLoop is not None and _UvloopTLS is not None and isinstance(loop, _UvloopLoop):
         return _UvloopTLS
     return _AsyncioTLS
 
@@ -347,7 +276,7 @@ class GatedServer:
         self.ssl = ssl
         self.attach = attach
         self.ssl_handshake_timeout = ssl_handshake_timeout
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.Server] = []
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tls_class: type | None = None
@@ -379,7 +308,7 @@ class GatedServer:
 
     @property
     def sockets(self) -> list[Any]:
-        return [sock for server in self.servers for sock in server.sockets]  # type: ignore[attr-defined]
+        return [sock for server in self.servers for sock in server.sockets]
 
     @property
     def is_serving(self) -> bool:
@@ -470,3 +399,8 @@ async def serve_gated(listener: GatedListener, protocol_factory: Callable[[], An
     server = GatedServer(listener, protocol_factory, ssl=ssl, attach=attach)
     await server.start()
     return server
+
+
+__all__ = ["RESERVED_FDS", "UNLIMITED", "AcceptGate", "Attach", "GatedListener", "GatedServer", "LimitPlan",
+           "Release", "backlog_length", "nofile_limit", "plan_limits", "raise_nofile_limit", "serve_gated",
+           "set_on_closed"]
