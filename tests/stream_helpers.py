@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import select
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -125,6 +128,98 @@ def open_session(control, uid: str, role: str, num_conn: int, targets: list[str]
     updated = control.update(pb.UpdateTargets(uid=uid, remote_listeners=targets, role=role),
                              metadata=md(token), timeout=10)
     return response, updated
+
+
+# -- watching a relayd process and moving checked bytes (the data-plane tests) ----------------
+
+CHUNK = 1 << 20
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_listing(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(f"{fd}:{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def process_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def back_to(pid: int, fds: int, threads: int) -> None:
+    """relayd's descriptors and threads return to a baseline (the listing if they do not)."""
+    try:
+        poll_until(lambda: open_fds(pid) <= fds and thread_count(pid) <= threads, "descriptors and threads back")
+    except AssertionError:
+        raise AssertionError(f"{open_fds(pid)} descriptors (was {fds}), {thread_count(pid)} threads (was "
+                             f"{threads}): {fd_listing(pid)}") from None
+
+
+def poll_until(condition, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not true after {timeout}s")
+        time.sleep(0.02)
+
+
+def chunk_stream(seed: int):
+    """Distinct 1 MiB chunks (a counter over a random block): a chunk lost, repeated or swapped
+    changes the hash. Cheap to make, so 1 GiB costs only the hashing."""
+    block = bytearray(os.urandom(CHUNK))
+    i = 0
+    while True:
+        struct.pack_into("<QQ", block, 0, seed, i)
+        yield block
+        i += 1
+
+
+def send_stream(sock: socket.socket, total: int, seed: int, digest) -> None:
+    chunks = chunk_stream(seed)
+    left = total
+    while left:
+        chunk = memoryview(next(chunks))[:min(CHUNK, left)]
+        sock.sendall(chunk)
+        digest.update(chunk)
+        left -= len(chunk)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def drain(sock: socket.socket, digest) -> int:
+    got = 0
+    buf = bytearray(CHUNK)
+    while n := sock.recv_into(buf):
+        digest.update(memoryview(buf)[:n])
+        got += n
+    return got
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """True once the peer has closed (EOF or reset); reads and drops what is still queued."""
+    try:
+        while select.select([sock], [], [], 0)[0]:
+            if not sock.recv(1 << 20):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return False
 
 
 __all__ = ["free_port", "pb"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import select
 import socket
 import struct
@@ -20,10 +19,27 @@ from pathlib import Path
 import grpc
 import pytest
 
-from stream_helpers import auth_none, free_port, open_session, pb, port_range, start, stream_config, stub
+from stream_helpers import (
+    auth_none,
+    back_to,
+    chunk_stream,
+    drain,
+    free_port,
+    open_fds,
+    open_session,
+    pb,
+    peer_closed,
+    poll_until,
+    port_range,
+    process_rss,
+    send_stream,
+    start,
+    stream_config,
+    stub,
+    thread_count,
+)
 
 GiB = 1 << 30
-CHUNK = 1 << 20
 MB = 1_000_000
 
 
@@ -55,93 +71,6 @@ def _row(daemon, uid: str) -> dict:
     return next(r for r in rows if r["uid"] == uid)
 
 
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _fd_list(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            out.append(f"{fd}:{os.readlink(f'/proc/{pid}/fd/{fd}')}")
-        except OSError:
-            pass
-    return sorted(out)
-
-
-def _threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def _back_to(pid: int, fds: int, threads: int) -> None:
-    """relayd's descriptors and threads return to a baseline (the listing if they do not)."""
-    try:
-        _poll(lambda: _fds(pid) <= fds and _threads(pid) <= threads, "descriptors and threads back")
-    except AssertionError:
-        raise AssertionError(f"{_fds(pid)} descriptors (was {fds}), {_threads(pid)} threads (was "
-                             f"{threads}): {_fd_list(pid)}") from None
-
-
-def _poll(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still not true after {timeout}s")
-        time.sleep(0.02)
-
-
-def _stream(seed: int):
-    """Distinct 1 MiB chunks (a counter over a random block): a chunk lost, repeated or swapped
-    changes the hash. Cheap to make, so 1 GiB costs only the hashing."""
-    block = bytearray(os.urandom(CHUNK))
-    i = 0
-    while True:
-        struct.pack_into("<QQ", block, 0, seed, i)
-        yield block
-        i += 1
-
-
-def _send(sock: socket.socket, total: int, seed: int, digest) -> None:
-    chunks = _stream(seed)
-    left = total
-    while left:
-        chunk = memoryview(next(chunks))[:min(CHUNK, left)]
-        sock.sendall(chunk)
-        digest.update(chunk)
-        left -= len(chunk)
-    sock.shutdown(socket.SHUT_WR)
-
-
-def _drain(sock: socket.socket, digest) -> int:
-    got = 0
-    buf = bytearray(CHUNK)
-    while n := sock.recv_into(buf):
-        digest.update(memoryview(buf)[:n])
-        got += n
-    return got
-
-
-def _closed(sock: socket.socket) -> bool:
-    """True once the peer has closed (EOF or reset); reads and drops what is still queued."""
-    try:
-        while select.select([sock], [], [], 0)[0]:
-            if not sock.recv(1 << 20):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    return False
-
-
 # -- hostile peers first --------------------------------------------------------------------
 
 
@@ -151,7 +80,7 @@ def test_hostile_peers_leave_no_descriptor_or_thread(plane):
     daemon, control, app = plane
     pid = daemon.process.pid
     [address] = _session(control, "hostile", app)
-    fds, threads = _fds(pid), _threads(pid)
+    fds, threads = open_fds(pid), thread_count(pid)
 
     for _ in range(20):  # connect and reset before relayd has dialled the target
         c = socket.create_connection(address)
@@ -173,7 +102,7 @@ def test_hostile_peers_leave_no_descriptor_or_thread(plane):
             pass
         return _row(daemon, "hostile")["connections"] == 0
 
-    _poll(settled, "the reset clients' connections end")
+    poll_until(settled, "the reset clients' connections end")
     settled()
     for s in accepted:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -187,11 +116,11 @@ def test_hostile_peers_leave_no_descriptor_or_thread(plane):
     assert served.recv(1 << 16)
     served.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     served.close()
-    _poll(lambda: _closed(client), "the client sees the target's reset")
+    poll_until(lambda: peer_closed(client), "the client sees the target's reset")
     client.close()
 
-    _poll(lambda: _row(daemon, "hostile")["connections"] == 0, "connections end")
-    _back_to(pid, fds, threads)
+    poll_until(lambda: _row(daemon, "hostile")["connections"] == 0, "connections end")
+    back_to(pid, fds, threads)
 
 
 # -- bytes ------------------------------------------------------------------------------------
@@ -204,7 +133,7 @@ def test_one_gib_is_byte_exact_and_counted(plane, num_conn):
     connection) and are gone afterwards."""
     daemon, control, app = plane
     pid = daemon.process.pid
-    threads0 = _threads(pid)
+    threads0 = thread_count(pid)
     uid = f"gib-{num_conn}"
     addresses = _session(control, uid, app, num_conn=num_conn)
     assert len(addresses) == num_conn
@@ -225,8 +154,8 @@ def test_one_gib_is_byte_exact_and_counted(plane, num_conn):
     def client_side(i, address):
         with socket.create_connection(address, timeout=120) as c:
             sent, got = hashlib.sha256(), hashlib.sha256()
-            reader = guarded(lambda: results.__setitem__(("client got", i), (_drain(c, got), got.hexdigest())))
-            _send(c, up, i, sent)
+            reader = guarded(lambda: results.__setitem__(("client got", i), (drain(c, got), got.hexdigest())))
+            send_stream(c, up, i, sent)
             reader.join(300)
             results[("client sent", i)] = sent.hexdigest()
 
@@ -247,8 +176,8 @@ def test_one_gib_is_byte_exact_and_counted(plane, num_conn):
             def serve(s=s, seed=seed, head=head):
                 got, sent = hashlib.sha256(), hashlib.sha256()
                 got.update(head)
-                writer = guarded(_send, s, down, 1000 + seed, sent)
-                n = 16 + _drain(s, got)
+                writer = guarded(send_stream, s, down, 1000 + seed, sent)
+                n = 16 + drain(s, got)
                 writer.join(300)
                 results[("app got", seed)] = (n, got.hexdigest())
                 results[("app sent", seed)] = sent.hexdigest()
@@ -261,16 +190,16 @@ def test_one_gib_is_byte_exact_and_counted(plane, num_conn):
     server = guarded(app_side)
     clients = [guarded(client_side, i, a) for i, a in enumerate(addresses)]
     # two splice threads per connection while they run
-    _poll(lambda: errors or _threads(pid) >= threads0 + 2 * num_conn, "splice threads start", 60)
+    poll_until(lambda: errors or thread_count(pid) >= threads0 + 2 * num_conn, "splice threads start", 60)
     for t in [*clients, server]:
         t.join(600)
     assert not errors, errors
     for i in range(num_conn):
         assert results[("app got", i)] == (up, results[("client sent", i)])
         assert results[("client got", i)] == (down, results[("app sent", i)])
-    row = _poll(lambda: (r := _row(daemon, uid))["connections"] == 0 and r, "connections end")
+    row = poll_until(lambda: (r := _row(daemon, uid))["connections"] == 0 and r, "connections end")
     assert row["bytes_to_target"] == GiB and row["bytes_from_target"] == num_conn * down
-    _poll(lambda: _threads(pid) <= threads0, f"threads back to {threads0}")
+    poll_until(lambda: thread_count(pid) <= threads0, f"threads back to {threads0}")
 
 
 def test_rate_is_enforced_through_splice(plane):
@@ -295,7 +224,7 @@ def test_rate_is_enforced_through_splice(plane):
 
     def send(address):
         with socket.create_connection(address, timeout=60) as c:
-            _send(c, per, 7, hashlib.sha256())
+            send_stream(c, per, 7, hashlib.sha256())
             c.recv(1)
 
     app.settimeout(60)
@@ -325,9 +254,9 @@ def test_slow_reader_does_not_grow_relayd_memory(plane):
     client = socket.create_connection(address, timeout=30)
     served, _ = app.accept()
     served.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-    rss0 = _rss(pid)
+    rss0 = process_rss(pid)
     client.setblocking(False)
-    chunks = _stream(3)
+    chunks = chunk_stream(3)
     digest = hashlib.sha256()
     sent = 0
     pending = memoryview(b"")
@@ -346,7 +275,7 @@ def test_slow_reader_does_not_grow_relayd_memory(plane):
     rmem, wmem = (int(Path(f"/proc/sys/net/ipv4/tcp_{k}").read_text().split()[2]) for k in ("rmem", "wmem"))
     bound = 2 * (rmem + wmem) + 2 * (1 << 20) + (8 << 20)  # socket buffers, the pipe, slack
     assert sent < bound < 512 << 20, (sent, bound)
-    grown = _rss(pid) - rss0
+    grown = process_rss(pid) - rss0
     assert grown < 16 << 20, f"relayd's RSS grew by {grown} bytes while {sent} were in flight"
     # everything arrives once the application reads
     client.setblocking(True)
@@ -357,7 +286,7 @@ def test_slow_reader_does_not_grow_relayd_memory(plane):
     client.shutdown(socket.SHUT_WR)
     got = hashlib.sha256()
     served.settimeout(60)
-    assert _drain(served, got) == sent and got.hexdigest() == digest.hexdigest()
+    assert drain(served, got) == sent and got.hexdigest() == digest.hexdigest()
     client.close()
     served.close()
 
@@ -369,7 +298,7 @@ def test_release_mid_transfer_closes_both_sides_and_leaks_nothing(plane):
     pid = daemon.process.pid
     with pytest.raises(grpc.RpcError):  # connects the control channel (it is lazy): not a leak
         control.release(pb.Release(uid="none"), timeout=10)
-    fds, threads = _fds(pid), _threads(pid)
+    fds, threads = open_fds(pid), thread_count(pid)
     addresses = _session(control, "mid", app, num_conn=4)
     stop = threading.Event()
     ends: list[str] = []
@@ -396,16 +325,16 @@ def test_release_mid_transfer_closes_both_sides_and_leaks_nothing(plane):
     workers += [threading.Thread(target=pump, args=(s, f"a{i}")) for i, s in enumerate(served)]
     for t in workers:
         t.start()
-    _poll(lambda: (r := _row(daemon, "mid"))["bytes_to_target"] > 64 << 20
+    poll_until(lambda: (r := _row(daemon, "mid"))["bytes_to_target"] > 64 << 20
           and r["bytes_from_target"] > 64 << 20, "data flows both ways")
     control.release(pb.Release(uid="mid"), timeout=10)
     try:
-        _poll(lambda: len(ends) == 2 * len(addresses), "every socket sees the close", 30)
+        poll_until(lambda: len(ends) == 2 * len(addresses), "every socket sees the close", 30)
     finally:
         stop.set()
         for t in workers:
             t.join(30)
-    _back_to(pid, fds, threads)
+    back_to(pid, fds, threads)
     rows = json.loads(daemon.ctl("sessions", "s2cs", "--json").stdout)["sessions"]
     assert all(r["uid"] != "mid" for r in rows)
 
@@ -427,8 +356,8 @@ def test_stop_with_splice_connections_open_ends_promptly(tmp_path):
         client.sendall(b"q" * (1 << 20))
         assert served.recv(1 << 16)
         assert daemon.stop(timeout=30) == 0
-        _poll(lambda: _closed(client), "the client sees the close")
-        _poll(lambda: _closed(served), "the target sees the close")
+        poll_until(lambda: peer_closed(client), "the client sees the close")
+        poll_until(lambda: peer_closed(served), "the target sees the close")
         client.close()
         served.close()
     finally:
@@ -454,7 +383,7 @@ def test_reload_replacing_the_component_lets_a_spliced_transfer_finish(tmp_path)
         served, _ = app.accept()
         served.settimeout(60)
         sent, got = hashlib.sha256(), hashlib.sha256()
-        chunks = _stream(5)
+        chunks = chunk_stream(5)
         first = bytes(next(chunks))
         client.sendall(first)
         sent.update(first)
@@ -472,15 +401,15 @@ def test_reload_replacing_the_component_lets_a_spliced_transfer_finish(tmp_path)
         total = [received]
 
         def read_rest():
-            total[0] += _drain(served, got)
+            total[0] += drain(served, got)
 
         reader = threading.Thread(target=read_rest)
         reader.start()
-        _send(client, 256 << 20, 6, sent)
+        send_stream(client, 256 << 20, 6, sent)
         reader.join(120)
         assert total[0] == len(first) + (256 << 20) and got.hexdigest() == sent.hexdigest()
         served.close()  # the application's close reaches the client through the old component
-        _poll(lambda: _closed(client), "the client sees the close")
+        poll_until(lambda: peer_closed(client), "the client sees the close")
         client.close()
     finally:
         app.close()

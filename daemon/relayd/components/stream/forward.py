@@ -6,13 +6,15 @@ for names resolved late, the session's and the component's counters, and ending 
 connections when it ends.
 
 Two paths:
-- ``security = "plain"`` with ``splice = true`` (the default): the port's listening socket is
-  watched on the event loop, each accepted socket is connected to its target with a
-  non-blocking connect, then both sockets go to a `SplicePump` (splice(2) in two threads).
-- otherwise (TLS, or ``splice = false``): asyncio server and ``create_connection`` joined by a
-  `ProtocolPump`. TLS: the PROD (inbound) side accepts mutual TLS from the other facility and
-  connects in plain text to its local application; the CONS (outbound) side accepts its local
-  application in plain text and connects with mutual TLS to the PROD side's listener.
+- threads (``splice = true``, the default): the port's listening socket is watched on the event
+  loop; an accepted socket does its TLS handshake there if the role's side is TLS, is connected
+  to its target with a non-blocking connect (and handshake), then both go to a pump with two
+  threads per connection: `SplicePump` (splice(2)) when both are plain, `TlsPump` otherwise.
+- the event loop (``splice = false``): asyncio server and ``create_connection`` (uvloop's SSL
+  transport for TLS) joined by a `ProtocolPump`.
+TLS: the PROD (inbound) side accepts mutual TLS from the other facility and connects in plain
+text to its local application; the CONS (outbound) side accepts its local application in plain
+text and connects with mutual TLS to the PROD side's listener.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from relayd.pump import SPLICE_AVAILABLE, ProtocolPump, SplicePump, TokenBucket
+from relayd.pump.tls import TlsEnd, TlsPump, handshake
 
 if TYPE_CHECKING:
     from relayd.components.stream.model import Session
@@ -72,7 +75,7 @@ class _Connection:
         raise NotImplementedError
 
     def count(self, forward: bool, n: int) -> None:
-        """Bytes moved; the splice pump calls this from its threads, hence the lock (`+=` on an
+        """Bytes moved; the threaded pumps call this from their threads, hence the lock (`+=` on an
         attribute is not atomic between threads)."""
         session, totals = self.session, self.plane.totals
         with self.plane.count_lock:
@@ -156,8 +159,9 @@ class Connection(_Connection):
         self.pump.abort()
 
 
-class SpliceConnection(_Connection):
-    """Splice path: an accepted socket and its target's, joined by a SplicePump once connected."""
+class ThreadedConnection(_Connection):
+    """Threads path: an accepted socket and its target's (after their TLS handshakes, where the
+    role is TLS), joined by a SplicePump or TlsPump once connected."""
 
     def __init__(self, port: PortForwarder, client: socket.socket) -> None:
         super().__init__(port)
@@ -168,6 +172,19 @@ class SpliceConnection(_Connection):
         host, port = self.session.targets[self.port.index]  # read now: update may re-target
         plane = self.plane
         target: socket.socket | None = None
+        client_end: socket.socket | TlsEnd | None = self.client
+        target_end: socket.socket | TlsEnd | None = None
+        if plane.server_ssl is not None:  # authenticate the peer before dialling for it
+            assert self.client is not None
+            self.client.setblocking(False)
+            try:
+                async with asyncio.timeout(plane.connect_timeout):
+                    client_end = await handshake(plane.loop, self.client, plane.server_ssl, server_side=True)
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                log.info("session %s port %d: TLS handshake with the client failed: %s", self.session.uid,
+                         self.port.port, exc or type(exc).__name__)
+                self.abort()
+                return
         try:
             async with asyncio.timeout(plane.connect_timeout):
                 address = await self.allowed_address(host, port)
@@ -175,10 +192,13 @@ class SpliceConnection(_Connection):
                     self.abort()
                     return
                 family = socket.AF_INET6 if ":" in address else socket.AF_INET
-                target = socket.socket(family, socket.SOCK_STREAM)
+                target = target_end = socket.socket(family, socket.SOCK_STREAM)
                 target.setblocking(False)
                 await _dial(plane.loop, target, (address, port))
-        except (OSError, TimeoutError) as exc:
+                if plane.client_ssl is not None:
+                    target_end = await handshake(plane.loop, target, plane.client_ssl, server_side=False,
+                                                 server_hostname=host)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             if target is not None:
                 target.close()
             self.connect_failed(host, port, exc)
@@ -188,10 +208,15 @@ class SpliceConnection(_Connection):
             if target is not None:
                 target.close()
             raise
-        client, self.client = self.client, None
-        assert client is not None
-        self.pump = SplicePump(client, target, loop=plane.loop, gates=self.port.buckets, count=self.count,
-                               on_closed=self.finish, name=f"{self.session.uid}:{self.port.port}")
+        self.client = None
+        assert client_end is not None and target_end is not None
+        name = f"{self.session.uid}:{self.port.port}"
+        if isinstance(client_end, socket.socket) and isinstance(target_end, socket.socket):
+            self.pump = SplicePump(client_end, target_end, loop=plane.loop, gates=self.port.buckets,
+                                   count=self.count, on_closed=self.finish, name=name)
+        else:
+            self.pump = TlsPump(client_end, target_end, loop=plane.loop, gates=self.port.buckets,
+                                count=self.count, on_closed=self.finish, name=name)
         self.pump.start()
 
     def abort(self) -> None:
@@ -224,7 +249,7 @@ class PortForwarder:
 
     async def start(self) -> None:
         plane = self.plane
-        if plane.splice:
+        if plane.threads:
             self.sock.setblocking(False)
             self._watch()
             return
@@ -234,7 +259,7 @@ class PortForwarder:
         self.server = await plane.loop.create_server(
             lambda: Connection(self).pump.first, sock=self.sock, **kwargs)
 
-    # -- the splice path's accept loop -------------------------------------------------------
+    # -- the threads path's accept loop -------------------------------------------------------
 
     def _watch(self) -> None:
         self.retry = None
@@ -261,7 +286,7 @@ class PortForwarder:
                 self._unwatch()
                 self.retry = self.plane.loop.call_later(ACCEPT_BACKOFF, self._watch)
                 return
-            SpliceConnection(self, client).accepted()
+            ThreadedConnection(self, client).accepted()
 
     # -- ending --------------------------------------------------------------------------------
 
@@ -269,7 +294,7 @@ class PortForwarder:
         """Shutdown's first step: no new connections, the open ones go on."""
         if self.server is not None:
             self.server.close()
-        elif self.plane.splice:
+        elif self.plane.threads:
             self._unwatch()
             self.sock.close()
 
@@ -290,8 +315,7 @@ class DataPlane:
     def __init__(self, *, role_ssl: dict[str, tuple[ssl.SSLContext | None, ssl.SSLContext | None]],
                  buffer_size: int, connect_timeout: float, splice: bool = True) -> None:
         self.role_ssl = role_ssl  # role -> (server context, client context)
-        self.splice_wanted = splice and SPLICE_AVAILABLE
-        self.splice = False  # per role: only where neither side is TLS (see for_role)
+        self.threads = splice and SPLICE_AVAILABLE  # pumps in threads (TLS too), not on the loop
         self.count_lock = threading.Lock()
         self.buffer_size = buffer_size
         self.connect_timeout = connect_timeout or None
@@ -311,7 +335,6 @@ class DataPlane:
         view = object.__new__(DataPlane)
         view.__dict__.update(self.__dict__)
         view.server_ssl, view.client_ssl = self.role_ssl.get(role, (None, None))
-        view.splice = self.splice_wanted and view.server_ssl is None and view.client_ssl is None
         return view
 
 
