@@ -47,25 +47,36 @@ GiB = 1 << 30
 MB = 1_000_000
 
 
-@pytest.fixture
-def chain(tmp_path: Path):
-    """PROD and CONS relayd with security = "tls"; yields (daemons, controls, app)."""
+def _start_chain(tmp_path: Path, extra: dict[str, str]):
+    """PROD and CONS relayd with security = "tls" (plus extra[side] at the top of the component)."""
     cas = {"prod": trustme.CA(), "cons": trustme.CA()}
     daemons, controls, channels = {}, {}, []
     for side, other in (("prod", "cons"), ("cons", "prod")):
         pem = tmp_path / f"{side}.pem"
         cas[side].issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
         cas[other].cert_pem.write_to_path(str(tmp_path / f"{side}-peer-ca.pem"))
-        extra = (f'rate_unit = "kB/s"\nsecurity = "tls"\n[components.s2cs.tls]\ncert = "{pem}"\nkey = "{pem}"\n'
-                 f'ca = "{tmp_path / f"{side}-peer-ca.pem"}"\n')
+        conf = (f'{extra.get(side, "")}\nrate_unit = "kB/s"\nsecurity = "tls"\n[components.s2cs.tls]\n'
+                f'cert = "{pem}"\nkey = "{pem}"\nca = "{tmp_path / f"{side}-peer-ca.pem"}"\n')
         ctl = free_port()
-        daemons[side] = start(tmp_path, side, stream_config(ctl, port_range(8), auth=auth_none(), extra=extra))
+        daemons[side] = start(tmp_path, side, stream_config(ctl, port_range(8), auth=auth_none(), extra=conf))
         channel, controls[side] = stub(ctl)
         channels.append(channel)
     app = socket.socket()
     app.bind(("127.0.0.1", 0))
     app.listen(64)
-    yield daemons, controls, app, cas
+    return (daemons, controls, app, cas), channels
+
+
+@pytest.fixture
+def chain(tmp_path: Path):
+    """Both relayd on the threaded TLS pump; yields (daemons, controls, app, CAs)."""
+    started, channels = _start_chain(tmp_path, {})
+    yield started
+    _stop_chain(started, channels)
+
+
+def _stop_chain(started, channels) -> None:
+    daemons, _, app, _ = started
     app.close()
     for channel in channels:
         channel.close()
@@ -367,3 +378,43 @@ def test_failed_handshakes_leave_nothing_and_reach_no_application(chain, tmp_pat
         app.accept()
     back_to(pid, fds, threads)
     assert _row(daemons["prod"], "tls-bad")["bytes_to_target"] == 0
+
+
+def test_threaded_and_event_loop_facilities_interoperate(tmp_path):
+    """PROD on the event-loop pump (splice = false: uvloop's SSL transport), CONS on the threaded
+    one: 64 MiB each way at once, byte-exact, and the application's close reaches the client."""
+    started, channels = _start_chain(tmp_path, {"prod": "splice = false"})
+    try:
+        daemons, controls, app, _ = started
+        [address] = _sessions(controls, "tls-mixed", app)
+        size = 64 << 20
+        results: dict = {}
+        errors: list[BaseException] = []
+        guarded = _threads_running(errors)
+        client = socket.create_connection(address, timeout=60)
+        app.settimeout(60)
+        served, _ = app.accept()
+        served.settimeout(60)
+
+        def exchange(sock, seed, name):
+            sent, got = hashlib.sha256(), hashlib.sha256()
+            writer = guarded(_send_exact, sock, size, seed, sent)
+            results[name + " got"] = (_recv_exact(sock, size, got), got.hexdigest())
+            writer.join(120)
+            results[name + " sent"] = sent.hexdigest()
+
+        workers = [guarded(exchange, client, 1, "client"), guarded(exchange, served, 2, "app")]
+        for t in workers:
+            t.join(300)
+        assert not errors, errors
+        assert results["client got"] == (size, results["app sent"])
+        assert results["app got"] == (size, results["client sent"])
+        served.close()
+        assert client.recv(1) == b""
+        client.close()
+        for daemon in daemons.values():
+            row = poll_until(lambda d=daemon: (r := _row(d, "tls-mixed"))["connections"] == 0 and r,
+                             "connections end")
+            assert row["bytes_to_target"] == size and row["bytes_from_target"] == size
+    finally:
+        _stop_chain(started, channels)

@@ -10,6 +10,8 @@ Paths (each a real process; iperf3 -s is the application, iperf3 -c the client):
   relayd rate R kB/s           relayd plain session with rate = R kB/s (accuracy of the limit)
   stunnel TLS chain            -> stunnel client (plain->TLS) -> stunnel server (TLS->plain) ->
   relayd TLS chain             -> relayd CONS (plain->mutual TLS) -> relayd PROD (mutual TLS->plain) ->
+                               (the threaded TLS pump, relayd.pump.tls)
+  relayd TLS chain, event loop the same with splice = false (uvloop's SSL transport, ProtocolPump)
 Sessions are made with `relayctl stream` like a user would. Rounds are interleaved (every path
 once per round); medians [min-max] are reported with the forwarders' CPU (utime+stime of every
 thread of the forwarder processes), CPU per Gbit, the host's steal and load average.
@@ -233,7 +235,10 @@ rate_unit = "kB/s"
         self.peer(["relayd plain", *rated], self._relayd_plain)
         self.peer(["relayd plain, event loop"], self._relayd_event_loop)
         self.peer(["stunnel TLS chain"], self.stunnel)
-        self.peer(["relayd TLS chain"], self._relayd_tls)
+        self.peer(["relayd TLS chain"], lambda: self._relayd_tls(
+            "relayd TLS chain", (19711, 19712), ("19730-19739", "19740-19749")))
+        self.peer(["relayd TLS chain, event loop"], lambda: self._relayd_tls(
+            "relayd TLS chain, event loop", (19714, 19715), ("19770-19779", "19780-19789"), "splice = false"))
 
     def _relayd_plain(self) -> None:
         plain, _ = self.relayd("plain", 19710, "19720-19729")
@@ -248,15 +253,15 @@ rate_unit = "kB/s"
         port, _ = self.session("PROD", 19713, f"127.0.0.1:{IPERF}")
         self.paths["relayd plain, event loop"] = (port, [loop.pid], None)
 
-    def _relayd_tls(self) -> None:
+    def _relayd_tls(self, name: str, ctls: tuple[int, int], ports: tuple[str, str], extra: str = "") -> None:
         tls = {}
-        for side, ctl, ports in (("prod", 19711, "19730-19739"), ("cons", 19712, "19740-19749")):
-            extra = (f'security = "tls"\n[components.s2cs.tls]\ncert = "{self.tmp / f"{side}.pem"}"\n'
-                     f'key = "{self.tmp / f"{side}.pem"}"\nca = "{self.tmp / f"{side}-peer-ca.pem"}"\n')
-            tls[side], _ = self.relayd(f"tls-{side}", ctl, ports, extra)
-        port, inbound = self.session("PROD", 19711, f"127.0.0.1:{IPERF}")
-        port, _ = self.session("CONS", 19712, inbound["listeners"][0], uid=inbound["uid"])
-        self.paths["relayd TLS chain"] = (port, [tls["prod"].pid, tls["cons"].pid], None)
+        for side, ctl, side_ports in (("prod", ctls[0], ports[0]), ("cons", ctls[1], ports[1])):
+            conf = (f'{extra}\nsecurity = "tls"\n[components.s2cs.tls]\ncert = "{self.tmp / f"{side}.pem"}"\n'
+                    f'key = "{self.tmp / f"{side}.pem"}"\nca = "{self.tmp / f"{side}-peer-ca.pem"}"\n')
+            tls[side], _ = self.relayd(f"{name}-{side}", ctl, side_ports, conf)
+        port, inbound = self.session("PROD", ctls[0], f"127.0.0.1:{IPERF}")
+        port, _ = self.session("CONS", ctls[1], inbound["listeners"][0], uid=inbound["uid"])
+        self.paths[name] = (port, [tls["prod"].pid, tls["cons"].pid], None)
 
     # -- measuring -------------------------------------------------------------------------
 

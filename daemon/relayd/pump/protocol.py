@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 from relayd.pump.gate import TokenBucket
 
@@ -68,8 +69,10 @@ class PumpSide(asyncio.BufferedProtocol):
     # -- protocol callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=self.pump.buffer_size)  # type: ignore[attr-defined]
+        # a stream server's or create_connection's transport: an asyncio.Transport (uvloop's too,
+        # though its classes do not say so to isinstance)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=self.pump.buffer_size)
         if self.forward:  # the first side: do not read until the second is linked
             self.pause(LINKING)
             self.pump.first_made()
@@ -89,7 +92,9 @@ class PumpSide(asyncio.BufferedProtocol):
         return self.view
 
     def buffer_updated(self, n: int) -> None:
-        self.data_received(self.view[:n])  # type: ignore[index]
+        view = self.view
+        assert view is not None  # get_buffer() came first
+        self.data_received(view[:n])
 
     def data_received(self, data: memoryview | bytes) -> None:
         peer = self.peer
@@ -158,7 +163,8 @@ class ProtocolPump:
         first = self.first
         first.peer = second
         if first.closed:
-            second.transport.close()  # type: ignore[union-attr]
+            if second.transport is not None:
+                second.transport.close()
             return
         for data in first.early:
             first.data_received(data)
@@ -178,7 +184,7 @@ class ProtocolPump:
             return False
         if pt.can_write_eof():
             pt.write_eof()
-            return side.transport.can_write_eof()  # type: ignore[union-attr]
+            return side.transport is not None and side.transport.can_write_eof()
         pt.close()  # TLS cannot half-close: close after flushing what is queued
         return False
 

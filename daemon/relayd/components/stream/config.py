@@ -94,8 +94,9 @@ class StreamConfig(ComponentConfig):
     )
     splice: bool = Field(
         True,
-        description="security = \"plain\": forward with splice(2) (kernel zero-copy) in two threads per "
-        "connection, so sessions use several cores; false forwards on the event loop like TLS does",
+        description="forward in two threads per connection, so sessions use several cores: with "
+        "splice(2) (kernel zero-copy) for security = \"plain\", with OpenSSL outside the GIL for "
+        "\"tls\"; false forwards on the event loop",
     )
     buffer_size: int = Field(
         1 << 20, ge=65536, description="bytes queued per connection before reading from its peer pauses"
