@@ -4,7 +4,7 @@
 
 Starts iperf3 -s and the same CONS -> PROD chain as run.py (``--event-loop``: ``splice = false``,
 uvloop's SSL transport), runs iperf3 -c through it and samples both processes with
-``py-spy record --idle --nonblocking`` (every thread, blocked ones included, without pausing
+``py-spy record --nonblocking`` (threads while on a CPU, without pausing
 them). Prints, per process, the share of samples by innermost Python frame: for a thread blocked
 in a socket call or in OpenSSL (GIL released) that is the call, e.g. ``recv_into``.
 """
@@ -43,6 +43,7 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="relayd-profile-stream-"))
     bench = run.Bench(tmp)
+    client: subprocess.Popen | None = None
     try:
         bench.certs()
         iperf = bench.spawn("iperf3", "-s", "-B", "127.0.0.1", "-p", str(run.IPERF))
@@ -53,7 +54,7 @@ def main() -> int:
         port, pids, _ = bench.paths[name]
         client = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(args.seconds + 4),
                                    "-P", str(args.parallel), "-J"], stdout=subprocess.PIPE, text=True)
-        spies = {role: subprocess.Popen(["py-spy", "record", "--idle", "--nonblocking", "-r", "200", "-p",
+        spies = {role: subprocess.Popen([str(run.BIN / "py-spy"), "record", "--nonblocking", "-r", "200", "-p",
                                          str(pid), "-d", str(args.seconds), "-f", "raw", "-o",
                                          str(tmp / f"{role}.txt")], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
@@ -68,6 +69,9 @@ def main() -> int:
             for leaf, share in leaf_shares(tmp / f"{role}.txt"):
                 print(f"  {share:5.1f} %  {leaf}")
     finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
         bench.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

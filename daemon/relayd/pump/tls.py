@@ -183,13 +183,13 @@ class TlsPump(SplicePump):
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_RD)
                 return
+            if bucket is not None:  # paid before the chunk leaves: the last one is not early
+                delay = bucket.consume(n, time.monotonic())
+                if delay > 0 and stop.wait(delay):
+                    return
             write(view[:n])
             if count is not None:
                 count(forward, n)
-            if bucket is not None:
-                delay = bucket.consume(n, time.monotonic())
-                if delay > 0:
-                    stop.wait(delay)
 
 
 def _raw(end: socket.socket | TlsEnd) -> socket.socket:
