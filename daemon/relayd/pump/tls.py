@@ -12,11 +12,14 @@ lock, and a thread must never block in a socket while holding it, which a socket
 The sockets are read and written outside the lock; the record layer's work under it is a
 memcpy plus the cipher, over up to 1 MiB at a time.
 
-Backpressure, the rate gate, counters and ``abort()`` are the splice pump's. Ending: TLS cannot
-half-close (``SSL_shutdown``'s second step would read and drop the other direction's records), so
-as with the event-loop pump an EOF either way is passed on (close_notify towards a TLS peer,
-``SHUT_WR`` towards a plain one) and then ends the whole connection: the other direction's
-reader is woken with ``SHUT_RD``, and its thread finishes writing what it holds first.
+Backpressure, counters and ``abort()`` are the splice pump's; the rate gate too, except that a
+chunk's pause comes before it is written, so a transfer's last chunk does not leave early.
+
+Ending: TLS cannot half-close (``SSL_shutdown``'s second step would read and drop the other
+direction's records), so as with the event-loop pump an EOF either way is passed on
+(close_notify towards a TLS peer, ``SHUT_WR`` towards a plain one) and then ends the whole
+connection: the other direction's reader is woken with ``SHUT_RD``, and its thread finishes
+writing what it holds first.
 """
 
 from __future__ import annotations
@@ -183,7 +186,7 @@ class TlsPump(SplicePump):
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_RD)
                 return
-            if bucket is not None:  # paid before the chunk leaves: the last one is not early
+            if bucket is not None:  # paid before the chunk leaves
                 delay = bucket.consume(n, time.monotonic())
                 if delay > 0 and stop.wait(delay):
                     return
