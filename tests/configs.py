@@ -115,6 +115,12 @@ class GlobusAuth(Protocol):
     base_url: str
 
 
+def globus_auth(fake: GlobusAuth, required_scopes: list[str], name: str = "globus") -> str:
+    """[auth.NAME]: Globus token introspection against fake, requiring required_scopes."""
+    return table(f"auth.{name}", {"method": "globus", "client_id": fake.client_id, "client_secret": fake.client_secret,
+                                  "auth_base_url": fake.base_url, "required_scopes": required_scopes})
+
+
 def globus_login_proxy(tls_port: int, cert: object, key: object, upstream: str, fake: GlobusAuth, *,
                        auth_extra: str = "", proxy_extra: str = "", services: str = "") -> str:
     """An http_proxy behind the globus_login method "browser" on the TLS listener "secure":

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polling import wait_until
 from relayd.testing import RelaydProcess, free_port, start_relayd, write_config
 
 
@@ -109,16 +109,6 @@ def start_cluster(tmp: Path, redis_url: str | None, count: int, extra: str = "",
     if redis_url:
         assert wait_until(cluster.cluster_up, 30), [n.relay() for n in cluster.nodes]
     return cluster
-
-
-def wait_until(predicate, timeout: float = 20.0):
-    """Poll `predicate` until true or the deadline; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 async def await_until(predicate, timeout: float = 20.0):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from proxystore.p2p.relay.client import RelayClient
 from proxystore.p2p.relay.exceptions import RelayRegistrationError
 from proxystore.p2p.relay.messages import PeerConnectionRequest
 
+from polling import wait_until
+from relay_clients import offer, raw_register, unknown_peer_is_echoed_with_error
 from relayd.testing import free_port, start_relayd, write_config
 
 PORTS = {name: free_port() for name in ("open", "limited", "tight", "slow", "keep")}
@@ -82,37 +83,16 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-def offer(src: RelayClient, peer: uuid.UUID, text: str = "hello", **kw) -> PeerConnectionRequest:
-    return PeerConnectionRequest(src.uuid, src.name, peer, "offer", text, **kw)
-
-
 async def closed_with(ws) -> tuple[int | None, str | None]:
     await ws.wait_closed()
     rcvd = ws.protocol.close_rcvd
     return (rcvd.code, rcvd.reason) if rcvd else (None, None)
 
 
-async def raw_register(ws, name: str = "raw", client_uuid: str | None = None) -> str:
-    client_uuid = client_uuid or str(uuid.uuid4())
-    await ws.send(json.dumps({"name": name, "uuid": client_uuid, "message_type": "relay_registration"}))
-    reply = json.loads(await ws.recv())
-    assert reply == {"success": True, "message": None, "error": False, "message_type": "relay_response"}
-    return client_uuid
-
-
 def registered(daemon, component: str = "relay") -> list[dict]:
     result = daemon.ctl("clients", component, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["clients"]
-
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)
 
 
 # -- compatibility with the real RelayClient ------------------------------------------------------
@@ -141,16 +121,7 @@ def test_register_and_forward_both_ways(daemon):
 
 
 def test_unknown_peer_is_echoed_with_error(daemon):
-    async def main():
-        async with RelayClient(url(), client_name="alice", reconnect_task=False) as alice:
-            missing = uuid.uuid4()
-            await alice.send(offer(alice, missing, "anyone there?"))
-            echo = await alice.recv()
-            assert echo.peer_uuid == missing and echo.description == "anyone there?"
-            assert echo.error == (f"Cannot forward peer connection message to peer {missing} because this "
-                                  "peer is not registered this relay server.")
-
-    run(main())
+    run(unknown_peer_is_echoed_with_error(url()))
 
 
 def test_exact_wire_format_and_no_source_spoofing(daemon):

@@ -19,15 +19,12 @@ from proxystore.p2p.relay.messages import PeerConnectionRequest
 
 from haproxy_front import HAProxyFront
 from redis_server import RedisServer
+from relay_clients import offer, raw_register, unknown_peer_is_echoed_with_error
 from relay_cluster_helpers import start_cluster
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 90))
-
-
-def offer(src: RelayClient, peer: uuid.UUID, text: str = "hello") -> PeerConnectionRequest:
-    return PeerConnectionRequest(src.uuid, src.name, peer, "offer", text)
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +85,7 @@ def test_peer_connection_both_ways_across_nodes(relay):
 
 
 def test_unknown_peer_gets_the_single_node_error(relay):
-    async def main():
-        async with RelayClient(relay[2], client_name="alice", reconnect_task=False) as alice:
-            missing = uuid.uuid4()
-            await alice.send(offer(alice, missing, "anyone there?"))
-            echo = await alice.recv()
-            assert echo.peer_uuid == missing and echo.description == "anyone there?"
-            assert echo.error == (f"Cannot forward peer connection message to peer {missing} because this "
-                                  "peer is not registered this relay server.")
-
-    run(main())
+    run(unknown_peer_is_echoed_with_error(relay[2]))
 
 
 def test_exact_wire_format_across_nodes(relay):
@@ -149,14 +137,6 @@ def test_oversize_message_is_4003_on_any_node(relay):
             assert (a.close_code, a.close_reason) == (4003, "Message length exceeds limit.")
 
     run(main())
-
-
-async def raw_register(ws, name: str = "raw", client_uuid: str | None = None) -> str:
-    client_uuid = client_uuid or str(uuid.uuid4())
-    await ws.send(json.dumps({"name": name, "uuid": client_uuid, "message_type": "relay_registration"}))
-    reply = json.loads(await ws.recv())
-    assert reply == {"success": True, "message": None, "error": False, "message_type": "relay_response"}
-    return client_uuid
 
 
 def test_real_relay_clients_through_haproxy(three_nodes):

@@ -13,6 +13,7 @@ import websockets
 from proxystore.p2p.relay.client import RelayClient
 from proxystore.p2p.relay.messages import PeerConnectionRequest
 
+import configs
 from haproxy_front import HAProxyFront
 from relay_cluster_helpers import await_until, start_cluster
 
@@ -95,14 +96,7 @@ def test_forged_and_malformed_bus_messages_are_dropped_with_a_log(two_nodes, red
 
 def test_identity_isolation_and_uuid_ownership_across_nodes(tmp_path, redis_server, fake_globus):
     scope = f"https://auth.globus.org/scopes/{fake_globus.client_id}/relay_all"
-    auth = f"""
-[auth.globus]
-method = "globus"
-client_id = "{fake_globus.client_id}"
-client_secret = "{fake_globus.client_secret}"
-auth_base_url = "{fake_globus.base_url}"
-required_scopes = ["{scope}"]
-"""
+    auth = configs.globus_auth(fake_globus, [scope])
     cluster = start_cluster(tmp_path, redis_server.url, 2, auth=auth)
     node0, node1 = cluster.nodes
     alice_sub, bob_sub = str(uuid.uuid4()), str(uuid.uuid4())

@@ -13,6 +13,7 @@ from proxystore.p2p.relay.client import RelayClient
 from proxystore.p2p.relay.exceptions import RelayRegistrationError
 from proxystore.p2p.relay.messages import PeerConnectionRequest
 
+import configs
 from relayd.testing import free_port
 
 ALICE, BOB = str(uuid.uuid4()), str(uuid.uuid4())
@@ -22,20 +23,8 @@ ALICE, BOB = str(uuid.uuid4()), str(uuid.uuid4())
 def globus_relay(relayd, fake_globus):
     port = free_port()
     scope = f"https://auth.globus.org/scopes/{fake_globus.client_id}/relay_all"
-    daemon = relayd(f"""
-        [auth.globus]
-        method = "globus"
-        client_id = "{fake_globus.client_id}"
-        client_secret = "{fake_globus.client_secret}"
-        auth_base_url = "{fake_globus.base_url}"
-        required_scopes = ["{scope}"]
-        [listeners.relay]
-        bind = "127.0.0.1:{port}"
-        [components.relay]
-        kind = "relay"
-        listener = "relay"
-        auth = "globus"
-    """)
+    daemon = relayd(configs.config(configs.globus_auth(fake_globus, [scope]), configs.listeners(relay=port),
+                                   configs.relay(auth="globus")))
     daemon.url = f"ws://127.0.0.1:{port}"
     daemon.port = port
     daemon.token = lambda sub=ALICE, **kw: fake_globus.issue_token(sub=sub, scopes=[scope], **kw)
