@@ -357,12 +357,14 @@ def test_release_mid_transfer_closes_both_sides_and_leaks_nothing(chain):
 
 def test_failed_handshakes_leave_nothing_and_reach_no_application(chain, tmp_path):
     """At PROD's TLS port: a plain-text client, a client with a certificate of an unknown CA, a
-    client that closes mid-handshake. None reaches the application; nothing leaks."""
+    client that closes mid-handshake, one that never says anything (dropped after
+    connect_timeout, 10 s). None reaches the application; nothing leaks."""
     daemons, controls, app, cas = chain
     pid = daemons["prod"].process.pid
     _, prod = open_session(controls["prod"], "tls-bad", "PROD", 1, [f"127.0.0.1:{app.getsockname()[1]}"])
     host, port = prod.listeners[0].rsplit(":", 1)
     fds, threads = open_fds(pid), thread_count(pid)
+    silent = socket.create_connection((host, int(port)), timeout=30)
 
     with socket.create_connection((host, int(port)), timeout=30) as s:  # plain text
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -381,6 +383,8 @@ def test_failed_handshakes_leave_nothing_and_reach_no_application(chain, tmp_pat
     for _ in range(10):  # half a ClientHello, then gone
         with socket.create_connection((host, int(port)), timeout=30) as s:
             s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    poll_until(lambda: peer_closed(silent), "the silent client is dropped")
+    silent.close()
     poll_until(lambda: _row(daemons["prod"], "tls-bad")["connections"] == 0, "handshake connections end")
     app.setblocking(False)
     with pytest.raises(BlockingIOError):

@@ -39,6 +39,8 @@ log = logging.getLogger("relayd.stream.data")
 
 ACCEPTS_PER_WAKEUP = 64  # bounded so one busy port cannot hold the loop
 ACCEPT_BACKOFF = 0.5  # after EMFILE and the like: the listening socket would stay readable
+# connect_timeout = 0 (none) still bounds a TLS client's handshake, as asyncio's servers do
+DEFAULT_HANDSHAKE_TIMEOUT = 60.0
 
 
 class Totals:
@@ -178,7 +180,7 @@ class ThreadedConnection(_Connection):
             assert self.client is not None
             self.client.setblocking(False)
             try:
-                async with asyncio.timeout(plane.connect_timeout):
+                async with asyncio.timeout(plane.connect_timeout or DEFAULT_HANDSHAKE_TIMEOUT):
                     client_end = await handshake(plane.loop, self.client, plane.server_ssl, server_side=True)
             except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 log.info("session %s port %d: TLS handshake with the client failed: %s", self.session.uid,
