@@ -73,10 +73,10 @@ class HttpProxyComponent(Component):
         self.servers: list[tuple[str, GatedServer]] = []
         self.routers: dict[str, Router] = {}
         self.services: dict[str, Service] = {}
-        self.member_times: dict[tuple[str, str], float] = {}  # (service, user) -> when it joined
         self.allowed_listeners: set[str] = set()
         self.mgmt_http: HttpService | None = None
         self._service_contexts: dict[tuple[str, str], ssl.SSLContext] = {}  # (listener, SNI name)
+        self.membership = self.core.membership  # who may use which service (membership.py)
         self.api = ManagementAPI(self)
 
     async def start(self) -> None:
@@ -87,7 +87,7 @@ class HttpProxyComponent(Component):
             self.core.pages.check()
         try:
             await self._load_services()
-            self._load_service_certs(strict=True)
+            self.load_service_certs(strict=True)
             for lname in self._listener_names():
                 await self._serve(lname)
             if cfg.management:
@@ -113,9 +113,7 @@ class HttpProxyComponent(Component):
         for name, scfg in self.config.services.items():
             created = await self.counters.call(store.created_at, name)
             self.services[name] = Service(name, scfg, "config", created)
-        members = await self.counters.call(store.members)
-        self.core.members = set(members)
-        self.member_times = members
+        self.membership.replace_all(await self.counters.call(store.members))
         for name, definition, created in await self.counters.call(store.services):
             try:
                 scfg = ServiceConfig.model_validate(definition)
@@ -231,10 +229,12 @@ class HttpProxyComponent(Component):
         return listener.tls.front(("http/1.1",), hook=service_certificate)
 
     def reloaded(self) -> None:
-        self._load_service_certs()
+        self.load_service_certs()
 
-    def _load_service_certs(self, strict: bool = False) -> None:
-        """Services with their own cert/key: chosen by SNI among their server_names."""
+    def load_service_certs(self, strict: bool = False) -> None:
+        """(Re-)read the certificates of services with their own cert/key (chosen by SNI among
+        their server_names); after services change and on reload. ``strict``: raise on a bad one
+        (at start), else log it and keep that service's old certificate."""
         contexts: dict[tuple[str, str], ssl.SSLContext] = {}
         for service in self.services.values():
             scfg = service.config
@@ -269,16 +269,13 @@ class HttpProxyComponent(Component):
             router = successor.routers.get(conn.router.listener) if successor else None
             if router is None or not conn.handover(router):
                 conn.drain()
-        loop = asyncio.get_running_loop()
-        grace = loop.time() + min(drain_timeout, FIRST_REQUEST_GRACE)
 
         async def idle() -> None:
-            while core.connections:
-                await asyncio.sleep(0.05)  # draining: poll until the connections are gone
-                if loop.time() >= grace:  # connections that never asked anything are not waited for
-                    for conn in list(core.connections):
-                        if conn.idle and conn.transport:
-                            conn.transport.close()
+            if not await drain(core.no_connections(), min(drain_timeout, FIRST_REQUEST_GRACE)):
+                for conn in list(core.connections):  # connections that never asked anything are not waited for
+                    if conn.idle and conn.transport:
+                        conn.transport.close()
+                await core.no_connections()
 
         await drain(idle(), drain_timeout)
         for conn in list(core.connections):

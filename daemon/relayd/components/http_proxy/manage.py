@@ -126,8 +126,7 @@ class ManagementAPI:
                 return _json(self._user_json(service.name, parts[3]))
             if n == 4 and method == "DELETE":
                 self._member(service.name, parts[3])
-                await self.c.counters.remove_member(service.name, parts[3])
-                self._forget_member(service.name, parts[3])
+                await self.c.membership.remove(service.name, parts[3])
                 return _json(None)
         elif parts[2] == "users":
             service = self._service(parts[1])
@@ -170,20 +169,19 @@ class ManagementAPI:
         return service
 
     def _member(self, service: str, user: str) -> None:
-        if (service, user) not in self.c.core.members:
+        if not self.c.membership.is_member(service, user):
             raise ApiError(404, f"User '{user}' not found")
 
     async def _member_or_counted(self, service: str, user: str) -> None:
         # Stats stay readable after a user is removed (billing must not lose them).
-        if (service, user) not in self.c.core.members and not await self.c.counters.known(service, user):
+        if not self.c.membership.is_member(service, user) and not await self.c.counters.known(service, user):
             raise ApiError(404, f"User '{user}' not found")
 
     def _members(self, service: str) -> list[dict[str, Any]]:
-        return [self._user_json(service, u) for s, u in sorted(self.c.core.members) if s == service]
+        return [self._user_json(service, u) for u in self.c.membership.users_of(service)]
 
     def _user_json(self, service: str, user: str) -> dict[str, Any]:
-        created = self.c.member_times.get((service, user), 0.0)
-        return {"username": user, "createdAt": rfc3339(created)}
+        return {"username": user, "createdAt": rfc3339(self.c.membership.joined(service, user))}
 
     def _users_store(self, service: Service) -> UserDatabase:
         auth = self._auth(service)
@@ -194,11 +192,6 @@ class ManagementAPI:
 
     def _auth(self, service: Service) -> Any:
         return self.c.context.auth_method(service.config.auth or self.c.config.auth)  # type: ignore[arg-type]
-
-    def _forget_member(self, service: str, user: str) -> None:
-        self.c.core.members.discard((service, user))
-        self.c.member_times.pop((service, user), None)
-        self.c.core.forget_credentials()
 
     # -- service JSON ----------------------------------------------------------------------
 
@@ -318,7 +311,7 @@ class ManagementAPI:
         assert self.requests is not None
         self.requests[name] = data
         self.c.rebuild_routes()
-        self.c._load_service_certs()
+        self.c.load_service_certs()
         self.c.log.info("service %s created through the management API (%s -> %s)", name, scfg.from_, scfg.to)
         return self.service_json(service)
 
@@ -347,9 +340,7 @@ class ManagementAPI:
         await self.c.counters.remove_service(service.name)
         self.c.services.pop(service.name, None)
         (self.requests or {}).pop(service.name, None)
-        self.c.core.members = {m for m in self.c.core.members if m[0] != service.name}
-        for key in [k for k in self.c.member_times if k[0] == service.name]:
-            del self.c.member_times[key]
+        self.c.membership.remove_service(service.name)
         self.c.rebuild_routes()
 
     # -- users and members -------------------------------------------------------------------
@@ -359,7 +350,7 @@ class ManagementAPI:
                 or not isinstance(data.get("password"), str):
             raise ApiError(400, "expected {\"username\": \"...\", \"password\": \"...\"}")
         user, password = data["username"], data["password"]
-        if (service.name, user) in self.c.core.members:
+        if self.c.membership.is_member(service.name, user):
             raise ApiError(409, f"User '{user}' already exists")
         store = self._users_store(service)
         from relayd.auth.users import UserExists
@@ -379,7 +370,7 @@ class ManagementAPI:
         if not isinstance(data, dict) or not isinstance(data.get("username"), str) or not data["username"]:
             raise ApiError(400, "expected {\"username\": \"...\"}")
         user = data["username"]
-        if (service.name, user) in self.c.core.members:
+        if self.c.membership.is_member(service.name, user):
             raise ApiError(409, f"User '{user}' is already a member of '{service.name}'")
         auth = self._auth(service)
         if isinstance(auth, ManagesUsers):
@@ -393,17 +384,13 @@ class ManagementAPI:
         return await self._new_member(service, user)
 
     async def _new_member(self, service: Service, user: str) -> dict[str, Any]:
-        created = await self.c.counters.add_member(service.name, user)
-        self.c.core.members.add((service.name, user))
-        self.c.member_times[(service.name, user)] = created
-        self.c.core.forget_credentials()
+        await self.c.membership.add(service.name, user)
         return self._user_json(service.name, user)
 
     async def remove_user(self, service: Service, user: str) -> None:
         self._member(service.name, user)
-        await self.c.counters.remove_member(service.name, user)
-        self._forget_member(service.name, user)
-        if not any(u == user for _, u in self.c.core.members):
+        await self.c.membership.remove(service.name, user)
+        if not self.c.membership.in_any_service(user):
             store = self._users_store(service)
             from relayd.auth.users import UnknownUser
 
@@ -446,7 +433,7 @@ class ManagementAPI:
             if entry is None:
                 continue  # a service deleted since: see history
             entry["users"][row["user"]] = {
-                "incarnation": row["gen"], "member": (row["service"], row["user"]) in self.c.core.members,
+                "incarnation": row["gen"], "member": self.c.membership.is_member(row["service"], row["user"]),
                 "createdAt": _time(row["created"]), "deletedAt": _time(row["deleted"]), **row_dict(row["values"])}
             for i, v in enumerate(row["values"]):
                 entry["total"][i] += v

@@ -80,7 +80,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
-            self.core.connections.discard(self)
+            self.core.connection_gone(self)
             if self.timer:
                 self.timer.cancel()
                 self.timer = None
@@ -143,7 +143,7 @@ class ClientConnection(asyncio.Protocol):
         if state is None or not self.idle or state.closed or self.transport is None \
                 or self.transport.is_closing():
             return False
-        self.core.connections.discard(self)
+        self.core.connection_gone(self)
         self.router = state.router = router
         self.core = router.core
         self.core.connections.add(self)

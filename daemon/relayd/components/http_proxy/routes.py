@@ -14,6 +14,8 @@ from relayd.auth.base import AuthMethod, BrowserLogin, Identity
 from .config import ServiceConfig
 from .exchange import REPLACED
 from .http1 import HOP_BY_HOP
+from .mapping import matches
+from .membership import Membership
 from .pages import DEFAULT_PAGES
 from .upstream import UpstreamConnection
 
@@ -37,14 +39,28 @@ class Core:
         self.auth_cache_ttl = auth_cache_ttl
         self.upstream_idle = upstream_idle
         self.connections: set[Any] = set()
+        self._none_left: asyncio.Event | None = None  # made by no_connections(), set by connection_gone()
         self.tasks: set[asyncio.Task] = set()
         self.access: logging.Logger | None = None  # the access logger when access_log = true
-        self.members: set[tuple[str, str]] = set()
+        self.membership = Membership(counters, self.forget_credentials)
+        self.members = self.membership.pairs  # for core.auth_result: a set lookup per request
         self.auth_caches: dict[str, dict[bytes, tuple[Identity, float]]] = {}
         self.stopping = False
         # Lower-case names of the identity headers: a client's Connection header may not list them.
         self.protected_headers: frozenset[bytes] = frozenset()
         self.pages = DEFAULT_PAGES  # the component's HTML pages (pages_dir)
+
+    def connection_gone(self, conn: Any) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._none_left is not None:
+            self._none_left.set()
+
+    async def no_connections(self) -> None:
+        """Return once no client connection is left (what a drain waits for: no polling)."""
+        if self.connections:
+            if self._none_left is None or self._none_left.is_set():
+                self._none_left = asyncio.Event()
+            await self._none_left.wait()
 
     def forget_credentials(self) -> None:
         """Users changed through the management API: ask the auth method again."""
@@ -192,10 +208,7 @@ class Router:
 
     def find(self, hostname: str, target: str) -> Route | None:
         for route in self.routes:
-            if route.names and hostname not in route.names:
-                continue
-            prefix = route.prefix
-            if target.startswith(prefix) and (len(target) == len(prefix) or target[len(prefix)] in "/?"):
+            if (not route.names or hostname in route.names) and matches(route.prefix, target):
                 return route
         return None
 

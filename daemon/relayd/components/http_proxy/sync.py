@@ -57,10 +57,7 @@ async def resync(c: HttpProxy) -> None:
     if daemon is not None and daemon.state_of(c) not in (State.SERVING, State.CREATED):
         return
     # Members: who may use which service now.
-    if set(members) != c.core.members:
-        c.core.members = set(members)
-        c.member_times = members
-        c.core.forget_credentials()
+    c.membership.replace_all(members)
     # Runtime services: created, deleted or re-created elsewhere.
     changed = False
     seen = set()
@@ -86,7 +83,7 @@ async def resync(c: HttpProxy) -> None:
     if changed:
         c.api.requests = None  # re-read the JSON each service was created with
         c.rebuild_routes()
-        c._load_service_certs()
+        c.load_service_certs()
     # Incarnations: new counts go to the user's current incarnation, wherever it was made.
     live = counters.live
     for key in [k for k, inc in live.items() if inc.sgen is not None and gens.get(k[0]) != inc.sgen]:
