@@ -125,7 +125,8 @@ def test_request_versions_other_than_1x_refused_with_or_without_keep_alive(versi
 @pytest.mark.parametrize("split", [0, 3, 9, 12])
 @pytest.mark.parametrize("version,ok", [(b"1.1", True), (b"1.0", True), (b"2.0", False), (b"0.9", False)])
 def test_response_version_in_one_or_two_segments(version, ok, split):
-    from relayd.components.http_proxy.http1 import ERROR, HEAD, ResponseReader
+    from relayd.components.http_proxy.http1 import ERROR, HEAD
+    from relayd.components.http_proxy.response_reader import ResponseReader
 
     response = b"HTTP/%s 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n" % version
     reader = ResponseReader().start(False, False)

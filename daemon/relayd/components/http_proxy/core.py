@@ -10,7 +10,7 @@ Requests: llhttp (``http1.RequestReader``) turns client bytes into heads, body p
 ends. Each head becomes an ``Exchange``; exchanges are served one at a time in arrival order
 (pipelining), from a loop, never by recursion; the requests behind the current one wait in
 ``queue``, and reading pauses while that backlog is long. Responses: each exchange gets a
-fresh ``http1.ResponseReader``; the upstream connection is released as reusable only when
+fresh ``response_reader.ResponseReader``; the upstream connection is released as reusable only when
 both messages ended exactly at their framing.
 """
 
@@ -34,10 +34,10 @@ from .http1 import (
     RequestHead,
     RequestReader,
     ResponseHead,
-    ResponseReader,
 )
 from .mapping import map_target
 from .pages import HTML, HTML_HEADERS, error_page, wants_html
+from .response_reader import ResponseReader
 
 if TYPE_CHECKING:
     from relayd.auth.base import Identity

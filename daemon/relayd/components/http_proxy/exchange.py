@@ -13,7 +13,8 @@ import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from .http1 import RequestHead, ResponseHead, ResponseReader
+from .http1 import RequestHead, ResponseHead
+from .response_reader import ResponseReader
 
 if TYPE_CHECKING:
     from relayd.auth.base import Identity

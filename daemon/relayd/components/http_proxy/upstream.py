@@ -13,7 +13,7 @@ import select
 import socket
 from typing import TYPE_CHECKING
 
-from .http1 import ResponseReader
+from .response_reader import ResponseReader
 
 if TYPE_CHECKING:
     from .exchange import Exchange
