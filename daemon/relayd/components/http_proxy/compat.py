@@ -17,6 +17,16 @@ class CompatError(ValueError):
     """A service definition that cannot be used; the message is for the operator."""
 
 
+class ApiError(Exception):
+    """An answer of the management API other than 200: ``{"message": ...}`` with ``status``,
+    as ya-runtime-http-auth answers errors."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def rfc3339(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")
 

@@ -44,7 +44,8 @@ from pydantic import ValidationError
 from relayd.auth.base import ManagesUsers
 from relayd.listeners import port_of
 
-from .compat import CompatError, cert_info, echo_service, parse_service, rfc3339
+from . import usage
+from .compat import ApiError, CompatError, cert_info, echo_service, parse_service, rfc3339
 from .config import SERVICE_NAME, ServiceConfig
 from .store import NCOL, StoreConflict, row_dict
 
@@ -54,19 +55,8 @@ if TYPE_CHECKING:
     from . import HttpProxyComponent, Service
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
-
-
-def _time(value: float | None) -> str | None:
-    return rfc3339(value) if value is not None else None
 
 
 class ManagementAPI:
@@ -96,9 +86,9 @@ class ManagementAPI:
         n = len(parts)
         if n >= 1 and parts[0] in ("stats", "usage", "history") and method == "GET" and n <= 3:
             if parts[0] == "history":
-                return _json(await self.history(*parts[1:]))
-            return _json(await self.stats(parts[1] if n > 1 else None, parts[2] if n > 2 else None,
-                                          compat=parts[0] == "stats"))
+                return _json(await usage.history(self.c, *parts[1:]))
+            return _json(await usage.stats(self.c, parts[1] if n > 1 else None, parts[2] if n > 2 else None,
+                                           compat=parts[0] == "stats"))
         if not parts or parts[0] != "services" or n > 6:
             raise ApiError(404, "no such management route")
         if n == 1:
@@ -142,11 +132,11 @@ class ManagementAPI:
                 await self.remove_user(service, user)
                 return _json(None)
             if n == 5 and parts[4] == "stats" and method == "GET":
-                await self._member_or_counted(service.name, user)
+                await usage.member_or_counted(self.c, service.name, user)
                 rows = await self.c.counters.current(service.name, user)
                 return _json(row_dict(rows[0]["values"] if rows else [0] * NCOL))
             if n == 6 and parts[4:] == ["endpoints", "stats"] and method == "GET":
-                await self._member_or_counted(service.name, user)
+                await usage.member_or_counted(self.c, service.name, user)
                 rows = await self.c.counters.current(service.name, user, endpoints=True)
                 if request.query.get("detail"):
                     return _json({r["endpoint"]: row_dict(r["values"]) for r in rows})
@@ -170,11 +160,6 @@ class ManagementAPI:
 
     def _member(self, service: str, user: str) -> None:
         if not self.c.membership.is_member(service, user):
-            raise ApiError(404, f"User '{user}' not found")
-
-    async def _member_or_counted(self, service: str, user: str) -> None:
-        # Stats stay readable after a user is removed (billing must not lose them).
-        if not self.c.membership.is_member(service, user) and not await self.c.counters.known(service, user):
             raise ApiError(404, f"User '{user}' not found")
 
     def _members(self, service: str) -> list[dict[str, Any]]:
@@ -398,108 +383,6 @@ class ManagementAPI:
                 await asyncio.to_thread(store.remove, user)
             except UnknownUser:
                 pass
-
-    # -- stats -----------------------------------------------------------------------------
-
-    async def _service_heads(self, service: str | None) -> dict[str, dict[str, Any]]:
-        """The current incarnation of each service name (database + pending refusals)."""
-        heads: dict[str, dict[str, Any]] = {}
-        for name, sgen, origin, created, deleted, rejected, _note in await self.c.counters.service_incarnations(
-                service):
-            heads[name] = {"incarnation": sgen, "origin": origin, "createdAt": _time(created),
-                           "deletedAt": _time(deleted), "rejected": rejected}
-        return heads
-
-    async def stats(self, service: str | None = None, user: str | None = None,
-                    compat: bool = True) -> dict[str, Any]:
-        """The current incarnations: of each service, and of each of its users."""
-        counters = self.c.counters
-        if service is not None and service not in self.c.services and not await counters.current(service):
-            raise ApiError(404, f"Service '{service}' not found")
-        if user is not None:
-            await self._member_or_counted(service, user)  # type: ignore[arg-type]
-        rows = await counters.current(service, user)
-        heads = await self._service_heads(service)
-        names = [service] if service is not None else list(self.c.services)
-        total = [0] * NCOL
-        per_service: dict[str, dict[str, Any]] = {}
-        for name in names:
-            head = heads.get(name, {"incarnation": None, "createdAt": None, "deletedAt": None, "rejected": 0})
-            per_service[name] = {"incarnation": head["incarnation"], "createdAt": head["createdAt"],
-                                 "deletedAt": head["deletedAt"], "rejected": head["rejected"],
-                                 "total": [0] * NCOL, "users": {}}
-        for row in rows:
-            entry = per_service.get(row["service"])
-            if entry is None:
-                continue  # a service deleted since: see history
-            entry["users"][row["user"]] = {
-                "incarnation": row["gen"], "member": self.c.membership.is_member(row["service"], row["user"]),
-                "createdAt": _time(row["created"]), "deletedAt": _time(row["deleted"]), **row_dict(row["values"])}
-            for i, v in enumerate(row["values"]):
-                entry["total"][i] += v
-                total[i] += v
-        summed = row_dict(total)
-        out: dict[str, Any] = {
-            "users": sum(len(e["users"]) for e in per_service.values()),
-            "services": len(per_service),
-            "requests": {"requests": total[0]} if compat else total[0],
-            **{k: v for k, v in summed.items() if k != "requests"},
-            "rejected": sum(e["rejected"] for e in per_service.values()),
-            "unsaved": counters.held_requests(),
-            "perService": {s: {**{k: v for k, v in e.items() if k != "total"}, **row_dict(e["total"]),
-                               "users": e["users"]} for s, e in per_service.items()},
-        }
-        if counters.last_error:
-            out["saveError"] = counters.last_error
-        if service is not None and user is not None:
-            endpoints = await counters.current(service, user, endpoints=True)
-            out["endpoints"] = {r["endpoint"]: row_dict(r["values"]) for r in endpoints}
-        return out
-
-    async def history(self, service: str | None = None, user: str | None = None) -> dict[str, Any]:
-        """Every incarnation of the services and of their users, oldest first, with totals."""
-        counters = self.c.counters
-        services, rows = await counters.history(service, user)
-        endpoint_rows: list[dict[str, Any]] = []
-        if user is not None:
-            _, endpoint_rows = await counters.history(service, user, endpoints=True)
-        if service is not None and not services and not rows:
-            raise ApiError(404, f"Service '{service}' not found")
-        out: dict[tuple[str, int | None], dict[str, Any]] = {}
-        entry: dict[str, Any] | None
-        item: dict[str, Any] | None
-        for name, sgen, origin, created, deleted, rejected, note in services:
-            entry = out[(name, sgen)] = {"name": name, "incarnation": sgen, "origin": origin,
-                                         "createdAt": _time(created), "deletedAt": _time(deleted),
-                                         "rejected": rejected, "total": [0] * NCOL, "users": []}
-            if note:
-                entry["note"] = note
-        users: dict[tuple[str, str, int | None], dict[str, Any]] = {}
-        for row in rows:
-            entry = out.get((row["service"], row["sgen"]))
-            if entry is None:
-                entry = out[(row["service"], row["sgen"])] = {
-                    "name": row["service"], "incarnation": row["sgen"], "origin": None, "createdAt": None,
-                    "deletedAt": None, "rejected": 0, "total": [0] * NCOL, "users": []}
-            item = {"username": row["user"], "incarnation": row["gen"], "member": row["member"],
-                    "createdAt": _time(row["created"]), "deletedAt": _time(row["deleted"]),
-                    **row_dict(row["values"])}
-            if row["note"]:
-                item["note"] = row["note"]
-            entry["users"].append(item)
-            users[(row["service"], row["user"], row["gen"])] = item
-            for i, v in enumerate(row["values"]):
-                entry["total"][i] += v
-        for row in endpoint_rows:
-            item = users.get((row["service"], row["user"], row["gen"]))
-            if item is not None:
-                item.setdefault("endpoints", {})[row["endpoint"]] = row_dict(row["values"])
-        result = []
-        for (_name, _sgen), entry in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-            total = entry.pop("total")
-            users_list = entry.pop("users")
-            result.append({**entry, **row_dict(total), "users": users_list})
-        return {"services": result, "unsaved": counters.held_requests()}
 
 
 def _cert_hash(path: Any) -> str | None:
