@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from relayd.auth import discovery
 from relayd.component import Component, Context
 from relayd.httpserve import HttpService
 from relayd.lifecycle import State, drain
-from relayd.listeners import ListenerError, make_server_ssl_context, port_of
+from relayd.listeners import port_of
 from relayd.logsetup import access_logger
 
 from .config import HttpProxyConfig, ServiceConfig, browser_clashes, config_problems, conflicts
@@ -32,6 +31,7 @@ from .metrics import proxy_metrics
 from .pages import Pages
 from .proxy import ClientConnection
 from .routes import Core, Route, Router
+from .service_tls import ServiceCertificates
 from .sync import make_store, start_watcher
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class HttpProxyComponent(Component):
         self.services: dict[str, Service] = {}
         self.allowed_listeners: set[str] = set()
         self.mgmt_http: HttpService | None = None
-        self._service_contexts: dict[tuple[str, str], ssl.SSLContext] = {}  # (listener, SNI name)
+        self.certificates = ServiceCertificates(self.log)  # services' own, chosen by SNI
         self.membership = self.core.membership  # who may use which service (membership.py)
         self.api = ManagementAPI(self)
 
@@ -205,7 +205,7 @@ class HttpProxyComponent(Component):
         if router is None:
             router = self.routers[lname] = Router(self.core, lname, _discovery)
         tls = listener.ssl_context is not None
-        context = self._server_ssl(lname) if tls else None
+        context = self.certificates.server_context(listener, lname) if tls else None
         # Under the listener's max_connections: the gate sets each connection's on_closed.
         server = await serve_gated(listener, lambda: ClientConnection(router, tls), ssl=context)
         self.servers.append((lname, server))
@@ -215,44 +215,14 @@ class HttpProxyComponent(Component):
     # -- TLS: the listener pool re-reads listener certificates on every reload; services' own
     # certificates are re-read by reloaded() ----------------------------------------------------
 
-    def _server_ssl(self, lname: str) -> ssl.SSLContext:
-        listener = self.context.listener(lname)
-        assert listener.tls is not None
-
-        def service_certificate(sslobj: Any, server_name: str | None) -> bool:
-            context = self._service_contexts.get((lname, (server_name or "").lower()))
-            if context is None:
-                return False
-            sslobj.context = context
-            return True
-
-        return listener.tls.front(("http/1.1",), hook=service_certificate)
-
     def reloaded(self) -> None:
         self.load_service_certs()
 
     def load_service_certs(self, strict: bool = False) -> None:
-        """(Re-)read the certificates of services with their own cert/key (chosen by SNI among
-        their server_names); after services change and on reload. ``strict``: raise on a bad one
-        (at start), else log it and keep that service's old certificate."""
-        contexts: dict[tuple[str, str], ssl.SSLContext] = {}
-        for service in self.services.values():
-            scfg = service.config
-            if scfg.cert is None or scfg.key is None:
-                continue
-            try:
-                context = _tls_context(scfg.cert, scfg.key)
-            except ListenerError as exc:
-                if strict:
-                    raise ValueError(f"service {service.name}: {exc}") from None
-                self.log.error("service %s: keeping its old certificate: %s", service.name, exc)
-                old = [k for k, v in self._service_contexts.items() if k[1] in scfg.server_names]
-                contexts.update({k: self._service_contexts[k] for k in old})
-                continue
-            for lname in scfg.listeners:
-                for name in scfg.server_names:
-                    contexts[(lname, name)] = context
-        self._service_contexts = contexts
+        """(Re-)read the certificates of services with their own cert/key: after services
+        change and on reload. ``strict`` (at start): raise on a bad one; else log it and keep
+        that service's old certificate."""
+        self.certificates.load([(s.name, s.config) for s in self.services.values()], strict)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -397,14 +367,6 @@ class HttpProxyComponent(Component):
             return web.json_response({"message": "a valid 'Authorization: Bearer <token>' is required"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="relayd"'})
         return await self.api.handle(request, request.path.lstrip("/"))
-
-
-def _tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
-    from relayd.config.model import TLSConfig
-
-    context = make_server_ssl_context(TLSConfig(cert=cert, key=key, client_ca=client_ca))
-    context.set_alpn_protocols(["http/1.1"])
-    return context
 
 
 def _port(addresses: list[str]) -> int | None:

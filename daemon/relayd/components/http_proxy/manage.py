@@ -282,10 +282,10 @@ class ManagementAPI:
         if scfg.cert is not None:
             from relayd.listeners import ListenerError
 
-            from . import _tls_context
+            from .service_tls import tls_context
 
             try:
-                _tls_context(scfg.cert, scfg.key)  # type: ignore[arg-type]
+                tls_context(scfg.cert, scfg.key)  # type: ignore[arg-type]
             except ListenerError as exc:
                 raise ApiError(400, str(exc)) from None
         created = await self.c.counters.add_service(name, definition, data)
