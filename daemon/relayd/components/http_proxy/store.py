@@ -26,8 +26,8 @@ An incarnation the event loop counted before the database knew it (an ``Inc`` wh
 is None) is resolved here, inside the transaction that adds its counts: it becomes the latest
 incarnation of that user in its service incarnation, or a new one if there is none.
 
-The queries that only read are in store_reads.py, the schema 1 -> 2 migration in
-store_migrate.py; relayd.state.http_proxy_pg.PgStore is this class on PostgreSQL.
+The queries that only read are in store_reads.py, the tables in store_schema.py, the schema
+1 -> 2 migration in store_migrate.py; relayd.state.http_proxy_pg.PgStore is this class on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -39,61 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from .store_reads import StoreReads
-from .store_rows import COLUMNS, NCOL, Inc, StoreConflict, StoreError
+from .store_rows import COLUMNS, NCOL, Inc, StoreConflict, StoreError, row_dict
+from .store_schema import SCHEMA_VERSION, TOTALS_UPSERT, UPSERT, create_schema
 
 __all__ = ["COLUMNS", "NCOL", "OVERFLOW", "SCHEMA_VERSION", "Inc", "Store", "StoreConflict", "StoreError",
            "row_dict"]
 OVERFLOW = "(other)"
-SCHEMA_VERSION = 2
-
-_COLS = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COLUMNS)
-_SCHEMA = f"""
-CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL, note TEXT);
-CREATE TABLE services (
-    name TEXT PRIMARY KEY, definition TEXT NOT NULL, created_at REAL NOT NULL, request TEXT);
-CREATE TABLE members (
-    service TEXT NOT NULL, username TEXT NOT NULL, created_at REAL NOT NULL,
-    PRIMARY KEY (service, username));
-CREATE TABLE service_incarnations (
-    service TEXT NOT NULL, sgen INTEGER NOT NULL, origin TEXT NOT NULL,
-    created_at REAL NOT NULL, deleted_at REAL, rejected INTEGER NOT NULL DEFAULT 0, note TEXT,
-    PRIMARY KEY (service, sgen));
-CREATE TABLE user_incarnations (
-    service TEXT NOT NULL, username TEXT NOT NULL, gen INTEGER NOT NULL, sgen INTEGER NOT NULL,
-    member INTEGER NOT NULL, created_at REAL NOT NULL, deleted_at REAL, note TEXT,
-    PRIMARY KEY (service, username, gen));
-CREATE INDEX user_incarnations_sgen ON user_incarnations (service, sgen, username, gen);
-CREATE TABLE counters (
-    service TEXT NOT NULL, username TEXT NOT NULL, gen INTEGER NOT NULL, endpoint TEXT NOT NULL,
-    {_COLS},
-    PRIMARY KEY (service, username, gen, endpoint));
-CREATE TABLE service_totals (
-    service TEXT PRIMARY KEY, {_COLS}, rejected INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE journal_applied (writer TEXT PRIMARY KEY, seq INTEGER NOT NULL, applied_at REAL NOT NULL);
-"""
-
-_UPSERT = (
-    f"INSERT INTO counters (service, username, gen, endpoint, {', '.join(COLUMNS)}) "
-    f"VALUES (?, ?, ?, ?, {', '.join('?' * NCOL)}) ON CONFLICT (service, username, gen, endpoint) DO UPDATE SET "
-    + ", ".join(f"{c} = counters.{c} + excluded.{c}" for c in COLUMNS)
-)
-_TOTALS_UPSERT = (
-    f"INSERT INTO service_totals (service, {', '.join(COLUMNS)}, rejected) "
-    f"VALUES (?, {', '.join('?' * NCOL)}, ?) ON CONFLICT (service) DO UPDATE SET "
-    + ", ".join(f"{c} = service_totals.{c} + excluded.{c}" for c in (*COLUMNS, "rejected"))
-)
-
-
-
 FLUSH_MARK = "flush:"  # journal_applied key prefix of a writer's flush sequence (see ``add``)
-
-
-def row_dict(values: list[int] | tuple[int, ...]) -> dict[str, Any]:
-    return {
-        "requests": values[0], "bytesIn": values[1], "bytesOut": values[2],
-        "statuses": {"1xx": values[3], "2xx": values[4], "3xx": values[5], "4xx": values[6],
-                     "5xx": values[7], "none": values[8]},
-    }
 
 
 def _add_into(target: list[int], values: list[int] | tuple[int, ...]) -> None:
@@ -162,15 +114,12 @@ class Store(StoreReads):
         return result
 
     def _create(self) -> None:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self.db.execute(statement)
-        self.db.execute("INSERT INTO schema_version VALUES (?, ?, ?)", (SCHEMA_VERSION, time.time(), "created"))
+        create_schema(self.db)
 
     def _migrate_1_to_2(self) -> None:
         from .store_migrate import migrate_1_to_2
 
-        migrate_1_to_2(self)
+        migrate_1_to_2(self.db, self.path)
 
     def close(self) -> None:
         if self.db is not None:
@@ -229,7 +178,7 @@ class Store(StoreReads):
             if endpoint == "":
                 _add_into(totals.setdefault(inc.service, [0] * NCOL), values)
         rows.sort(key=lambda r: r[:4])
-        db.executemany(_UPSERT, rows)
+        db.executemany(UPSERT, rows)
         refused: dict[str, int] = {}
         for (service, known), n in rejected.items():
             sgen = known if known is not None else self._service_gen(service)
@@ -237,7 +186,7 @@ class Store(StoreReads):
                        (n, service, sgen))
             refused[service] = refused.get(service, 0) + n
         for service in sorted(set(totals) | set(refused)):
-            db.execute(_TOTALS_UPSERT, (service, *totals.get(service, [0] * NCOL), refused.get(service, 0)))
+            db.execute(TOTALS_UPSERT, (service, *totals.get(service, [0] * NCOL), refused.get(service, 0)))
         if writer is not None and covers:
             self._mark_applied(writer, covers)
 

@@ -6,20 +6,17 @@ PostgreSQL schemas start at version 2.
 
 from __future__ import annotations
 
+import sqlite3
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from .store_rows import COLUMNS, StoreError
-
-if TYPE_CHECKING:
-    from .store import Store
+from .store_schema import create_schema
 
 
-def migrate_1_to_2(self: Store) -> None:
+def migrate_1_to_2(db: sqlite3.Connection, path: Path) -> None:
     """Version 1 kept one counter row per (service, user, endpoint), no history: its totals
     become each user's first incarnation, in its service's first incarnation."""
-    db = self.db
-    assert db is not None
     now = time.time()
     note = "migrated from schema 1"
     for old in ("services", "members", "counters", "service_meta"):
@@ -27,10 +24,10 @@ def migrate_1_to_2(self: Store) -> None:
         if exists:
             db.execute(f"ALTER TABLE {old} RENAME TO v1_{old}")
         elif old != "service_meta":
-            raise StoreError(f"{self.path}: a schema-1 database without table {old!r}")
+            raise StoreError(f"{path}: a schema-1 database without table {old!r}")
     has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'v1_service_meta'").fetchone()
-    self._create()
-    db.execute("UPDATE schema_version SET note = ?", (note + f" ({self.path.name})",))
+    create_schema(db)
+    db.execute("UPDATE schema_version SET note = ?", (note + f" ({path.name})",))
     db.execute("INSERT INTO services (name, definition, created_at) SELECT name, definition, created_at "
                "FROM v1_services")
     db.execute("INSERT INTO members SELECT service, username, created_at FROM v1_members")

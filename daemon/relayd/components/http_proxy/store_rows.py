@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 COLUMNS = ("requests", "bytes_in", "bytes_out", "s1xx", "s2xx", "s3xx", "s4xx", "s5xx", "no_response")
 NCOL = len(COLUMNS)
@@ -33,3 +34,11 @@ class Inc:
 
     def __repr__(self) -> str:
         return f"Inc({self.service!r}, {self.user!r}, sgen={self.sgen}, gen={self.gen})"
+
+
+def row_dict(values: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "requests": values[0], "bytesIn": values[1], "bytesOut": values[2],
+        "statuses": {"1xx": values[3], "2xx": values[4], "3xx": values[5], "4xx": values[6],
+                     "5xx": values[7], "none": values[8]},
+    }
