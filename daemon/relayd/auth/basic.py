@@ -22,7 +22,7 @@ import binascii
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -31,6 +31,9 @@ from relayd.auth import htpasswd as htp
 from relayd.auth.base import AuthConfig, AuthError, AuthFailure, AuthMethod, Identity
 from relayd.auth.users import MAX_PASSWORD, MAX_USERNAME, UserStore, verify_hash
 from relayd.metric_families import Metric, counter
+
+if TYPE_CHECKING:
+    from relayd.state.users_pg import PgUserStore
 
 
 class BasicAuthConfig(AuthConfig):
@@ -54,27 +57,27 @@ class BasicAuth(AuthMethod):
 
     def __init__(self, name: str, config: BasicAuthConfig, context: Any) -> None:
         super().__init__(name, config, context)
-        self.db_path = config.users_db or default_users_db(context.state_dir, name)
+        self.db_path: Path | str = config.users_db or default_users_db(context.state_dir, name)
         self.watcher: Any = None
+        self.pg_users: PgUserStore | None = None  # the same store as users, with [state] url
         url = state.postgres_url(context)
         if url is None:
             self.users = UserStore(self.db_path)
         else:
             from relayd.state.users_pg import PgUserStore
 
-            self.users = PgUserStore(url, name, state.health(context, url))
-            self.db_path = self.users.where  # type: ignore[assignment]
+            self.users = self.pg_users = PgUserStore(url, name, state.health(context, url))
+            self.db_path = self.pg_users.where
         self.htpasswd = htp.Htpasswd(config.htpasswd) if config.htpasswd else None
         self.stats = {"checks": 0, "failures": 0}
 
     async def start(self) -> None:
         await asyncio.to_thread(self.users.open)
-        reload = getattr(self.users, "reload", None)
-        if reload is not None:  # PostgreSQL: follow the other nodes' changes
+        pg = self.pg_users
+        if pg is not None:  # PostgreSQL: follow the other nodes' changes
             from relayd.state.pg import Watcher
 
-            self.watcher = Watcher(self.users.url, self.users.schema,  # type: ignore[attr-defined]
-                                   lambda: asyncio.to_thread(reload), self.users.db.health)  # type: ignore[attr-defined]
+            self.watcher = Watcher(pg.url, pg.schema, lambda: asyncio.to_thread(pg.reload), pg.db.health)
             self.watcher.start()
         if self.htpasswd:
             try:

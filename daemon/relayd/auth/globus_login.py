@@ -34,7 +34,7 @@ import hashlib
 import secrets
 import sqlite3
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -51,6 +51,9 @@ from relayd.auth.globus_login_flow import GlobusCodeFlow
 __all__ = ["BrowserAnswer", "GlobusLogin", "GlobusLoginConfig", "SessionStore", "cookies",
            "default_sessions_db", "safe_return"]
 
+if TYPE_CHECKING:
+    from relayd.state.sessions_pg import PgSessionStore
+
 _SEEN_EVERY = 60.0  # last-seen times are written at most this often per session
 
 
@@ -62,7 +65,7 @@ class GlobusLogin(GlobusCodeFlow, AuthMethod):
     def __init__(self, name: str, config: GlobusLoginConfig, context: Any) -> None:
         super().__init__(name, config, context)
         self.db_path = config.sessions_db or default_sessions_db(context.state_dir, name)
-        self.store: SessionStore | None = None
+        self.store: SessionStore | PgSessionStore | None = None
         secret = config.session_secret.get_secret_value().encode() if config.session_secret else None
         self._key = hashlib.sha256(b"relayd session\0" + secret).digest() if secret else secrets.token_bytes(32)
         self.sessions: dict[str, Session] = {}  # by SHA-256 of the session id
@@ -80,7 +83,7 @@ class GlobusLogin(GlobusCodeFlow, AuthMethod):
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
         url = state.postgres_url(self.context)
-        store: Any
+        store: SessionStore | PgSessionStore
         if url is None:
             store = SessionStore(self.db_path)
         else:  # [state] url: sessions shared by every node (relayd.state.sessions_pg)
@@ -102,12 +105,14 @@ class GlobusLogin(GlobusCodeFlow, AuthMethod):
 
     async def _resync(self) -> None:
         """PostgreSQL: take the sessions other nodes made, drop those ended anywhere."""
+        from relayd.state.sessions_pg import PgSessionStore  # only with [state] url, as its watcher
+
         store = self.store
-        if store is None:
+        if not isinstance(store, PgSessionStore):
             return
-        rows = await asyncio.to_thread(store.rows)  # type: ignore[attr-defined]
+        rows = await asyncio.to_thread(store.rows)
         current = {row[0]: row for row in rows}
-        unwritten = set(getattr(store, "unwritten", ()))
+        unwritten = set(store.unwritten)
         for sid_hash in [h for h in self.sessions if h not in current and h not in unwritten]:
             del self.sessions[sid_hash]  # ended on another node (its tokens are queued there)
         for sid_hash, row in current.items():

@@ -10,7 +10,7 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -19,6 +19,10 @@ from relayd.auth.base import Identity
 from relayd.auth.browser_http import BrowserAnswer, b64url, cookies, hash_session_id
 from relayd.auth.browser_session import Session
 from relayd.auth.globus_login_config import GlobusLoginConfig
+
+if TYPE_CHECKING:
+    from relayd.auth.browser_sessions_sqlite import SessionStore
+    from relayd.state.sessions_pg import PgSessionStore
 
 _MAX_PENDING = 10000
 _PENDING_TTL = 600.0
@@ -32,7 +36,7 @@ class GlobusCodeFlow:
     name: str
     config: GlobusLoginConfig
     log: logging.Logger
-    store: Any  # SessionStore or relayd.state.sessions_pg.PgSessionStore; None once stopped
+    store: SessionStore | PgSessionStore | None  # None once stopped
     http: aiohttp.ClientSession | None
     sessions: dict[str, Session]  # by SHA-256 of the session id
     pending: dict[str, tuple[str, str, str, float]]  # state -> verifier, redirect, target, at

@@ -47,11 +47,11 @@ def _get(client: ControlClient, component: str, path: str) -> tuple[int, Any]:
     return client.request("GET", f"/v1/components/{quote(component)}/{path}")
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return str(n)
 
 

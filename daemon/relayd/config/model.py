@@ -7,6 +7,7 @@ import re
 import socket
 import typing
 from pathlib import Path
+from types import GenericAlias
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -159,8 +160,9 @@ def build_settings_model(registry: Registry) -> type[CoreSettings]:
     """Settings with `components` and `auth` tables typed by the installed plugins."""
     components: list[type[BaseModel]] = [cls.Config for cls in registry.usable("components").values()]
     auth: list[type[BaseModel]] = [cls.Config for cls in registry.usable("auth").values()]
-    auth_table: Any = dict[Name, _union(auth, "method")]  # type: ignore[misc]  # built at run time
-    component_table: Any = dict[Name, _union(components, "kind")]  # type: ignore[misc]
+    # dict[Name, <union>] with a union built at run time: GenericAlias is what dict[...] makes.
+    auth_table: Any = GenericAlias(dict, (Name, _union(auth, "method")))
+    component_table: Any = GenericAlias(dict, (Name, _union(components, "kind")))
     return create_model(
         "RelaydSettings",
         __base__=CoreSettings,

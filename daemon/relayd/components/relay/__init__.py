@@ -56,7 +56,8 @@ class RelayComponent(Component):
         self.log.info("relay listening on %s (auth %s)",
                       ", ".join(f"{scheme}://{a}" for a in listener.addresses), self.config.auth)
         if self.config.current_clients_interval:
-            self._logger = asyncio.get_running_loop().create_task(self._log_clients())
+            self._logger = asyncio.get_running_loop().create_task(
+                self._log_clients(self.config.current_clients_interval))
 
     async def stop(self, drain_timeout: float) -> None:
         if self._logger:
@@ -70,11 +71,11 @@ class RelayComponent(Component):
     def listener_names(self) -> set[str]:
         return {self.config.listener}
 
-    async def _log_clients(self) -> None:
+    async def _log_clients(self, interval: float) -> None:
         """proxystore-relay's periodic log: the count, and the clients when 0 < N < limit."""
-        interval, limit = self.config.current_clients_interval, self.config.current_clients_limit
+        limit = self.config.current_clients_limit
         while True:
-            await asyncio.sleep(interval)  # type: ignore[arg-type]
+            await asyncio.sleep(interval)
             clients = self.server.core.clients()
             lines = [f"Connected clients: {len(clients)}"]
             if limit is not None and 0 < len(clients) < limit:

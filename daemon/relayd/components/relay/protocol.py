@@ -16,12 +16,30 @@ another identity's UUID cannot be taken over.
 
 from __future__ import annotations
 
-import json
-import json.scanner
-import uuid as uuidlib
 from dataclasses import dataclass
-from json.encoder import encode_basestring_ascii as _enc  # the C encoder json.dumps uses
 from typing import Any, NamedTuple
+
+# The messages as text; imported from here (``protocol as p``) by the shell, the cluster and tests.
+from relayd.components.relay.messages import (
+    REGISTERED_REPLY,
+    BadMessage,
+    canonical_uuid,
+    encode_peer,
+    not_registered_error,
+    other_user_error,
+    other_user_registration,
+    parse_json,
+    source_prefix,
+)
+from relayd.components.relay.messages import (
+    cluster_unreachable_error as cluster_unreachable_error,
+)
+from relayd.components.relay.messages import (
+    encode_registration as encode_registration,
+)
+from relayd.components.relay.messages import (
+    encode_response as encode_response,
+)
 
 # -- close codes ---------------------------------------------------------------------------
 
@@ -75,96 +93,13 @@ def truncate_reason(reason: str) -> str:
     return raw[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
-# -- messages -------------------------------------------------------------------------------
-
-REGISTERED_REPLY = '{"success": true, "message": null, "error": false, "message_type": "relay_response"}'
+# -- what a client may send (messages.py parses and writes the text) ----------------------
 
 _REGISTRATION_KEYS = frozenset({"name", "uuid", "message_type"})
 _PEER_REQUIRED = frozenset({"source_uuid", "source_name", "peer_uuid", "description_type",
                             "description", "message_type"})
 _PEER_ALL = _PEER_REQUIRED | {"error"}
 _DESCRIPTION_TYPES = frozenset({"offer", "answer"})
-
-
-class BadMessage(Exception):
-    """The text is not a message a client may send (close 4000)."""
-
-
-# json.loads without its Python-level wrapping (about half its time for a 200-byte message):
-# the same C scanner, with json.loads's rules for surrounding whitespace (" \t\n\r") and a BOM.
-_scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # typeshed: a context
-_JSON_WS = " \t\n\r"
-
-
-def parse_json(text: str) -> Any:
-    """Exactly json.loads(text) for a str, raising ValueError (or RecursionError) on bad input."""
-    try:
-        obj, end = _scan_once(text, 0)
-    except StopIteration:
-        stripped = text.lstrip(_JSON_WS)
-        if stripped is text or not stripped:
-            raise ValueError("not JSON") from None
-        text = stripped
-        try:
-            obj, end = _scan_once(text, 0)
-        except StopIteration:
-            raise ValueError("not JSON") from None
-    if end != len(text) and text[end:].strip(_JSON_WS):
-        raise ValueError("extra data")
-    return obj
-
-
-def canonical_uuid(value: Any) -> str:
-    """Lower-case hyphenated form of anything Python's uuid.UUID(str) accepts."""
-    if type(value) is not str:
-        raise BadMessage("uuid must be a string")
-    try:
-        return str(uuidlib.UUID(value))
-    except ValueError:
-        raise BadMessage("not a UUID") from None
-
-
-def encode_response(success: bool = True, message: str | None = None, error: bool = False) -> str:
-    return json.dumps({"success": success, "message": message, "error": error,
-                       "message_type": "relay_response"})
-
-
-def encode_registration(name: str, uuid: str) -> str:
-    """What a client sends (used by tests and the bench)."""
-    return json.dumps({"name": name, "uuid": uuid, "message_type": "relay_registration"})
-
-
-def _source_prefix(uuid: str, name: str) -> str:
-    return '{"source_uuid": "' + uuid + '", "source_name": ' + _enc(name) + ', "peer_uuid": "'
-
-
-def encode_peer(prefix: str, peer_uuid: str, description_type: str, description: str,
-                error: str | None) -> str:
-    """A peer_connection exactly as proxystore's encoder would write it."""
-    return (prefix + peer_uuid + '", "description_type": ' + _enc(description_type)
-            + ', "description": ' + _enc(description)
-            + ', "error": ' + ("null" if error is None else _enc(error))
-            + ', "message_type": "peer_connection"}')
-
-
-def not_registered_error(peer: str) -> str:
-    return (f"Cannot forward peer connection message to peer {peer} because this peer is "
-            "not registered this relay server.")  # sic: proxystore's clients match this text
-
-
-def other_user_error(peer: str) -> str:
-    return f"The requested peer {peer} is owned by a different user."
-
-
-def cluster_unreachable_error(peer: str) -> str:
-    """A peer not on this node while the cluster bus is down: it may exist elsewhere. Starts like
-    the not-registered text, which is what clients match."""
-    return (f"Cannot forward peer connection message to peer {peer} because this relay node cannot "
-            "reach the rest of the cluster; try again later.")
-
-
-def other_user_registration(uuid: str) -> str:
-    return f"ForbiddenError: The client UUID {uuid} is already registered to another user."
 
 
 # -- actions ----------------------------------------------------------------------------------
@@ -283,7 +218,7 @@ class RelayCore:
         if client.closed:
             return []
         client.messages_in += 1
-        if self.rate is not None and not self._take_token(client, now):
+        if self.rate is not None and not self._take_token(client, now, self.rate):
             return [self.close(client, RATE_LIMITED, REASON_RATE_LIMITED)]
         limit = self.max_message_bytes
         # UTF-8 is 1 to 4 bytes a character: encode only when the length alone cannot tell.
@@ -309,8 +244,8 @@ class RelayCore:
         # relay_response (servers send it, clients don't), unknown or missing types
         return [self.close(client, BAD_MESSAGE, REASON_BAD_MESSAGE)]
 
-    def _take_token(self, client: Client, now: float) -> bool:
-        tokens = client.tokens + (now - client.refilled_at) * self.rate  # type: ignore[operator]
+    def _take_token(self, client: Client, now: float, rate: float) -> bool:
+        tokens = client.tokens + (now - client.refilled_at) * rate
         client.refilled_at = now
         if tokens < 1.0:
             client.tokens = tokens
@@ -368,7 +303,7 @@ class RelayCore:
             return other_user_error(peer)
         self.forwarded += 1
         target.messages_out += 1
-        return Send(target, encode_peer(_source_prefix(source_uuid, source_name), peer, description_type,
+        return Send(target, encode_peer(source_prefix(source_uuid, source_name), peer, description_type,
                                         description, error))
 
     # -- registration ------------------------------------------------------------------------
@@ -391,7 +326,7 @@ class RelayCore:
             del self.by_uuid[client.uuid]  # one UUID per socket: re-registering replaces it
         client.identity, client.identity_label = identity, label or identity
         client.name, client.uuid = name, uuid
-        client.prefix = _source_prefix(uuid, name)
+        client.prefix = source_prefix(uuid, name)
         self.by_uuid[uuid] = client
         self.registrations += 1
         client.messages_out += 1

@@ -149,7 +149,8 @@ class RelayServer:
             elif kind is p.Close:
                 self.close_peer(action)
             else:  # p.Remote: only a clustered core returns these
-                self.cluster.forward(action)  # type: ignore[union-attr]
+                assert self.cluster is not None
+                self.cluster.forward(action)
 
     async def register(self, client: p.Client, request: p.Register) -> list[p.Action]:
         try:

@@ -221,7 +221,8 @@ class WsConnection(asyncio.Protocol):
     def _handshake(self, data: bytes) -> None:
         # The handshake parser sees the request head only: given more, it would go on to parse
         # the frames behind it itself. Frames that came with the head go to the data phase.
-        head = self.head + data  # type: ignore[operator]
+        assert self.head is not None  # called only while the head is being read
+        head = self.head + data
         end = head.find(b"\r\n\r\n")
         if end < 0 and len(head) <= MAX_HEAD_BYTES:
             self.head = head
@@ -231,6 +232,7 @@ class WsConnection(asyncio.Protocol):
             head, leftover = head[:end + 4], head[end + 4:]
         self.head = None
         ws = self.ws
+        assert isinstance(ws, ServerProtocol)  # replaced by the data phase's parser below
         ws.receive_data(head)  # more than MAX_HEAD_BYTES: the parser answers 414/431 or drops it
         events = ws.events_received()
         if not events:
@@ -239,7 +241,7 @@ class WsConnection(asyncio.Protocol):
         request = events[0]
         assert isinstance(request, Request)  # the handshake parser's first event
         response = self._answer(request)
-        ws.send_response(response)  # type: ignore[attr-defined]
+        ws.send_response(response)
         self._emit()
         if response.status_code != 101:
             return  # the answer went out, then EOF: one request per connection
@@ -253,7 +255,8 @@ class WsConnection(asyncio.Protocol):
             self._split(leftover)
 
     def _answer(self, request: Request) -> Response:
-        ws: ServerProtocol = self.ws  # type: ignore[assignment]
+        ws = self.ws
+        assert isinstance(ws, ServerProtocol)
         if not _asks_for_websocket(request):
             return self.owner.http_response(request)  # discovery, or a 426 hint for browsers
         response = ws.accept(request)  # RFC 6455 4.2.1's checks, 400/405/426/505 when they fail

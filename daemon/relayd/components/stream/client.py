@@ -82,8 +82,9 @@ class StreamClient:
                 return
             except GRPCError as exc:
                 if exc.status is not Status.NOT_FOUND or loop.time() > deadline:
-                    if req.done() and req.exception() is not None:
-                        raise req.exception() from None  # type: ignore[misc]
+                    failure = req.exception() if req.done() else None
+                    if failure is not None:
+                        raise failure from None
                     raise
             # The req has not reached the server yet: wait for it to fail, or a moment.
             await asyncio.wait([req], timeout=0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Sequence
 
 from grpclib.const import Status
 
@@ -55,7 +56,7 @@ class PortPool:
             )
         return got
 
-    def release(self, ports: list[int], socks: list[socket.socket] = ()) -> None:  # type: ignore[assignment]
+    def release(self, ports: list[int], socks: Sequence[socket.socket] = ()) -> None:
         """Return `ports` to the pool, closing `socks` (sockets no server took over)."""
         for sock in socks:
             sock.close()
