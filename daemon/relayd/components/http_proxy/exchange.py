@@ -19,7 +19,7 @@ from .response_reader import ResponseReader
 if TYPE_CHECKING:
     from relayd.auth.base import Identity
 
-    from .routes import Route
+    from .route_view import RouteView
 
 # Every registered status (RFC 9110 names where Python's older ones differ), so no status line
 # the proxy writes lacks its reason phrase.
@@ -85,7 +85,7 @@ class Exchange:
     def __init__(self, req: RequestHead, error: Any = None) -> None:
         self.req = req
         self.error = error  # a ProtocolError to answer instead of serving (pipelined after others)
-        self.route: Route | None = None
+        self.route: RouteView | None = None
         self.identity: Identity | None = None
         self.user = ""
         self.target = ""  # the normalized path and query
@@ -209,12 +209,12 @@ def upstream_head(ex: Exchange, upstream_target: str, peer: bytes, scheme: bytes
     return b"\r\n".join(out) + b"\r\n\r\n"
 
 
-def _identity_lines(route: Route, user: str, email: str | None) -> bytes:
+def _identity_lines(route: RouteView, user: str, email: str | None) -> bytes:
     line = route.user_header + header_value(user)
     return line + b"\r\n" + route.email_header + header_value(email) if email else line
 
 
-def _forwarding(route: Route, host: bytes | None, peer: bytes, scheme: bytes, xff: bytes | None,
+def _forwarding(route: RouteView, host: bytes | None, peer: bytes, scheme: bytes, xff: bytes | None,
                 fwd: bytes | None) -> bytes:
     """Host and the forwarding headers (RFC 7239 Forwarded, and the X-Forwarded-* ones)."""
     out = [b"Host: " + (host if (route.config.preserve_host and host) else route.host_header),

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .exchange import Exchange
-    from .proxy import ClientConnection
-    from .upstream import UpstreamConnection
+    from .upstream import UpstreamClient, UpstreamConnection
 
 log = logging.getLogger("relayd.http_proxy")
 AVAILABLE = hasattr(os, "splice")
@@ -29,12 +28,12 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 class Splicer:
-    def __init__(self, client: ClientConnection, upstream: UpstreamConnection, ex: Exchange,
+    def __init__(self, client: UpstreamClient, upstream: UpstreamConnection, ex: Exchange,
                  length: int) -> None:
         self.client = client
         self.upstream = upstream
         self.ex = ex
-        self.loop = client.core.loop
+        self.loop = client.loop
         self.to_read = length
         self.in_pipe = 0
         self.reading = self.writing = False

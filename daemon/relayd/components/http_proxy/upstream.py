@@ -11,22 +11,44 @@ import asyncio
 import logging
 import select
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .response_reader import ResponseReader
 
 if TYPE_CHECKING:
     from .exchange import Exchange
-    from .proxy import ClientConnection
 
 log = logging.getLogger("relayd.http_proxy")
 HIGH_WATER = 1 << 20
 
 
+class ExchangeEvents(Protocol):
+    """What the upstream side tells a client connection's exchange core (``core.ClientCore``)."""
+
+    def upstream_data(self, ex: Exchange, data: bytes) -> None: ...
+    def upstream_lost(self, ex: Exchange, error: str) -> None: ...
+    def set_upstream_full(self, full: bool) -> None: ...
+    def splice_done(self, ex: Exchange) -> None: ...
+    def abort(self, ex: Exchange) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    """The client connection an upstream connection (or a splicer) works for: the shape of
+    ``proxy.ClientConnection`` used here and in ``splice`` (proxy.py imports both)."""
+
+    @property
+    def state(self) -> ExchangeEvents | None: ...
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    def internal_error(self) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.client: ClientConnection | None = None
+        self.client: UpstreamClient | None = None
         self.ex: Exchange | None = None
         self.closed = False
         self.fd = -1
@@ -46,7 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
             except OSError:
                 pass
 
-    def attach(self, client: ClientConnection, ex: Exchange) -> None:
+    def attach(self, client: UpstreamClient, ex: Exchange) -> None:
         self.client = client
         self.ex = ex
 
