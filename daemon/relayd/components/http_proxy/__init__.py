@@ -18,7 +18,7 @@ from aiohttp import web
 
 from relayd.accept_gate import GatedServer, serve_gated
 from relayd.auth import discovery
-from relayd.component import Component, Context
+from relayd.component import Component, ComponentConfig, Context
 from relayd.httpserve import HttpService
 from relayd.lifecycle import State, drain
 from relayd.listeners import port_of
@@ -35,6 +35,7 @@ from .service_tls import ServiceCertificates
 from .sync import make_store, start_watcher
 
 if TYPE_CHECKING:
+    from relayd.auth.base import AuthMethod
     from relayd.state.pg import Watcher
 
 __all__ = ["HttpProxy", "HttpProxyComponent", "HttpProxyConfig"]
@@ -158,11 +159,17 @@ class HttpProxyComponent(Component):
             if path[:2] == ("services", name):
                 raise ValueError(message)
 
+    def auth_of(self, scfg: ServiceConfig) -> AuthMethod:
+        """A service's auth method: its own, else the component's."""
+        name = scfg.auth or self.config.auth
+        assert name is not None, "checked: HttpProxyConfig (configured services), check_service (runtime ones)"
+        return self.context.auth_method(name)
+
     def rebuild_routes(self) -> None:
         routers: dict[str, list[Route]] = {}
         for service in self.services.values():
             scfg = service.config
-            auth = self.context.auth_method(scfg.auth or self.config.auth)  # type: ignore[arg-type]
+            auth = self.auth_of(scfg)
             https_port = None
             for lname in scfg.listeners:
                 listener = self.context.listeners[lname]
@@ -285,7 +292,9 @@ class HttpProxyComponent(Component):
     # -- status, metrics, control --------------------------------------------------------------
 
     @classmethod
-    def config_problems(cls, name: str, config: HttpProxyConfig, settings: Any) -> list[tuple[tuple, str]]:  # type: ignore[override]
+    def config_problems(cls, name: str, config: ComponentConfig,
+                        settings: Any) -> list[tuple[tuple[str | int, ...], str]]:
+        assert isinstance(config, HttpProxyConfig)  # the runtime passes this class's Config
         return config_problems(config, settings)
 
     def warnings(self) -> list[str]:

@@ -50,7 +50,7 @@ from .config import SERVICE_NAME, ServiceConfig
 from .store import NCOL, StoreConflict, row_dict
 
 if TYPE_CHECKING:
-    from relayd.auth.base import UserDatabase
+    from relayd.auth.base import AuthMethod, UserDatabase
 
     from . import HttpProxyComponent, Service
 
@@ -172,11 +172,11 @@ class ManagementAPI:
         auth = self._auth(service)
         if not isinstance(auth, ManagesUsers):
             raise ApiError(400, f"service '{service.name}' uses auth method '{auth.name}' "
-                                f"({auth.config.method}), which has no user store")
+                                f"({auth.describe()['method']}), which has no user store")
         return auth.users
 
-    def _auth(self, service: Service) -> Any:
-        return self.c.context.auth_method(service.config.auth or self.c.config.auth)  # type: ignore[arg-type]
+    def _auth(self, service: Service) -> AuthMethod:
+        return self.c.auth_of(service.config)
 
     # -- service JSON ----------------------------------------------------------------------
 
@@ -279,13 +279,13 @@ class ManagementAPI:
         except ValueError as exc:
             status = 409 if "already bound" in str(exc) else 400
             raise ApiError(status, str(exc)) from None
-        if scfg.cert is not None:
+        if scfg.cert is not None and scfg.key is not None:  # they go together (ServiceConfig)
             from relayd.listeners import ListenerError
 
             from .service_tls import tls_context
 
             try:
-                tls_context(scfg.cert, scfg.key)  # type: ignore[arg-type]
+                tls_context(scfg.cert, scfg.key)
             except ListenerError as exc:
                 raise ApiError(400, str(exc)) from None
         created = await self.c.counters.add_service(name, definition, data)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from relayd.auth.base import AuthError, AuthFailure
 from relayd.logsetup import quote
@@ -70,10 +70,10 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream protocol gets a stream transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
-        transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[attr-defined]
+        self.transport.set_write_buffer_limits(HIGH_WATER)
         self.state = ClientCore(self.router, self, tls=self.tls, peer=self.peer)
         self.core.connections.add(self)
         self.state.mark_idle()

@@ -38,8 +38,10 @@ class Splicer:
         self.in_pipe = 0
         self.reading = self.writing = False
         self.closed = False
-        src = upstream.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
-        dst = client.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
+        # Both connected: the shell splices only the body of an exchange in progress.
+        assert upstream.transport is not None and client.transport is not None
+        src = upstream.transport.get_extra_info("socket").fileno()
+        dst = client.transport.get_extra_info("socket").fileno()
         opened: list[int] = []
         try:
             self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -56,7 +58,7 @@ class Splicer:
             for fd in opened:
                 os.close(fd)
             raise
-        upstream.transport.pause_reading()  # type: ignore[union-attr]
+        upstream.transport.pause_reading()
         self._read_on()
 
     def _read_on(self) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import select
 import socket
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from .response_reader import ResponseReader
 
@@ -55,8 +55,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reader = ResponseReader()  # llhttp for this connection's responses
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[attr-defined]
+        self.transport = cast(asyncio.Transport, transport)  # a stream protocol gets a stream transport
+        self.transport.set_write_buffer_limits(HIGH_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.fd = sock.fileno()

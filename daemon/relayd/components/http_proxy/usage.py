@@ -38,8 +38,8 @@ async def stats(c: HttpProxyComponent, service: str | None = None, user: str | N
     counters = c.counters
     if service is not None and service not in c.services and not await counters.current(service):
         raise ApiError(404, f"Service '{service}' not found")
-    if user is not None:
-        await member_or_counted(c, service, user)  # type: ignore[arg-type]
+    if service is not None and user is not None:  # a user is only asked for within a service
+        await member_or_counted(c, service, user)
     rows = await counters.current(service, user)
     heads = await _service_heads(c, service)
     names = [service] if service is not None else list(c.services)
