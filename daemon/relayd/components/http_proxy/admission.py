@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exchange import Exchange, json_message
 from .http1 import ProtocolError, RequestHead, valid_host
-from .mapping import PathError, normalize_path
+from .mapping import PathError, first_match, normalize_path
 
 if TYPE_CHECKING:
     from relayd.auth.base import Identity
@@ -55,7 +55,7 @@ def admit(router: Router, ex: Exchange, tls: bool) -> Admission:
     browser = router.browser_paths.get(path) if router.browser_paths else None
     if browser is not None:
         return Admission(browser=browser)
-    route = router.find(hostname, target)
+    route = first_match(router.routes, hostname, target)  # not a method: one call less per request
     if route is None:
         return _reply(404, json_message("no service at this address"))
     ex.route = route

@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple, Protocol, TypeVar
+
+
+class Prefixed(Protocol):
+    """What ``first_match`` looks at: a normalized ``prefix`` and the ``names`` (server names)
+    it is limited to (empty: any host). ``routes.Route`` is one."""
+
+    @property
+    def prefix(self) -> str: ...
+    @property
+    def names(self) -> frozenset[str]: ...
+
+
+P = TypeVar("P", bound=Prefixed)
+
+
+class _Bare(NamedTuple):
+    prefix: str
+    names: frozenset[str] = frozenset()
+
 
 def normalize_prefix(prefix: str) -> str:
     """'/acme/' and 'acme' -> '/acme'; '/' -> '' (matches everything)."""
@@ -9,13 +30,23 @@ def normalize_prefix(prefix: str) -> str:
     return "" if prefix == "/" else prefix
 
 
+def first_match(candidates: Iterable[P], hostname: str, target: str) -> P | None:
+    """The first candidate for ``hostname`` whose prefix matches ``target``, segment-aware:
+    '/acme' matches '/acme', '/acme/x', '/acme?q', not '/acmefoo'. The one implementation of
+    prefix matching; the request path calls it once per request (``admission.admit``), with
+    the test written out in the loop, so matching costs no call per candidate."""
+    for candidate in candidates:
+        if candidate.names and hostname not in candidate.names:
+            continue
+        prefix = candidate.prefix
+        if target.startswith(prefix) and (len(target) == len(prefix) or target[len(prefix)] in "/?"):
+            return candidate
+    return None
+
+
 def matches(prefix: str, target: str) -> bool:
-    """Segment-aware: '/acme' matches '/acme', '/acme/x', '/acme?q', not '/acmefoo'."""
-    if not target.startswith(prefix):
-        return False
-    if len(target) == len(prefix):
-        return True
-    return target[len(prefix)] in "/?"
+    """Whether ``prefix`` matches ``target`` (``first_match``'s rule)."""
+    return first_match((_Bare(prefix),), "", target) is not None
 
 
 def overlap(a: str, b: str) -> bool:

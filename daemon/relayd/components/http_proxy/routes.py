@@ -14,7 +14,6 @@ from relayd.auth.base import AuthMethod, BrowserLogin, Identity
 from .config import ServiceConfig
 from .exchange import REPLACED
 from .http1 import HOP_BY_HOP
-from .mapping import matches
 from .membership import Membership
 from .pages import DEFAULT_PAGES
 from .upstream import UpstreamConnection
@@ -205,12 +204,6 @@ class Router:
                 paths[login.config.logout_path] = route.auth
         self.browser_paths = paths
         self.routes = routes
-
-    def find(self, hostname: str, target: str) -> Route | None:
-        for route in self.routes:
-            if (not route.names or hostname in route.names) and matches(route.prefix, target):
-                return route
-        return None
 
     def discovery(self, hostname: str) -> bytes:
         methods = []
