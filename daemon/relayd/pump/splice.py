@@ -92,6 +92,10 @@ class SplicePump:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
+    def _broken(self) -> None:
+        """A direction failed (reset, broken pipe): one way broken, the connection is."""
+        self.abort()
+
     # -- the threads ---------------------------------------------------------------------------
 
     def _run(self, forward: bool, src: socket.socket, dst: socket.socket) -> None:
@@ -100,7 +104,7 @@ class SplicePump:
         except OSError as exc:
             if not self._stop.is_set():
                 log.debug("splice %s %s: %s", self.name, ">" if forward else "<", exc)
-            self.abort()  # one way broken: the connection is
+            self._broken()
         except BaseException:
             self.abort()
             raise

@@ -164,6 +164,21 @@ class TlsPump(SplicePump):
                     second if isinstance(second, TlsEnd) else None)
         super().__init__(_raw(first), _raw(second), loop=loop, gates=gates, count=count,
                          on_closed=on_closed, name=name)
+        self._closing = threading.Event()  # an EOF was passed on: the connection is ending
+
+    def _broken(self) -> None:
+        if not self._closing.is_set():
+            self.abort()
+            return
+        # Ending already: the peer that had our close_notify may have closed and reset what
+        # came after it (its own close_notify). No reset here: the bytes queued towards the
+        # other side are still delivered, then FIN.
+        self._stop.set()
+        with self._lock:
+            if not self._closed:
+                for sock in self.socks:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
     def _copy(self, forward: bool, src: socket.socket, dst: socket.socket) -> None:
         tls_src, tls_dst = self.tls if forward else self.tls[::-1]
@@ -178,6 +193,7 @@ class TlsPump(SplicePump):
             n = read(view)
             if not n:
                 if not stop.is_set():
+                    self._closing.set()
                     if tls_dst is None:
                         dst.shutdown(socket.SHUT_WR)
                     else:
