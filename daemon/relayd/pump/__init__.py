@@ -6,12 +6,15 @@ way, and a callback for when both connections are closed. It keeps backpressure 
 stalls the writer instead of growing memory) and half-close (an EOF one way is forwarded while
 the other way keeps flowing).
 
-Two implementations:
+Three implementations:
 - `ProtocolPump` (``protocol.py``): asyncio ``BufferedProtocol`` on the event loop; works with
   any transport (TLS included).
 - `SplicePump` (``splice.py``): plain TCP sockets only; splice(2) socket -> pipe -> socket in
   two threads per connection. The bytes never enter Python and the GIL is released in the
   syscalls, so several connections use several cores.
+- `TlsPump` (``tls.py``): the splice pump's threads with TLS on either side (``SSLObject``
+  over memory BIOs; OpenSSL works without the GIL); the handshake is done first on the event
+  loop (``tls.handshake``).
 """
 
 from relayd.pump.gate import TokenBucket

@@ -19,7 +19,9 @@ Ending: TLS cannot half-close (``SSL_shutdown``'s second step would read and dro
 direction's records), so as with the event-loop pump an EOF either way is passed on
 (close_notify towards a TLS peer, ``SHUT_WR`` towards a plain one) and then ends the whole
 connection: the other direction's reader is woken with ``SHUT_RD``, and its thread finishes
-writing what it holds first.
+writing what it holds first. An error from then on is the peer being done (its kernel resets
+what arrives after it closed, our close_notify's answer), so it ends the connection without a
+reset: what is still queued towards the other side is delivered.
 """
 
 from __future__ import annotations
