@@ -37,7 +37,9 @@ def extension_modules() -> list:
         {m: compiled["source_digest"](s) for m, s in zip(compiled["COMPILED"], sources)}, indent=1) + "\n")
     # Not pyproject's [tool.mypy] (CI's type check): its pydantic plugin is absent from pip's
     # isolated build environment, where relayd's dependencies are untyped (Any) to mypyc.
-    options = ["--config-file", "", "--ignore-missing-imports", "--follow-imports=silent"]
+    # --warn-unreachable fails the build where mypy thinks code unreachable: mypyc compiles such
+    # code to `raise RuntimeError("Reached allegedly unreachable code!")`.
+    options = ["--config-file", "", "--ignore-missing-imports", "--follow-imports=silent", "--warn-unreachable"]
     return mypycify([*options, *(str(s.relative_to(PACKAGE_DIR.parents[1])) for s in sources)],
                     group_name=compiled["GROUP"])
 

@@ -120,10 +120,16 @@ def instructions(daemon_dir: Path, work: Path, n: int, auth: str) -> int:
     """))
     out = work / "callgrind.out"
     code = f"import sys; from relayd.cli.daemon import main; sys.argv=['relayd','--config','{etc}']; sys.exit(main())"
-    daemon = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(PYTHON), "-c", code],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = work / "relayd.log"
+    with log.open("wb") as log_file:
+        daemon = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(PYTHON), "-c", code],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
-        wait_port(PROXY, time.monotonic() + 300)
+        try:
+            wait_port(PROXY, time.monotonic() + 300)
+        except SystemExit:
+            print(log.read_text(errors="replace")[-3000:], file=sys.stderr)  # why it did not start
+            raise
         requests(n, REQUEST_BASIC if auth == "basic" else REQUEST)
     finally:
         daemon.terminate()

@@ -23,6 +23,8 @@ COMPILED = (
     "relayd.components.http_proxy.http1",
     "relayd.components.http_proxy.mapping",
     "relayd.components.http_proxy.proxy",
+    "relayd.components.http_proxy.response_reader",
+    "relayd.components.http_proxy.responses",
     "relayd.components.http_proxy.routes",
     "relayd.components.http_proxy.upstream",
 )

@@ -17,7 +17,7 @@ both messages ended exactly at their framing.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import exchange as xc
 from .admission import admit
@@ -314,7 +314,9 @@ class ClientCore(ResponseSide):
                 self._to_client(ex, value)  # type: ignore[arg-type]
             elif kind == ERROR:
                 self.fail(ex, 502, f"invalid response from upstream: {value}")
-            if ex.finished:
+            # cast: mypy keeps ex.finished narrowed to False (the test above) across the calls
+            # that set it, and mypyc would compile this return as unreachable code.
+            if cast(bool, ex.finished):
                 return
         remaining = reader.remaining
         if remaining and ex.body_mode == xc.FIXED and not ex.resp_head and ex.splicer is None:

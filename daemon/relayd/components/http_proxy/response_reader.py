@@ -8,6 +8,8 @@ is restarted per response; a request reader lives with its client connection.
 
 from __future__ import annotations
 
+from typing import cast
+
 import httptools
 
 from .http1 import (  # the shared reader and rules: private to these two modules
@@ -80,7 +82,9 @@ class ResponseReader(_Reader):
         self.hint = self.fresh and data.startswith(b"HTTP/1.1 ")
         self.fresh = False
         events = self._run(self.parser, data, 502)
-        if self.complete and self.failed and events and events[-1][0] == ERROR:
+        # cast: mypy keeps self.complete narrowed to False (the test above) across _run, which
+        # sets it, and mypyc would compile the branch as unreachable code.
+        if cast(bool, self.complete) and self.failed and events and events[-1][0] == ERROR:
             events.pop()  # junk after a complete response: not an error of this exchange
             self.extra = True
         return events

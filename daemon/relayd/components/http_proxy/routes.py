@@ -99,7 +99,10 @@ class Route:
         self.cache = core.auth_caches.setdefault(auth.name, {})
         self.cacheable = auth.cacheable
         # Cookie sessions (globus_login): the typed capability, or None.
-        self.browser_login: BrowserLogin | None = auth if isinstance(auth, BrowserLogin) else None
+        # Through Any: mypy would type the narrowed auth as an ad-hoc "subclass of AuthMethod and
+        # BrowserLogin", which mypyc compiles to a check that rejects every such method.
+        method: Any = auth
+        self.browser_login: BrowserLogin | None = method if isinstance(method, BrowserLogin) else None
         self.browser = self.browser_login is not None
         self.cookie_prefixes: tuple[bytes, ...] = ()  # relayd's own cookies, never sent upstream
 
