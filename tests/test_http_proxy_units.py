@@ -73,9 +73,9 @@ def test_parse_service_requires_binds_and_cert():
 def test_pooled_upstream_connections_read_again():
     """An upstream connection paused for a slow client just as its response ended must be
     reading when it goes back to the pool (found by the 1 GiB test: the next request hung)."""
-    from types import SimpleNamespace
-
-    from relayd.components.http_proxy.routes import Route
+    from relayd.auth.none import NoAuth, NoAuthConfig
+    from relayd.components.http_proxy.config import ServiceConfig
+    from relayd.components.http_proxy.routes import Core, Route
     from relayd.components.http_proxy.upstream import UpstreamConnection
 
     class Transport:
@@ -87,9 +87,13 @@ def test_pooled_upstream_connections_read_again():
         def abort(self):
             pass
 
-    route = Route.__new__(Route)
-    route.idle = []
-    route.core = SimpleNamespace(upstream_idle=4, stopping=False)
+    # A real Route and Core: the classes are compiled (mypyc), so a bare instance with
+    # attributes set from outside is not possible.
+    core = Core(None, None, keepalive_timeout=75, auth_cache_ttl=0, upstream_idle=4)  # type: ignore[arg-type]
+    config = ServiceConfig.model_validate({"listeners": ["web"], "from": "/", "to": "http://127.0.0.1:9"})
+    method = NoAuth("open", NoAuthConfig(method="none"), None)  # type: ignore[arg-type]
+    route = Route("r", config, method, core, ("X-Forwarded-User", "X-Forwarded-Email"), None)
+    assert route.idle == []
     conn = UpstreamConnection()
     conn.transport = Transport()  # type: ignore[assignment]
     route.pool_put(conn)
