@@ -29,7 +29,7 @@ MACHINE = f"relayd-test-{os.getpid()}"
 BOOT_DEADLINE = 60.0
 STATUS_URL = "http://127.0.0.1:9100/metrics"
 
-pytestmark = [pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(1500)]  # two installs, each compiling the request path (mypyc)
 
 
 def _why_not() -> str | None:
@@ -131,7 +131,7 @@ def _install(tmp: Path) -> Path:
         f"exec sh {ROOT}/scripts/install --system\n")
     started = time.monotonic()
     result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            capture_output=True, text=True, timeout=420)
+                            capture_output=True, text=True, timeout=1200)
     (tmp / "install.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0 and "scripts/install:" not in result.stdout:
         # It failed before the install began: the overlays could not be mounted here.
