@@ -9,6 +9,7 @@ install left beside the sources.
 import json
 import os
 import runpy
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -26,7 +27,14 @@ def remove_in_place_builds() -> None:
     (PACKAGE_DIR / compiled["RECORD"]).unlink(missing_ok=True)
 
 
+# pip runs this file for metadata (egg_info, dist_info) before it builds: only a build needs
+# mypyc's type check and C generation (minutes), not each of those runs.
+BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+
 def extension_modules() -> list:
+    if not BUILDS.intersection(sys.argv[1:]):
+        return []
     if os.environ.get("RELAYD_PURE_PYTHON") == "1":
         remove_in_place_builds()
         return []
