@@ -28,7 +28,12 @@ class CounterReads:
     db_totals: dict[str, list[int]]
     db_rejected: dict[str, int]
     _lock: asyncio.Lock
-    call: Callable[..., Any]
+
+    # A method, not a declared attribute: compiled by mypyc, an attribute named here would be a
+    # slot of its own, never set, that Counters' method does not fill.
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the store's worker thread (``Counters.call``)."""
+        raise NotImplementedError
 
     def held_requests(self) -> int:
         """Counted requests not (yet) in the database."""

@@ -36,6 +36,7 @@ from typing import Any
 
 from . import journal
 from .counter_reads import CounterReads
+from .journal import CountsNotSaved
 from .store import NCOL, OVERFLOW, Inc, Store
 
 log = logging.getLogger("relayd.http_proxy")
@@ -43,15 +44,6 @@ MAX_ENDPOINT_LEN = 256
 ORPHAN_SCAN = 5.0  # seconds between looks for snapshots of writers that ended
 REPORT_EVERY = 60.0  # seconds between reminders while the database refuses counts
 _ROW_BYTES = 48  # a held counter row in a compressed snapshot, generously (measured ~25)
-
-
-class CountsNotSaved(RuntimeError):
-    """Raised by ``close``: counted requests are not in the database (the message says where)."""
-
-    def __init__(self, message: str, requests: int, path: Path | None) -> None:
-        super().__init__(message)
-        self.requests = requests
-        self.path = path
 
 
 class Counters(CounterReads):
@@ -250,33 +242,7 @@ class Counters(CounterReads):
 
     def _replay_orphans(self) -> list[str]:
         """Worker: apply the latest snapshot of every writer that ended, exactly once."""
-        messages = []
-        for writer, paths in sorted(journal.orphans(self.store.path, self.writer).items()):
-            with journal.Unlocked(paths) as lock:
-                if not lock.ok:
-                    continue  # a live writer (another component object)
-                latest = journal.read_latest(paths)
-                if latest is None:
-                    if journal.stale(paths):
-                        journal.remove(paths)
-                    continue
-                seq, payload = latest
-                if self.store.applied_seq(writer) >= seq:
-                    journal.remove(paths)
-                    messages.append(f"held counts of writer {writer} (snapshot {seq}) were already in "
-                                    f"{self.store.where}; removed {', '.join(p.name for p in paths)}")
-                    continue
-                counters, rejected, requests = journal.decode(payload)
-                parts: list[tuple[Any, ...]] = [(counters, rejected, writer, seq, None)]
-                unsure = journal.decode_unsure(payload)
-                if unsure is not None:  # a failed flush: added only if it had not committed
-                    flush_seq, unsure_counters, unsure_rejected = unsure
-                    parts.insert(0, (unsure_counters, unsure_rejected, None, 0, (writer, flush_seq)))
-                self.store.add_all(parts)
-                journal.remove(paths)
-                messages.append(f"replayed {requests} held requests of writer {writer} (snapshot {seq}) "
-                                f"into {self.store.where}")
-        return messages
+        return journal.replay_orphans(self.store, self.writer)
 
     async def close(self) -> None:
         """Final flush (a graceful stop loses nothing), then release the database. Raises

@@ -35,13 +35,24 @@ import zlib
 from pathlib import Path
 from typing import Any, Self
 
-from .store import NCOL, OVERFLOW, Inc
+from .store import NCOL, OVERFLOW, Inc, Store
 
 MAGIC = b"RLYDHLD1"
 _HEADER = struct.Struct("<8sQQI")  # magic, seq, payload length, crc32(magic+seq+length+payload)
 MIN_RESERVE = 64 * 1024
 MAX_RESERVE = 16 << 20
 ORPHAN_AGE = 60.0  # seconds before files without a valid snapshot are garbage
+
+
+# Here, not in counters.py (which raises it): mypyc compiles counters.py, and a compiled class
+# cannot derive from RuntimeError.
+class CountsNotSaved(RuntimeError):
+    """Raised by ``Counters.close``: counted requests are not in the database (the message says where)."""
+
+    def __init__(self, message: str, requests: int, path: Path | None) -> None:
+        super().__init__(message)
+        self.requests = requests
+        self.path = path
 
 
 def new_writer_id() -> str:
@@ -278,6 +289,39 @@ def remove(paths: list[Path]) -> None:
             pass
     if paths:
         _fsync_dir(paths[0].parent)
+
+
+def replay_orphans(store: Store, own: str) -> list[str]:
+    """Worker (``Counters._replay_orphans``): apply the latest snapshot of every writer that
+    ended, exactly once. Here, not in counters.py: mypyc (which compiles counters.py) cannot
+    compile a ``continue`` inside a ``with``."""
+    messages = []
+    for writer, paths in sorted(orphans(store.path, own).items()):
+        with Unlocked(paths) as lock:
+            if not lock.ok:
+                continue  # a live writer (another component object)
+            latest = read_latest(paths)
+            if latest is None:
+                if stale(paths):
+                    remove(paths)
+                continue
+            seq, payload = latest
+            if store.applied_seq(writer) >= seq:
+                remove(paths)
+                messages.append(f"held counts of writer {writer} (snapshot {seq}) were already in "
+                                f"{store.where}; removed {', '.join(p.name for p in paths)}")
+                continue
+            counters, rejected, requests = decode(payload)
+            parts: list[tuple[Any, ...]] = [(counters, rejected, writer, seq, None)]
+            unsure = decode_unsure(payload)
+            if unsure is not None:  # a failed flush: added only if it had not committed
+                flush_seq, unsure_counters, unsure_rejected = unsure
+                parts.insert(0, (unsure_counters, unsure_rejected, None, 0, (writer, flush_seq)))
+            store.add_all(parts)
+            remove(paths)
+            messages.append(f"replayed {requests} held requests of writer {writer} (snapshot {seq}) "
+                            f"into {store.where}")
+    return messages
 
 
 def describe(path: Path) -> dict[str, Any]:
