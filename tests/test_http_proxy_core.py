@@ -7,6 +7,8 @@ recorded. Each test states the rule it checks (RFC 9110/9112).
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,15 +17,8 @@ from relayd.auth.base import AuthConfig, AuthMethod, Identity
 from relayd.auth.none import NoAuth, NoAuthConfig
 from relayd.components.http_proxy.config import ServiceConfig
 from relayd.components.http_proxy.core import MAX_QUEUE, ClientCore
+from relayd.components.http_proxy.counters import Counters
 from relayd.components.http_proxy.routes import Core, Route, Router
-
-
-class Counters:
-    def __init__(self) -> None:
-        self.rejected_services: list[str] = []
-
-    def rejected(self, service: str) -> None:
-        self.rejected_services.append(service)
 
 
 class PasswordAuth(AuthMethod):
@@ -89,7 +84,9 @@ class IO:
 
 
 def make_core(auth: str = "none", **service: Any) -> tuple[ClientCore, IO]:
-    core = Core(None, Counters(), keepalive_timeout=75, auth_cache_ttl=0, upstream_idle=4)  # type: ignore[arg-type]
+    # Counters is compiled too (mypyc checks the type): a real one, never started.
+    counters = Counters(SimpleNamespace(path=Path("/nonexistent/test.db"), service_gens={}), 100)  # type: ignore[arg-type]
+    core = Core(None, counters, keepalive_timeout=75, auth_cache_ttl=0, upstream_idle=4)  # type: ignore[arg-type]
     core.protected_headers = frozenset({b"x-forwarded-user", b"x-forwarded-email"})
     method: AuthMethod
     if auth == "none":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from relayd.components.http_proxy.compat import CompatError, parse_service
@@ -75,6 +78,7 @@ def test_pooled_upstream_connections_read_again():
     reading when it goes back to the pool (found by the 1 GiB test: the next request hung)."""
     from relayd.auth.none import NoAuth, NoAuthConfig
     from relayd.components.http_proxy.config import ServiceConfig
+    from relayd.components.http_proxy.counters import Counters
     from relayd.components.http_proxy.routes import Core, Route
     from relayd.components.http_proxy.upstream import UpstreamConnection
 
@@ -87,9 +91,11 @@ def test_pooled_upstream_connections_read_again():
         def abort(self):
             pass
 
-    # A real Route and Core: the classes are compiled (mypyc), so a bare instance with
-    # attributes set from outside is not possible.
-    core = Core(None, None, keepalive_timeout=75, auth_cache_ttl=0, upstream_idle=4)  # type: ignore[arg-type]
+    # A real Route, Core and Counters (never started: no database, journal file nor thread): the
+    # classes are compiled (mypyc), so a bare instance with attributes set from outside, or
+    # None for a Counters, is not possible.
+    counters = Counters(SimpleNamespace(path=Path("/nonexistent/test.db"), service_gens={}), 100)  # type: ignore[arg-type]
+    core = Core(None, counters, keepalive_timeout=75, auth_cache_ttl=0, upstream_idle=4)  # type: ignore[arg-type]
     config = ServiceConfig.model_validate({"listeners": ["web"], "from": "/", "to": "http://127.0.0.1:9"})
     method = NoAuth("open", NoAuthConfig(method="none"), None)  # type: ignore[arg-type]
     route = Route("r", config, method, core, ("X-Forwarded-User", "X-Forwarded-Email"), None)

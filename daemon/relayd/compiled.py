@@ -19,6 +19,8 @@ from pathlib import Path
 COMPILED = (
     "relayd.components.http_proxy.admission",
     "relayd.components.http_proxy.core",
+    "relayd.components.http_proxy.counter_reads",
+    "relayd.components.http_proxy.counters",
     "relayd.components.http_proxy.exchange",
     "relayd.components.http_proxy.http1",
     "relayd.components.http_proxy.mapping",
