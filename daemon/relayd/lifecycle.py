@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable
+import select
+from collections.abc import Awaitable, Iterable
 from typing import Protocol, runtime_checkable
 
 
@@ -54,3 +55,21 @@ async def drain(finished: Awaitable[object], timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def with_unread_bytes(transports: Iterable[asyncio.BaseTransport]) -> set[asyncio.BaseTransport]:
+    """The transports whose socket holds bytes the event loop has not read yet.
+
+    A drain's grace period ends on a timer, and an event loop runs the timers that are due
+    before it polls for I/O: after a busy spell (a reload building the next generation on a
+    loaded host), a connection whose first request arrived in time still looks idle when the
+    grace ends. Asking the socket itself tells it from one that never sent anything."""
+    poller = select.poll()
+    by_fd: dict[int, asyncio.BaseTransport] = {}
+    for transport in transports:
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        if fd >= 0:
+            by_fd[fd] = transport
+            poller.register(fd, select.POLLIN)
+    return {by_fd[fd] for fd, events in poller.poll(0) if events & select.POLLIN}

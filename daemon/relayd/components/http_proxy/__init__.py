@@ -20,7 +20,7 @@ from relayd.accept_gate import GatedServer, serve_gated
 from relayd.auth import discovery
 from relayd.component import Component, ComponentConfig, Context
 from relayd.httpserve import HttpService
-from relayd.lifecycle import State, drain
+from relayd.lifecycle import State, drain, with_unread_bytes
 from relayd.listeners import port_of
 from relayd.logsetup import access_logger
 
@@ -249,9 +249,13 @@ class HttpProxyComponent(Component):
 
         async def idle() -> None:
             if not await drain(core.no_connections(), min(drain_timeout, FIRST_REQUEST_GRACE)):
-                for conn in list(core.connections):  # connections that never asked anything are not waited for
-                    if conn.idle and conn.transport:
-                        conn.transport.close()
+                # Connections that never asked anything are not waited for; one whose request
+                # is in its socket, not yet read, has asked.
+                quiet = [conn.transport for conn in core.connections if conn.idle and conn.transport]
+                asking = with_unread_bytes(quiet)
+                for transport in quiet:
+                    if transport not in asking:
+                        transport.close()
                 await core.no_connections()
 
         await drain(idle(), drain_timeout)
