@@ -30,6 +30,7 @@ class _WebServer(web.Server):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_closed: dict[Any, Release] = {}  # RequestHandler -> release its slot
+        self.changed: Callable[[], None] = lambda: None  # a connection went away
 
     def attach(self, handler: Any, release: Release) -> None:
         self.on_closed[handler] = release
@@ -41,6 +42,7 @@ class _WebServer(web.Server):
             release = self.on_closed.pop(handler, None)
             if release is not None:
                 release()
+            self.changed()
 
 
 class HttpService:
@@ -49,11 +51,13 @@ class HttpService:
         self._busy: dict[object, int] = {}  # connection (RequestHandler) -> handlers running
         self._changed = asyncio.Event()
         self.web_server = _WebServer(self._track, access_log=None, **server_kwargs)
+        self.web_server.changed = self._changed.set
         self.servers: list[GatedServer] = []
 
     async def _track(self, request: web.BaseRequest) -> web.StreamResponse:
         conn = request.protocol
         self._busy[conn] = self._busy.get(conn, 0) + 1
+        self._changed.set()  # a first request arrived: see _wait_for_first_requests
         try:
             return await self._handler(request)
         finally:
@@ -112,13 +116,15 @@ class HttpService:
         its request on the wire: closing now would drop it, which a reload must never do
         (found by tests/test_reload.py).
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
 
         def fresh() -> list:
             # _request_count: requests parsed on the connection (aiohttp 3.x RequestHandler).
             return [c for c in self.web_server.connections
                     if getattr(c, "_request_count", 1) == 0 and c.transport is not None]
 
-        while fresh() and loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        async def all_asked() -> None:
+            while fresh():  # woken when a request starts or a connection goes
+                self._changed.clear()
+                await self._changed.wait()
+
+        await drain(all_asked(), grace)

@@ -15,7 +15,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
@@ -25,6 +25,7 @@ from relayd.auth.base import AuthError, AuthFailure
 from relayd.components.relay import protocol as p
 from relayd.components.relay.cluster import OUTBOX_LIMIT
 from relayd.components.relay.wsconn import Request, Response, WsConnection
+from relayd.lifecycle import drain, with_unread_bytes
 from relayd.logsetup import quote
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class RelayServer:
                                 max_messages_per_second=config.max_messages_per_second)
         self.max_message_bytes = p.HARD_MAX_BYTES
         self.connections: set[WsConnection] = set()  # every open connection, handshake or not
+        self._changed: asyncio.Event | None = None  # made by a stop() waiting on connections
         self.servers: list[GatedServer] = []
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.dirty: list[p.Client] = []  # clients with frames queued for this loop iteration
@@ -99,6 +101,7 @@ class RelayServer:
         authorization = request.headers.get_all("Authorization")
         client = p.Client(conn, conn.address, time.time(), authorization[0] if authorization else None)
         conn.client = client
+        self.connection_changed()
         refused = self.core.open(client, self.loop.time())
         if refused is None and self.stopping:
             # Never fail the handshake with an HTTP error (RelayClient would not retry it);
@@ -288,6 +291,17 @@ class RelayServer:
         if self.config.keepalive_interval and self._keepalive is None:
             self._keepalive = self.loop.call_later(self.config.keepalive_interval / 4, self._keepalive_sweep)
 
+    def connection_changed(self) -> None:
+        """A connection finished its handshake or went away: wake a stop() waiting on it."""
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        """Return once ``done()`` holds, re-checked at each connection_changed (no polling)."""
+        while not done():
+            self._changed = asyncio.Event()
+            await self._changed.wait()
+
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, let just-accepted connections finish their handshake (a reload must
         not drop a client's request), close every client with 1001, wait up to drain_timeout
@@ -298,16 +312,18 @@ class RelayServer:
         for server in self.servers:
             server.close()  # stop accepting; the listener itself stays open for the next generation
         self.servers.clear()
-        grace = loop.time() + min(drain_timeout, FIRST_REQUEST_GRACE)
-        while any(c.client is None for c in self.connections) and loop.time() < grace:
-            await asyncio.sleep(0.005)
+        await drain(self._until(lambda: all(c.client is not None for c in self.connections)),
+                    min(drain_timeout, FIRST_REQUEST_GRACE))
         for client in list(self.core.connections):
             self.close_peer(self.core.close(client, p.GOING_AWAY, p.REASON_GOING_AWAY))
-        for conn in list(self.connections):
-            if conn.client is None:
-                conn.transport.close()  # never sent a handshake
-        while self.connections and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        # Never sent a handshake: closed, unless it is in the socket, not yet read (the grace
+        # timer may run before the loop reads it); opened() then closes it with 1001.
+        quiet = [c.transport for c in self.connections if c.client is None]
+        asking = with_unread_bytes(quiet)
+        for transport in quiet:
+            if transport not in asking:
+                transport.close()
+        await drain(self._until(lambda: not self.connections), deadline - loop.time())
         for conn in list(self.connections):
             conn.transport.abort()
         if self._keepalive is not None:

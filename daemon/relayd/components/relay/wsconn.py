@@ -68,6 +68,9 @@ class Owner(Interface):
     def lost(self, conn: WsConnection) -> None:
         """The connection of ``conn.client`` is gone."""
 
+    def connection_changed(self) -> None:
+        """A connection left ``connections`` (a draining owner waits on this)."""
+
 
 class WsConnection(asyncio.Protocol):
     """One client connection: the handshake, then frames in, frames out."""
@@ -205,6 +208,7 @@ class WsConnection(asyncio.Protocol):
             self.deadline.cancel()
             self.deadline = None
         self.owner.connections.discard(self)
+        self.owner.connection_changed()
         try:
             if self.client is not None:
                 if self.close_code is None:
