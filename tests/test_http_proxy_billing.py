@@ -507,8 +507,15 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
 
 
-def fill(directory: Path) -> Path:
-    """Fill the filesystem until ENOSPC; returns the filler file."""
+def fill(directory: Path, db: Path) -> Path:
+    """Fill the filesystem until ENOSPC; returns the filler file.
+
+    ``db``'s write-ahead log is truncated first: SQLite writes over the space of a log it has
+    already grown, so on a full disk the next flushes could still succeed and the test would
+    not reach the failure it is about (seen once under load: "the held count to settle")."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        wait_for(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0,
+                 "the write-ahead log checkpointed and truncated")
     filler = directory / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -539,7 +546,7 @@ def test_disk_full_during_load_and_at_stop_loses_no_count(relayd, port, small_tm
         wait_for(lambda: db_total(db) > 0, "a first flush")
 
         # 1. The disk fills under load: counting goes on, flushes fail and are retried.
-        filler = fill(small_tmpfs)
+        filler = fill(small_tmpfs, db)
         wait_for(lambda: "cannot write usage counters" in daemon.log, "the first failed flush")
         load.wait_more(300, "requests while the disk is full")
         made = load.pause()
@@ -557,7 +564,9 @@ def test_disk_full_during_load_and_at_stop_loses_no_count(relayd, port, small_tm
         # 2. Full again, and still full at the stop.
         load.resume()
         load.wait_more(100, "requests before the disk fills again")
-        filler = fill(small_tmpfs)
+        failures = daemon.log.count("cannot write usage counters")
+        filler = fill(small_tmpfs, db)
+        wait_for(lambda: daemon.log.count("cannot write usage counters") > failures, "a failed flush again")
         load.wait_more(300, "requests while the disk is full again")
         made = load.pause()
         load.finish()
@@ -610,7 +619,7 @@ def test_disk_full_across_a_reload_the_new_component_replays_the_old_ones_journa
         load = Load(port).start()
         load.wait_more(100, "requests")
         wait_for(lambda: db_total(db) > 0, "a first flush")
-        filler = fill(small_tmpfs)
+        filler = fill(small_tmpfs, db)
         load.wait_more(200, "requests while the disk is full")
         load.pause()
         # A reload that rebuilds the component: the old one stops with counts it cannot write.
@@ -629,7 +638,9 @@ def test_disk_full_across_a_reload_the_new_component_replays_the_old_ones_journa
         # Space returns: the new component writes its own counts and, within seconds, the old one's.
         filler.unlink()
         wait_for(lambda: db_total(db) == made, "every count in the database", timeout=30)
-        assert "replayed" in daemon.log and "held requests of writer" in daemon.log
+        # The replay commits, then logs: the line may follow the database by a moment.
+        wait_for(lambda: "replayed" in daemon.log and "held requests of writer" in daemon.log,
+                 "the replay of the old component's journal in the log")
         print(f"reload on a full disk: client {made}, database {db_total(db)}")
         assert daemon.stop() == 0
 
@@ -646,7 +657,7 @@ def test_sigkill_while_the_disk_is_full_keeps_the_journaled_counts(relayd, port,
         load = Load(port).start()
         load.wait_more(100, "requests")
         wait_for(lambda: db_total(db) > 0, "a first flush")
-        filler = fill(small_tmpfs)
+        filler = fill(small_tmpfs, db)
         load.wait_more(300, "requests while the disk is full")
         made = load.pause()
         held = made - db_total(db)
