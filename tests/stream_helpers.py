@@ -7,6 +7,7 @@ import random
 import select
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def chunk_stream(seed: int):
         i += 1
 
 
-def send_stream(sock: socket.socket, total: int, seed: int, digest) -> None:
+def send_stream(sock: socket.socket, total: int, seed: int, digest, *, shutdown: bool = True) -> None:
     chunks = chunk_stream(seed)
     left = total
     while left:
@@ -199,7 +200,35 @@ def send_stream(sock: socket.socket, total: int, seed: int, digest) -> None:
         sock.sendall(chunk)
         digest.update(chunk)
         left -= len(chunk)
-    sock.shutdown(socket.SHUT_WR)
+    if shutdown:
+        sock.shutdown(socket.SHUT_WR)
+
+
+def flood_both_ways(clients: list[socket.socket], served: list[socket.socket],
+                    stop: threading.Event, ends: list[str]) -> list[threading.Thread]:
+    """A thread per socket that sends and reads until ``stop`` or the peer closes; each
+    appends its name (c0.., a0..) to ``ends`` when its socket saw the end. Started."""
+
+    def pump(sock: socket.socket, name: str) -> None:
+        block = b"z" * (1 << 18)
+        sock.setblocking(False)
+        try:
+            while not stop.is_set():
+                r, w, _ = select.select([sock], [sock], [], 0.5)
+                if r and not sock.recv(1 << 20):
+                    break
+                if w:
+                    sock.send(block)
+        except (ConnectionResetError, BrokenPipeError, BlockingIOError):
+            pass
+        ends.append(name)
+        sock.close()
+
+    workers = [threading.Thread(target=pump, args=(s, f"c{i}")) for i, s in enumerate(clients)]
+    workers += [threading.Thread(target=pump, args=(s, f"a{i}")) for i, s in enumerate(served)]
+    for t in workers:
+        t.start()
+    return workers
 
 
 def drain(sock: socket.socket, digest) -> int:

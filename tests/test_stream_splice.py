@@ -24,6 +24,7 @@ from stream_helpers import (
     back_to,
     chunk_stream,
     drain,
+    flood_both_ways,
     free_port,
     open_fds,
     open_session,
@@ -303,28 +304,10 @@ def test_release_mid_transfer_closes_both_sides_and_leaks_nothing(plane):
     stop = threading.Event()
     ends: list[str] = []
 
-    def pump(sock, name):
-        block = b"z" * (1 << 18)
-        sock.setblocking(False)
-        try:
-            while not stop.is_set():
-                r, w, _ = select.select([sock], [sock], [], 0.5)
-                if r and not sock.recv(1 << 20):
-                    break
-                if w:
-                    sock.send(block)
-        except (ConnectionResetError, BrokenPipeError, BlockingIOError):
-            pass
-        ends.append(name)
-        sock.close()
-
     clients = [socket.create_connection(a, timeout=30) for a in addresses]
     app.settimeout(30)
     served = [app.accept()[0] for _ in addresses]
-    workers = [threading.Thread(target=pump, args=(s, f"c{i}")) for i, s in enumerate(clients)]
-    workers += [threading.Thread(target=pump, args=(s, f"a{i}")) for i, s in enumerate(served)]
-    for t in workers:
-        t.start()
+    workers = flood_both_ways(clients, served, stop, ends)
     poll_until(lambda: (r := _row(daemon, "mid"))["bytes_to_target"] > 64 << 20
           and r["bytes_from_target"] > 64 << 20, "data flows both ways")
     control.release(pb.Release(uid="mid"), timeout=10)

@@ -10,6 +10,7 @@ read exact lengths before closing. Waits poll a condition with a deadline, never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import select
@@ -29,6 +30,7 @@ from stream_helpers import (
     auth_none,
     back_to,
     chunk_stream,
+    flood_both_ways,
     free_port,
     open_fds,
     open_session,
@@ -37,11 +39,15 @@ from stream_helpers import (
     poll_until,
     port_range,
     process_rss,
+    send_stream,
     start,
     stream_config,
     stub,
     thread_count,
 )
+
+# The TLS tests keep the connection open after the bytes (the peer's answer comes back on it).
+send_exact = functools.partial(send_stream, shutdown=False)
 
 GiB = 1 << 30
 MB = 1_000_000
@@ -101,16 +107,6 @@ def _row(daemon, uid: str) -> dict:
     return next(r for r in rows if r["uid"] == uid)
 
 
-def _send_exact(sock: socket.socket, total: int, seed: int, digest) -> None:
-    chunks = chunk_stream(seed)
-    left = total
-    while left:
-        chunk = memoryview(next(chunks))[:min(CHUNK, left)]
-        sock.sendall(chunk)
-        digest.update(chunk)
-        left -= len(chunk)
-
-
 def _recv_exact(sock: socket.socket, total: int, digest) -> int:
     buf = memoryview(bytearray(CHUNK))
     got = 0
@@ -157,7 +153,7 @@ def test_one_gib_is_byte_exact_and_counted_through_tls(chain, num_conn):
             sent, got = hashlib.sha256(), hashlib.sha256()
             reader = guarded(lambda: results.__setitem__(("client got", i), (_recv_exact(c, down, got),
                                                                              got.hexdigest())))
-            _send_exact(c, up, i, sent)
+            send_exact(c, up, i, sent)
             results[("client sent", i)] = sent.hexdigest()
             reader.join(600)
             # then close: the application has read everything once its count is reached
@@ -178,7 +174,7 @@ def test_one_gib_is_byte_exact_and_counted_through_tls(chain, num_conn):
             def serve(s=s, seed=seed, head=head):
                 got, sent = hashlib.sha256(), hashlib.sha256()
                 got.update(head)
-                writer = guarded(_send_exact, s, down, 1000 + seed, sent)
+                writer = guarded(send_exact, s, down, 1000 + seed, sent)
                 n = 16 + _recv_exact(s, up - 16, got)
                 writer.join(600)
                 results[("app got", seed)] = (n, got.hexdigest())
@@ -240,7 +236,7 @@ def test_rate_is_enforced_through_tls(chain, rated):
 
     def send(address):
         with socket.create_connection(address, timeout=60) as c:
-            _send_exact(c, per, 7, hashlib.sha256())
+            send_exact(c, per, 7, hashlib.sha256())
             assert c.recv(1) == b"k"
 
     app.settimeout(60)
@@ -319,28 +315,10 @@ def test_release_mid_transfer_closes_both_sides_and_leaks_nothing(chain):
     stop = threading.Event()
     ends: list[str] = []
 
-    def pump(sock, name):
-        block = b"z" * (1 << 18)
-        sock.setblocking(False)
-        try:
-            while not stop.is_set():
-                r, w, _ = select.select([sock], [sock], [], 0.5)
-                if r and not sock.recv(1 << 20):
-                    break
-                if w:
-                    sock.send(block)
-        except (ConnectionResetError, BrokenPipeError, BlockingIOError):
-            pass
-        ends.append(name)
-        sock.close()
-
     clients = [socket.create_connection(a, timeout=30) for a in addresses]
     app.settimeout(30)
     served = [app.accept()[0] for _ in addresses]
-    workers = [threading.Thread(target=pump, args=(s, f"c{i}")) for i, s in enumerate(clients)]
-    workers += [threading.Thread(target=pump, args=(s, f"a{i}")) for i, s in enumerate(served)]
-    for t in workers:
-        t.start()
+    workers = flood_both_ways(clients, served, stop, ends)
     poll_until(lambda: (r := _row(daemons["prod"], "tls-mid"))["bytes_to_target"] > 32 << 20
                and r["bytes_from_target"] > 32 << 20, "data flows both ways")
     for control in controls.values():
@@ -411,7 +389,7 @@ def test_threaded_and_event_loop_facilities_interoperate(tmp_path):
 
         def exchange(sock, seed, name):
             sent, got = hashlib.sha256(), hashlib.sha256()
-            writer = guarded(_send_exact, sock, size, seed, sent)
+            writer = guarded(send_exact, sock, size, seed, sent)
             results[name + " got"] = (_recv_exact(sock, size, got), got.hexdigest())
             writer.join(120)
             results[name + " sent"] = sent.hexdigest()
