@@ -139,11 +139,14 @@ class SplicePump:
                     if not stop.is_set():
                         dst.shutdown(socket.SHUT_WR)
                     return
+                # Counted before the bytes leave the pipe: once the receiver has them, the
+                # counters (and a release's access line) include them. A failed write below
+                # ends the connection; only what was in the pipe then counts undelivered.
+                if count is not None:
+                    count(forward, n)
                 left = n
                 while left:
                     left -= os.splice(pipe_r, dfd, left, flags=_MOVE)
-                if count is not None:
-                    count(forward, n)
                 if bucket is not None:
                     delay = bucket.consume(n, time.monotonic())
                     if delay > 0:
